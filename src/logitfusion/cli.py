@@ -1,0 +1,250 @@
+"""The `logitfusion` command line."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(help="Fuse small fine-tuned experts into a large model's logits at every decoding step.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+recipe_app = typer.Typer(help="Write and check fusion recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+console = Console(stderr=True)
+
+
+@app.callback()
+def _quiet() -> None:
+    """Library progress bars and deprecation chatter would drown our own progress output."""
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+class UsageError(ValueError):
+    """Options that do not go together."""
+
+
+def _user_errors():
+    from .decoding import DecodingError
+    from .models import LoadError
+    from .recipe import RecipeError
+    from .records import RecordsError
+    from .solvers import SolverError
+    return (UsageError, DecodingError, LoadError, RecipeError, RecordsError, SolverError)
+
+
+def _recipe_from_flags(recipe: Optional[Path], large: Optional[str], small: Optional[str],
+                       experts: list[str], dtype: Optional[str], device: Optional[str],
+                       device_map: Optional[str], trust_remote_code: bool, allow_pickle: bool):
+    from .recipe import Recipe, RecipeError
+    if recipe and (large or small or experts):
+        raise UsageError("give either --recipe or --large/--small/--expert, not both")
+    if recipe:
+        r = Recipe.from_file(recipe)
+    elif large:
+        pairs = []
+        for e in experts:
+            name, sep, path = e.partition("=")
+            if not sep or not name or not path:
+                raise RecipeError(f"--expert {e!r}: write NAME=PATH, e.g. --expert math=experts/math")
+            pairs.append({"name": name, "path": path})
+        data = {"large": {"path": large}, "experts": pairs,
+                "solver": {"kind": "dynamic" if pairs else "large"}}
+        if small:
+            data["small"] = {"path": small}
+        r = Recipe.from_dict(data, base_dir=Path.cwd(), source="command line")
+    else:
+        raise UsageError("no models: give --recipe R.yaml, or --large PATH (with --small and --expert NAME=PATH)")
+    load = r.load.model_dump()
+    load.update({k: v for k, v in dict(dtype=dtype, device=device, device_map=device_map).items() if v})
+    load["trust_remote_code"] = load["trust_remote_code"] or trust_remote_code
+    load["allow_pickle"] = load["allow_pickle"] or allow_pickle
+    return Recipe.from_dict(r.model_dump() | {"load": load}, source="recipe")
+
+
+def _solver_from_flags(recipe, solver: Optional[str], alpha: list[float], grid: Optional[str],
+                       strategy: Optional[str]):
+    from .solvers import SolverError, parse_grid, parse_method
+    if alpha:
+        if solver and solver != "static":
+            raise UsageError(f"--alpha sets static weights; it cannot be combined with --solver {solver}")
+        solver = "static:" + ",".join(str(a) for a in alpha)
+    if not (solver or grid or strategy):
+        return recipe.build_solver()
+    spec = solver or recipe.solver.kind
+    if spec == "expert" and recipe.solver.expert:
+        spec = f"expert:{recipe.solver.expert}"
+    grid_values = parse_grid(grid) if grid else recipe.solver.grid_values()
+    return parse_method(spec, [e.name for e in recipe.experts], grid_values,
+                        strategy or recipe.solver.strategy, recipe.solver.a_max)
+
+
+def _trace_record(gen, tokenizer) -> list[dict]:
+    return [{"weights": s.weights, "objective": s.objective,
+             "top": {role: [[tokenizer.decode([t]), round(p, 5)] for t, p in top] for role, top in s.top.items()}}
+            for s in gen.trace or []]
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=console)
+
+
+@app.command()
+def generate(
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Fusion recipe (YAML, TOML or JSON) naming the models, experts, templates and solver."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="A prompt to continue; repeat for several. Results print to stdout."),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help='JSONL file of prompts, one {"id": ..., "prompt": ...} per line.'),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL file to append results to. A rerun skips prompt ids already written (resumes)."),
+    large: Optional[str] = typer.Option(None, help="Large model directory (instead of a recipe)."),
+    small: Optional[str] = typer.Option(None, help="Small base model directory (instead of a recipe)."),
+    expert: list[str] = typer.Option([], help="Expert as NAME=PATH: a full model or a LoRA adapter of the small base. Repeat for several."),
+    solver: Optional[str] = typer.Option(None, help="Override the recipe's solver: dynamic, dynamic:joint, static, static:A[,A...], large (large model alone), expert[:NAME] (an expert alone)."),
+    alpha: list[float] = typer.Option([], help="Static fusion weight(s): one for all experts or one per expert (repeat). Implies --solver static. Proxy-tuning is --alpha 1."),
+    grid: Optional[str] = typer.Option(None, help="Weight grid of the dynamic solver: start:stop:step (e.g. 0:2:0.1, the default) or explicit values 0,0.5,1."),
+    strategy: Optional[str] = typer.Option(None, help="Several experts, dynamic solver: 'fast' (one expert per step, as in the paper) or 'joint' (all weights together; never a worse objective)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Maximum tokens to generate per prompt (recipe default: 64)."),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy (default); > 0 samples from the fused distribution."),
+    top_k: Optional[int] = typer.Option(None, help="Sample only among the k most likely tokens (0 = off)."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling: smallest token set with this total probability (1 = off)."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed; prompt i uses seed + i, so results do not depend on batching."),
+    stop: list[str] = typer.Option([], help="Stop string (repeat for several); the text is cut where it first appears."),
+    batch_size: int = typer.Option(8, help="Prompts decoded together in one batch."),
+    trace: bool = typer.Option(False, help="Record per step and sequence the weights, the objective J and each model's top tokens."),
+    plot_weights: Optional[Path] = typer.Option(None, help="Write a PNG of each expert's weight over decoding steps (implies --trace)."),
+    dtype: Optional[str] = typer.Option(None, help="Weights dtype: float32, bfloat16, float16 or auto."),
+    device: Optional[str] = typer.Option(None, help="Device for all models: cpu, cuda, cuda:1, mps..."),
+    device_map: Optional[str] = typer.Option(None, help="Shard models over devices with accelerate (e.g. 'auto')."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the model directories to run (off by default)."),
+    allow_pickle: bool = typer.Option(False, help="Allow pickled .bin weights, which can run code when loaded (safetensors only by default)."),
+    no_cache: bool = typer.Option(False, help="Recompute every step without KV caches (slow; for checking)."),
+):
+    """Generate with a fused model: from --prompt (printed) or --input/--output JSONL (resumable)."""
+    from .fuser import Fuser
+    from .records import RecordWriter, read_prompts
+
+    try:
+        if bool(prompt) == bool(input):
+            raise UsageError("give --prompt (one or more) or --input FILE.jsonl, not both and not neither")
+        if input and not output:
+            raise UsageError("--input needs --output FILE.jsonl for the results")
+        r = _recipe_from_flags(recipe, large, small, expert, dtype, device, device_map, trust_remote_code, allow_pickle)
+        chosen = _solver_from_flags(r, solver, alpha, grid, strategy)
+        rows = read_prompts(input) if input else [{"id": str(i), "prompt": p} for i, p in enumerate(prompt)]
+        writer = RecordWriter(output) if output else None
+        todo = [row for row in rows if not writer or row["id"] not in writer.done]
+        if writer and len(todo) < len(rows):
+            console.print(f"resuming: {len(rows) - len(todo)} of {len(rows)} prompts already in {output}")
+        fuser = Fuser.from_recipe(r)
+        fuser.solver = chosen
+        from .decoding import validate_prompts
+        validate_prompts(fuser.models, [row["prompt"] for row in todo], chosen)  # before writing anything
+        want_trace = trace or plot_weights is not None
+        params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      stop=stop or None)
+        gens_all, index = [], {row["id"]: i for i, row in enumerate(rows)}
+        with _progress() as bar:
+            task = bar.add_task(f"generating ({type(chosen).__name__.lower()})", total=len(todo))
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start: start + batch_size]
+                seeds = None if seed is None else [seed + index[row["id"]] for row in chunk]
+                gens = fuser.generate([row["prompt"] for row in chunk], trace=want_trace, seed=seeds,
+                                      use_cache=not no_cache, batch_size=batch_size, **params)
+                records = []
+                for row, g in zip(chunk, gens):
+                    rec = {**row, "text": g.text, "token_ids": g.token_ids, "finish_reason": g.finish_reason}
+                    if g.error:
+                        rec["error"] = g.error
+                    if want_trace:
+                        rec["trace"] = _trace_record(g, fuser.models.tokenizer)
+                    records.append(rec)
+                if writer:
+                    writer.write(records)
+                gens_all += gens
+                bar.advance(task, len(chunk))
+    except _user_errors() as e:
+        _fail(str(e))
+    if not writer:
+        for g in gens_all:
+            if len(gens_all) > 1:
+                typer.echo(f"--- {g.prompt!r}")
+            typer.echo(g.text)
+            if g.error:
+                console.print(f"[yellow]warning:[/] {g.error}")
+    else:
+        console.print(f"wrote {len(gens_all)} results to {output}")
+    if plot_weights is not None:
+        try:
+            from .plotting import plot_weights as plot
+            plot(gens_all, fuser.expert_names, plot_weights)
+            console.print(f"weights plot: {plot_weights}")
+        except ValueError as e:
+            _fail(str(e))
+
+
+@recipe_app.command("check")
+def recipe_check(path: Path = typer.Argument(..., help="Recipe file to validate."),
+                 load: bool = typer.Option(False, help="Also load every model and check vocabularies.")):
+    """Validate a recipe (fields, paths, solver) and print it with paths resolved."""
+    from .recipe import Recipe
+    try:
+        r = Recipe.from_file(path)
+        r.build_solver()
+        if load:
+            from .fuser import Fuser
+            Fuser.from_recipe(r)
+    except _user_errors() as e:
+        _fail(str(e))
+    typer.echo(json.dumps(r.model_dump(exclude_none=True), indent=2))
+    console.print("[green]recipe OK[/]" + (" (models loaded, vocabularies match)" if load else ""))
+
+
+@recipe_app.command("init")
+def recipe_init(out: Path = typer.Argument(..., help="Where to write the recipe (.yaml)."),
+                large: str = typer.Option(..., help="Large model directory."),
+                small: Optional[str] = typer.Option(None, help="Small base model directory."),
+                expert: list[str] = typer.Option([], help="Expert as NAME=PATH; repeat for several."),
+                solver: str = typer.Option("dynamic", help="Solver kind: dynamic, static, large or expert.")):
+    """Write a recipe file from model paths, with every default spelled out."""
+    try:
+        r = _recipe_from_flags(None, large, small, expert, None, None, None, False, False)
+        from .recipe import Recipe
+        r = Recipe.from_dict(r.model_dump() | {"solver": r.solver.model_dump() | {"kind": solver}})
+    except _user_errors() as e:
+        _fail(str(e))
+    r.save(out)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("demo_out"), help="Folder for the toy models, results and plot."),
+         n_prompts: int = typer.Option(12, help="Test questions to answer with each method."),
+         max_new_tokens: int = typer.Option(8, help="Tokens generated per question.")):
+    """Build tiny models on the fly and compare large, expert, proxy-tuning and dynamic fusion."""
+    from .demo import run_demo
+    run_demo(out, n_prompts=n_prompts, max_new_tokens=max_new_tokens, console=console)
+
+
+@app.command()
+def version():
+    """Print the version."""
+    from . import __version__
+    typer.echo(__version__)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,84 @@
+"""The Python API: `Fuser.from_recipe(path).generate(prompts)`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from .decoding import DecodingError, Generation, SamplingParams, decode, seeds_for
+from .models import ModelSet, load_model_set
+from .recipe import Recipe
+from .solvers import Solver, parse_method
+
+
+class Fuser:
+    """A large model, a small base and experts, loaded once, decoded with a weight solver."""
+
+    def __init__(self, models: ModelSet, solver: Solver, recipe: Recipe):
+        self.models, self.solver, self.recipe = models, solver, recipe
+
+    @classmethod
+    def from_recipe(cls, recipe: str | Path | Recipe | dict) -> "Fuser":
+        if isinstance(recipe, (str, Path)):
+            recipe = Recipe.from_file(recipe)
+        elif isinstance(recipe, dict):
+            recipe = Recipe.from_dict(recipe)
+        solver = recipe.build_solver()  # fail on a bad solver before loading any weights
+        dump = lambda spec: spec.model_dump() if spec else None  # noqa: E731
+        models = load_model_set(dump(recipe.large), dump(recipe.small),
+                                [e.model_dump() for e in recipe.experts], recipe.load_options())
+        return cls(models, solver, recipe)
+
+    @classmethod
+    def from_pretrained(cls, large: str, small: str | None = None, experts: dict[str, str] | None = None,
+                        solver: dict | None = None, load: dict | None = None, **generation) -> "Fuser":
+        """Without a recipe file: Fuser.from_pretrained("L", "S", {"math": "E"}, solver={"kind": "static"})."""
+        data = {"large": {"path": large}, "experts": [{"name": n, "path": p} for n, p in (experts or {}).items()],
+                "solver": solver or ({"kind": "dynamic"} if experts else {"kind": "large"}),
+                "load": load or {}, "generation": generation}
+        if small:
+            data["small"] = {"path": small}
+        return cls.from_recipe(data)
+
+    @property
+    def expert_names(self) -> list[str]:
+        return self.models.expert_names
+
+    def method(self, spec: str, grid: Sequence[float] | None = None, strategy: str | None = None) -> Solver:
+        """A solver from a short spec ("large", "expert:NAME", "static:1.0", "dynamic:joint")."""
+        s = self.recipe.solver
+        return parse_method(spec, self.expert_names, grid if grid is not None else s.grid_values(),
+                            strategy or s.strategy, s.a_max)
+
+    def sampling(self, **overrides) -> SamplingParams:
+        defaults = self.recipe.generation.model_dump()
+        defaults.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingParams(**defaults)
+
+    def generate(self, prompts: str | Sequence[str], *, solver: Solver | str | None = None,
+                 max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None,
+                 seed: int | Sequence[int] | None = None, stop: Sequence[str] | None = None,
+                 trace: bool = False, use_cache: bool = True, batch_size: int = 8) -> list[Generation]:
+        """Generate a continuation of every prompt. Unset options come from the recipe.
+
+        `seed`: an int gives prompt i the seed `seed + i`; a list gives one seed per prompt.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise DecodingError("no prompts given")
+        if batch_size < 1:
+            raise DecodingError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(solver, str):
+            solver = self.method(solver)
+        params = self.sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, seed=seed, stop=list(stop) if stop is not None else None)
+        params.check()
+        seeds = seeds_for(params.seed, len(prompts))
+        out: list[Generation] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start: start + batch_size])
+            params.seed = seeds[start: start + len(chunk)]
+            out += decode(self.models, chunk, solver or self.solver, params, trace=trace, use_cache=use_cache)
+        return out

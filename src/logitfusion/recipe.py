@@ -1,0 +1,201 @@
+"""A fusion recipe: which models, their prompt templates, the solver and its parameters.
+
+Written as YAML, TOML or JSON, or built in Python; the same recipe drives generate,
+evaluation and the server. Relative paths are resolved against the recipe file's folder.
+
+    large: {path: models/large, template: "Few-shot examples...\\n{prompt}"}
+    small: {path: models/small}
+    experts:
+      - {name: math, path: experts/math}
+      - {name: qa, path: experts/qa-lora}      # a PEFT LoRA adapter of the small base
+    solver: {kind: dynamic, grid: {start: 0, stop: 2, step: 0.1}, strategy: fast}
+    load: {dtype: float32, device: cpu}
+    generation: {max_new_tokens: 64, stop: ["\\n\\n"]}
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .models import LoadOptions
+from .solvers import Alone, Dynamic, SolverError, Static, Solver, check_grid, make_grid
+
+
+class RecipeError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    path: str
+    template: str = "{prompt}"
+
+    @field_validator("template")
+    @classmethod
+    def _has_slot(cls, v: str) -> str:
+        if "{prompt}" not in v:
+            raise ValueError("template must contain the placeholder {prompt}")
+        return v
+
+
+class ExpertSpec(ModelSpec):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+
+
+class GridSpec(_Strict):
+    start: float = 0.0
+    stop: float = 2.0
+    step: float = Field(0.1, gt=0)
+
+    def values(self) -> list[float]:
+        return make_grid(self.start, self.stop, self.step)
+
+
+class SolverSpec(_Strict):
+    kind: Literal["dynamic", "static", "large", "expert"] = "dynamic"
+    weights: list[float] = [1.0]  # static: one per expert, or one for all
+    grid: GridSpec | list[float] = GridSpec()
+    strategy: Literal["fast", "joint"] = "fast"
+    a_max: float | None = Field(None, gt=0)
+    expert: str | None = None  # kind "expert": which expert decodes alone
+
+    def grid_values(self) -> list[float]:
+        return self.grid.values() if isinstance(self.grid, GridSpec) else [float(a) for a in self.grid]
+
+    @model_validator(mode="after")
+    def _check(self):
+        grid = self.grid_values()
+        try:
+            check_grid(grid, self.a_max if self.a_max is not None else max(grid, default=0.0))
+        except SolverError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+
+class LoadSpec(_Strict):
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    device: str = "cpu"
+    device_map: str | dict | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+class GenerationSpec(_Strict):
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: list[str] = []
+
+
+class Recipe(_Strict):
+    large: ModelSpec
+    small: ModelSpec | None = None
+    experts: list[ExpertSpec] = []
+    ceiling: ModelSpec | None = None  # a fine-tuned large model, for gap-closed figures
+    solver: SolverSpec = SolverSpec()
+    load: LoadSpec = LoadSpec()
+    generation: GenerationSpec = GenerationSpec()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.experts and self.small is None:
+            raise ValueError("experts need the small base model they were fine-tuned from: add `small`")
+        names = [e.name for e in self.experts]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"expert names must be unique; repeated: {dup}")
+        if self.solver.kind in ("dynamic", "static") and not self.experts:
+            raise ValueError(f"solver kind {self.solver.kind!r} needs at least one expert "
+                             "(or use kind: large)")
+        if self.solver.kind == "static" and len(self.solver.weights) not in (1, len(self.experts)):
+            raise ValueError(f"solver.weights has {len(self.solver.weights)} values for "
+                             f"{len(self.experts)} experts; give one per expert or one for all")
+        if self.solver.kind == "expert" and self.solver.expert not in names:
+            raise ValueError(f"solver.expert {self.solver.expert!r} is not one of the experts {names}")
+        return self
+
+    # -- files
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Recipe":
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"recipe file {str(p)!r} not found")
+        text = p.read_text()
+        try:
+            if p.suffix in (".yaml", ".yml"):
+                data = yaml.safe_load(text)
+            elif p.suffix == ".toml":
+                data = tomllib.loads(text)
+            elif p.suffix == ".json":
+                data = json.loads(text)
+            else:
+                raise RecipeError(f"recipe {str(p)!r}: unknown extension {p.suffix!r}; use .yaml, .toml or .json")
+        except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise RecipeError(f"recipe {str(p)!r} is not valid {p.suffix[1:].upper()}: {e}") from e
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe {str(p)!r} must be a mapping with at least a `large` model")
+        return cls.from_dict(data, base_dir=p.parent, source=str(p))
+
+    @classmethod
+    def from_dict(cls, data: dict, base_dir: str | Path | None = None, source: str = "recipe") -> "Recipe":
+        try:
+            recipe = cls.model_validate(data)
+        except ValidationError as e:
+            raise RecipeError(f"{source}: " + _explain(e)) from None
+        if base_dir is not None:
+            recipe = recipe.resolve_paths(Path(base_dir))
+        return recipe
+
+    def resolve_paths(self, base: Path) -> "Recipe":
+        r = self.model_copy(deep=True)
+        for spec in [r.large, r.small, r.ceiling, *r.experts]:
+            if spec is not None and not Path(spec.path).is_absolute():
+                spec.path = str((base / spec.path).resolve())
+        return r
+
+    def save(self, path: str | Path) -> None:
+        data = self.model_dump(exclude_none=True)
+        Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+    # -- what the recipe builds
+
+    def build_solver(self) -> Solver:
+        s = self.solver
+        try:
+            if s.kind == "static":
+                return Static(list(s.weights))
+            if s.kind == "dynamic":
+                return Dynamic(s.grid_values(), strategy=s.strategy, a_max=s.a_max)
+            if s.kind == "large":
+                return Alone("large")
+            return Alone("expert", [e.name for e in self.experts].index(s.expert))
+        except SolverError as e:
+            raise RecipeError(f"solver: {e}") from None
+
+    def load_options(self) -> LoadOptions:
+        return LoadOptions(**self.load.model_dump())
+
+
+def _explain(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check its spelling)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        parts.append(f"field `{loc}`: {msg}")
+    return "; ".join(parts)

@@ -1,0 +1,278 @@
+"""Weight solvers: given one step's logits, choose the fusion weights a (per sequence).
+
+Every solver is a pure function of logits and returns a `Choice`: the logits to decode from,
+the chosen weights [B, T] and the objective J [B] (None where there is no objective), so that
+callers can trace them. Which models a solver needs is declared, so that "large alone" or
+"expert alone" run only that model through the same decoding loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .fusion import fuse, objective
+
+# Float32 elements of one [B, C, V] objective chunk (~128 MB). A 21-point grid at batch 8 and a
+# 32k vocabulary is 5.4M elements: one chunk, i.e. one batched op. Only product grids of several
+# experts are split, so memory stays bounded.
+MAX_CHUNK_ELEMENTS = 2**25
+
+
+class SolverError(ValueError):
+    pass
+
+
+@dataclass
+class Choice:
+    logits: Tensor  # [B, V] logits to decode from
+    weights: Tensor | None = None  # [B, T]
+    objective: Tensor | None = None  # [B]
+
+
+def make_grid(start: float = 0.0, stop: float = 2.0, step: float = 0.1) -> list[float]:
+    """Inclusive arithmetic grid, rounded so that 0.1 steps give 0.3 and not 0.30000000000000004."""
+    if step <= 0:
+        raise SolverError(f"grid step must be > 0, got {step}")
+    if stop < start:
+        raise SolverError(f"grid stop ({stop}) is below its start ({start})")
+    n = int(math.floor((stop - start) / step + 1e-9)) + 1
+    return [round(start + i * step, 10) for i in range(n)]
+
+
+def check_grid(grid: Sequence[float], a_max: float) -> None:
+    if len(grid) == 0:
+        raise SolverError("the weight grid is empty; give at least one value, e.g. 0:2:0.1")
+    bad = [a for a in grid if not (math.isfinite(a) and 0.0 <= a <= a_max)]
+    if bad:
+        raise SolverError(
+            f"grid values {bad[:5]} are outside [0, a_max={a_max}]; "
+            "use non-negative weights no larger than a_max (or raise a_max)"
+        )
+
+
+def one_expert_candidates(grid: Tensor, n_experts: int) -> Tensor:
+    """The paper's fast path: only one a_t is non-zero per candidate. [T * G, T]"""
+    eye = torch.eye(n_experts, dtype=grid.dtype, device=grid.device)  # [T, T]
+    return (eye[:, None, :] * grid[None, :, None]).reshape(-1, n_experts)
+
+
+def product_candidates(grid: Tensor, n_experts: int) -> Tensor:
+    """Every combination of grid values. [G ** T, T]"""
+    return torch.cartesian_prod(*([grid] * n_experts)).reshape(-1, n_experts)
+
+
+def grid_search(z_large: Tensor, z_small: Tensor, z_experts: Tensor, candidates: Tensor,
+                max_elements: int = MAX_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
+    """argmin_a J(a) over candidates [C, T], per sequence -> (weights [B, T], J [B]).
+
+    Ties go to the earliest candidate (the smallest weights with a sorted grid).
+    """
+    batch, vocab = z_large.shape
+    chunk = max(1, max_elements // (batch * vocab))
+    best_j = torch.full((batch,), math.inf, device=z_large.device)
+    best_a = torch.zeros(batch, candidates.shape[1], device=z_large.device)
+    for part in candidates.split(chunk):  # one iteration unless the candidate set is huge
+        j = objective(z_large, z_small, z_experts, part)  # [B, c]
+        j_min, idx = j.min(-1)
+        better = j_min < best_j
+        best_j = torch.where(better, j_min, best_j)
+        best_a = torch.where(better[:, None], part[idx], best_a)
+    return best_a, best_j
+
+
+def refine(z_large: Tensor, z_small: Tensor, z_experts: Tensor, start: Tensor, a_max: float,
+           steps: int = 30, step_size: float = 0.2) -> tuple[Tensor, Tensor]:
+    """Continuous box-constrained descent on J from `start` [B, T], per sequence.
+
+    Projected normalised-gradient steps with a per-sequence step size that grows on success and
+    shrinks on failure; a step is kept only if it lowers J, so the result is never worse than
+    `start`.
+    """
+    with torch.enable_grad():
+        z_large, z_small, z_experts = (z.detach().float() for z in (z_large, z_small, z_experts))
+
+        def j_of(a: Tensor) -> Tensor:  # [B, T] -> [B]
+            return objective(z_large, z_small, z_experts, a[:, None, :])[:, 0]
+
+        a = start.detach().float().clone()
+        j = j_of(a).detach()
+        lr = torch.full_like(j, step_size)
+        for _ in range(steps):
+            a_req = a.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(j_of(a_req).sum(), a_req)
+            direction = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            trial = (a - lr[:, None] * direction).clamp(0.0, a_max)
+            j_trial = j_of(trial).detach()
+            better = j_trial < j
+            a = torch.where(better[:, None], trial, a)
+            j = torch.where(better, j_trial, j)
+            lr = torch.where(better, lr * 1.5, lr * 0.5)
+    return a, j
+
+
+class Solver:
+    """Base: which models a solver reads, and how it turns their logits into a Choice."""
+
+    name = "solver"
+    uses_large = True
+    uses_small = True
+    experts: tuple[int, ...] | None = None  # indices of experts read; None = all
+
+    def __call__(self, z_large: Tensor | None, z_small: Tensor | None,
+                 z_experts: Tensor | None) -> Choice:
+        raise NotImplementedError
+
+    def check(self, n_experts: int) -> None:
+        """Raise SolverError if this solver cannot run with n_experts experts."""
+
+
+@dataclass
+class Static(Solver):
+    """Fixed weights (proxy-tuning is one expert with a = 1). One weight per expert, or one for all."""
+
+    weights: Sequence[float] = (1.0,)
+    name: str = "static"
+
+    def check(self, n_experts: int) -> None:
+        if n_experts == 0:
+            raise SolverError("the static solver needs at least one expert (and a small base)")
+        if len(self.weights) not in (1, n_experts):
+            raise SolverError(
+                f"static solver got {len(self.weights)} weights for {n_experts} experts; "
+                "give one weight per expert, or a single weight for all")
+        if not all(math.isfinite(w) for w in self.weights):
+            raise SolverError(f"static weights must be finite, got {list(self.weights)}")
+
+    def __call__(self, z_large, z_small, z_experts) -> Choice:
+        batch, n_experts = z_experts.shape[:2]
+        w = torch.tensor(list(self.weights), dtype=torch.float32, device=z_large.device)
+        w = w.expand(n_experts).expand(batch, n_experts)
+        return Choice(fuse(z_large, z_small, z_experts, w), w, None)
+
+
+@dataclass
+class Dynamic(Solver):
+    """Per-step, per-sequence weights by KL matching (method.md §3-4).
+
+    strategy "fast": the paper's one-expert-per-step search (T x G candidates in one op).
+    strategy "joint": all weights together: the exact product grid when it has at most
+    `max_product` points, else a continuous box-constrained descent started from the fast
+    path's answer. Either way J is never worse than the fast path's.
+    """
+
+    grid: Sequence[float] = field(default_factory=lambda: make_grid(0.0, 2.0, 0.1))
+    strategy: str = "fast"
+    a_max: float | None = None  # box for the continuous solver; defaults to max(grid)
+    max_product: int = 4096
+    refine_steps: int = 30
+    name: str = "dynamic"
+
+    def __post_init__(self):
+        self.grid = [float(a) for a in self.grid]
+        if self.a_max is None and self.grid:
+            self.a_max = max(self.grid)
+        if self.strategy not in ("fast", "joint"):
+            raise SolverError(f"unknown dynamic strategy {self.strategy!r}; use 'fast' or 'joint'")
+        check_grid(self.grid, self.a_max if self.a_max is not None else 0.0)
+        self._grid_cache: dict[tuple, Tensor] = {}
+
+    def check(self, n_experts: int) -> None:
+        if n_experts == 0:
+            raise SolverError("the dynamic solver needs at least one expert (and a small base)")
+
+    def _candidates(self, kind: str, n_experts: int, device) -> Tensor:
+        key = (kind, n_experts, str(device))
+        if key not in self._grid_cache:  # built once, not per step
+            grid = torch.tensor(sorted(self.grid), dtype=torch.float32, device=device)
+            make = one_expert_candidates if kind == "fast" else product_candidates
+            self._grid_cache[key] = make(grid, n_experts)
+        return self._grid_cache[key]
+
+    def solve(self, z_large: Tensor, z_small: Tensor, z_experts: Tensor) -> tuple[Tensor, Tensor]:
+        n_experts = z_experts.shape[1]
+        if self.strategy == "fast" or n_experts == 1:
+            return grid_search(z_large, z_small, z_experts,
+                               self._candidates("fast", n_experts, z_large.device))
+        if len(self.grid) ** n_experts <= self.max_product:
+            return grid_search(z_large, z_small, z_experts,
+                               self._candidates("product", n_experts, z_large.device))
+        start, _ = grid_search(z_large, z_small, z_experts,
+                               self._candidates("fast", n_experts, z_large.device))
+        return refine(z_large, z_small, z_experts, start, self.a_max, steps=self.refine_steps)
+
+    def __call__(self, z_large, z_small, z_experts) -> Choice:
+        weights, j = self.solve(z_large, z_small, z_experts)
+        return Choice(fuse(z_large, z_small, z_experts, weights), weights, j)
+
+
+@dataclass
+class Alone(Solver):
+    """Decode from one model alone (the large base, or one expert) through the same loop."""
+
+    member: str = "large"  # "large" or "expert"
+    expert: int = 0
+    name: str = "alone"
+
+    def __post_init__(self):
+        if self.member not in ("large", "expert"):
+            raise SolverError(f"Alone(member={self.member!r}): use 'large' or 'expert'")
+        self.uses_large = self.member == "large"
+        self.uses_small = False
+        self.experts = (self.expert,) if self.member == "expert" else ()
+
+    def check(self, n_experts: int) -> None:
+        if self.member == "expert" and not 0 <= self.expert < n_experts:
+            raise SolverError(f"expert index {self.expert} out of range for {n_experts} experts")
+
+    def __call__(self, z_large, z_small, z_experts) -> Choice:
+        return Choice((z_large if self.member == "large" else z_experts[:, 0]).float())
+
+
+def parse_method(spec: str, expert_names: Sequence[str], grid: Sequence[float] | None = None,
+                 strategy: str | None = None, a_max: float | None = None) -> Solver:
+    """A solver from a short spec, as used by the CLI and evaluation:
+
+    "large" | "expert" (the first expert) | "expert:NAME" | "static" (a = 1) | "static:0.5" |
+    "static:0.5,1.0" (one per expert) | "dynamic" | "dynamic:fast" | "dynamic:joint"
+    """
+    kind, _, arg = spec.strip().partition(":")
+    if kind == "large" and not arg:
+        return Alone("large")
+    if kind == "expert":
+        if not expert_names:
+            raise SolverError("method 'expert' needs at least one expert")
+        name = arg or expert_names[0]
+        if name not in expert_names:
+            raise SolverError(f"unknown expert {name!r} in method {spec!r}; experts: {list(expert_names)}")
+        return Alone("expert", list(expert_names).index(name))
+    if kind == "static":
+        try:
+            weights = [float(w) for w in arg.split(",")] if arg else [1.0]
+        except ValueError:
+            raise SolverError(f"bad weights in {spec!r}; write e.g. static:1.0 or static:0.5,1.5") from None
+        solver = Static(weights)
+        solver.check(len(expert_names))
+        return solver
+    if kind == "dynamic":
+        strategy = arg or strategy or "fast"
+        kwargs = {"grid": list(grid)} if grid is not None else {}
+        solver = Dynamic(strategy=strategy, a_max=a_max, **kwargs)
+        solver.check(len(expert_names))
+        return solver
+    raise SolverError(f"unknown method {spec!r}; use large, expert[:NAME], static[:a,...], dynamic[:fast|joint]")
+
+
+def parse_grid(text: str) -> list[float]:
+    """'0:2:0.1' (start:stop:step, inclusive) or '0,0.5,1' (explicit values)."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(x) for x in text.split(":"))
+            return make_grid(start, stop, step)
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SolverError(f"bad grid {text!r}; write start:stop:step (e.g. 0:2:0.1) or values (0,0.5,1)") from None
