@@ -1,21 +1,26 @@
-"""The one decoding loop. CLI, Python API, evaluation and server all decode through `decode`.
+"""The one decoding loop. CLI, Python API, evaluation and server all decode through `Batch`.
 
 Each step: every model the solver needs runs one forward on its own context (own prompt
 template, own left padding, own KV cache), the solver turns their logits into fused logits,
 one token is picked per sequence and appended to every model's context.
+
+A `Batch` is step-wise so that a server can batch dynamically: sequences join (their prompts
+are prefilled and merged into the running caches) and leave (finished rows are dropped) at step
+boundaries. `decode` is the whole loop for a fixed list of prompts.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .models import Member, ModelSet
-from .solvers import Solver
+from .solvers import Choice, Solver
 
 TOP_TOKENS = 5  # tokens per model shown in a trace
 
@@ -32,6 +37,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     seed: int | Sequence[int] | None = None  # int: sequence i of a call uses seed + i
     stop: Sequence[str] = ()
+    ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks)
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -58,7 +64,7 @@ class Generation:
     prompt: str
     text: str
     token_ids: list[int]
-    finish_reason: str  # "eos" | "stop" | "length" | "error"
+    finish_reason: str  # "eos" | "stop" | "length" | "error" | "cancelled"
     error: str | None = None
     trace: list[StepTrace] | None = None
 
@@ -68,71 +74,163 @@ class Generation:
         return [s.weights for s in (self.trace or []) if s.weights is not None]
 
 
+@dataclass
+class Seq:
+    """One sequence being decoded: its request and its running state."""
+
+    prompt: str
+    params: SamplingParams  # seed: this sequence's own int seed (or None when greedy)
+    trace: bool = False
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    steps: list[StepTrace] = field(default_factory=list)
+    stop_at: int | None = None  # character offset of the stop string in the text
+    budget: int = 0  # tokens it may still generate (max_new_tokens, capped by context)
+    generator: torch.Generator | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Finish now (e.g. the client went away); the row leaves at the next step boundary."""
+        if not self.done:
+            self.finish_reason = "cancelled"
+
+    def result(self, tokenizer) -> Generation:
+        text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if self.stop_at is not None:
+            text = text[: self.stop_at]
+        return Generation(self.prompt, text, list(self.tokens), self.finish_reason or "length", self.error,
+                          self.steps if self.trace else None)
+
+
 # ---------------------------------------------------------------- one model's context and cache
 
 class Context:
-    """One model's token buffer, attention mask and KV cache for a batch, left padded.
+    """One model's tokens, attention mask and KV cache for the rows of a batch, left padded.
 
-    Buffers are allocated once for prompt + max_new_tokens; steps write into them in place.
+    Buffers have room for `capacity` tokens; steps write into them in place, and they are
+    reallocated only when rows join or leave.
     """
 
-    def __init__(self, member: Member, prompts: list[list[int]], max_new: int, vocab: int,
-                 pad_id: int, use_cache: bool):
-        from transformers import DynamicCache
+    def __init__(self, member: Member, ids: Tensor, mask: Tensor, length: int, vocab: int, use_cache: bool,
+                 cache=None):
         self.member, self.vocab, self.use_cache = member, vocab, use_cache
-        device = member.device
-        batch, width = len(prompts), max(len(p) for p in prompts)
-        self.ids = torch.full((batch, width + max_new), pad_id, dtype=torch.long, device=device)
-        self.mask = torch.zeros((batch, width + max_new), dtype=torch.long, device=device)
+        self.ids, self.mask, self.length, self.cache = ids, mask, length, cache
+
+    @classmethod
+    def prefill(cls, member: Member, prompts: list[list[int]], room: int, vocab: int, pad_id: int,
+                use_cache: bool) -> tuple["Context", Tensor]:
+        """Left-pad the prompts, run them, return the context and the last logits [B, V]."""
+        from transformers import DynamicCache
+        device, width = member.device, max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width + room), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts):
-            self.ids[i, width - len(p):width] = torch.tensor(p, device=device)
-            self.mask[i, width - len(p):width] = 1
-        self.length = width
-        self.cache = DynamicCache(config=member.model.config) if use_cache else None
-        self.kwargs = member.forward_kwargs(batch)
+            ids[i, width - len(p):width] = torch.tensor(p, device=device)
+            mask[i, width - len(p):width] = 1
+        cache = DynamicCache(config=member.model.config) if use_cache else None
+        ctx = cls(member, ids, mask, width, vocab, use_cache, cache)
+        return ctx, ctx._forward(0)
+
+    @property
+    def rows(self) -> int:
+        return self.ids.shape[0]
 
     def _forward(self, start: int) -> Tensor:
         mask = self.mask[:, : self.length]
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, start:]
         out = self.member.model(input_ids=self.ids[:, start: self.length], attention_mask=mask,
                                 position_ids=positions, past_key_values=self.cache,
-                                use_cache=self.use_cache, logits_to_keep=1, **self.kwargs)
+                                use_cache=self.use_cache, logits_to_keep=1,
+                                **self.member.forward_kwargs(self.rows))
         return out.logits[:, -1, : self.vocab]  # padded embedding rows dropped
 
-    def prefill(self) -> Tensor:
-        return self._forward(0)
-
     def step(self, tokens: Tensor) -> Tensor:
+        if self.length == self.ids.shape[1]:  # out of room (only after rows joined with a larger budget)
+            self._resize(self.length + 16)
         self.ids[:, self.length] = tokens.to(self.ids.device)
         self.mask[:, self.length] = 1
         self.length += 1
         # With a cache only the new token is run; without, the whole sequence is recomputed.
         return self._forward(self.length - 1 if self.use_cache else 0)
 
+    # -- rows joining and leaving (dynamic batching)
+
+    def _resize(self, capacity: int) -> None:
+        extra = capacity - self.ids.shape[1]
+        self.ids = F.pad(self.ids, (0, extra), value=0)
+        self.mask = F.pad(self.mask, (0, extra), value=0)
+
+    def _left_pad(self, n: int) -> None:
+        """Shift everything right by n masked columns, so that lengths line up for a merge."""
+        if n == 0:
+            return
+        self.ids, self.mask = F.pad(self.ids, (n, 0)), F.pad(self.mask, (n, 0))
+        self.length += n
+        for layer in self._layers():
+            layer.keys = F.pad(layer.keys, (0, 0, n, 0))
+            layer.values = F.pad(layer.values, (0, 0, n, 0))
+
+    def _layers(self):
+        if self.cache is None:
+            return []
+        layers = self.cache.layers
+        if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+            raise NotImplementedError("joining a running batch needs a plain dynamic KV cache "
+                                      f"({self.member.role} uses {type(layers[0]).__name__})")
+        return layers
+
+    def merge(self, other: "Context") -> None:
+        """Append other's rows below ours (both keep their own left padding)."""
+        target = max(self.length, other.length)
+        self._left_pad(target - self.length)
+        other._left_pad(target - other.length)
+        capacity = max(self.ids.shape[1], other.ids.shape[1])
+        self._resize(capacity)
+        other._resize(capacity)
+        self.ids, self.mask = torch.cat([self.ids, other.ids]), torch.cat([self.mask, other.mask])
+        for mine, theirs in zip(self._layers(), other._layers()):
+            mine.keys, mine.values = torch.cat([mine.keys, theirs.keys]), torch.cat([mine.values, theirs.values])
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only these rows, and drop leading columns that no remaining row uses."""
+        rows = rows.to(self.ids.device)
+        self.ids, self.mask = self.ids[rows], self.mask[rows]
+        used = self.mask[:, : self.length].any(0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        self.ids, self.mask, self.length = self.ids[:, start:], self.mask[:, start:], self.length - start
+        for layer in self._layers():
+            layer.keys, layer.values = layer.keys[rows, :, start:], layer.values[rows, :, start:]
+
 
 # ---------------------------------------------------------------- token choice
 
-def pick_tokens(logits: Tensor, params: SamplingParams, generators: list[torch.Generator] | None) -> Tensor:
-    """Greedy argmax, or sampling with temperature / top-k / top-p. logits [B, V] -> [B].
+def pick_tokens(logits: Tensor, seqs: Sequence[Seq]) -> Tensor:
+    """Each row greedy or sampled with its own temperature / top-k / top-p. logits [B, V] -> [B].
 
     Sampling draws each row's noise from that sequence's own generator (Gumbel-max), so a
     sequence samples the same tokens whatever else is in the batch.
     """
-    if params.temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / params.temperature
-    if params.top_k:
-        kth = logits.topk(min(params.top_k, logits.shape[-1]), -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if params.top_p < 1:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= params.top_p  # always keeps the top token
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, -math.inf)
-    noise = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators]).to(logits.device)
+    greedy = logits.argmax(-1)
+    if all(s.params.temperature == 0 for s in seqs):
+        return greedy
+    device, vocab = logits.device, logits.shape[-1]
+    temp = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=device)
+    top_k = torch.tensor([s.params.top_k or vocab for s in seqs], device=device)
+    top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
+    sorted_logits, order = (logits.float() / temp[:, None]).sort(-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    keep = torch.arange(vocab, device=device)[None] < top_k[:, None]
+    keep &= (probs.cumsum(-1) - probs) < top_p[:, None]  # the top token is always kept
+    noise = torch.stack([torch.rand(vocab, generator=s.generator) if s.generator is not None
+                         else torch.full((vocab,), 0.5) for s in seqs]).to(device)
     gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
-    return (logits + gumbel).argmax(-1)
+    sampled = order.gather(-1, (sorted_logits.masked_fill(~keep, -math.inf) + gumbel).argmax(-1, keepdim=True))
+    is_greedy = torch.tensor([s.params.temperature == 0 for s in seqs], device=device)
+    return torch.where(is_greedy, greedy, sampled[:, 0])
 
 
 def seeds_for(seed: int | Sequence[int] | None, n: int) -> list[int]:
@@ -146,7 +244,7 @@ def seeds_for(seed: int | Sequence[int] | None, n: int) -> list[int]:
     return [int(s) for s in seed]
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- prompts
 
 def render(template: str, prompt: str) -> str:
     return template.replace("{prompt}", prompt)
@@ -165,11 +263,11 @@ def encode_prompts(models: ModelSet, member: Member, prompts: Sequence[str]) -> 
     return out
 
 
-def members_for(models: ModelSet, solver: Solver) -> tuple[Member | None, Member | None, list[Member]]:
-    large = models.large if solver.uses_large else None
-    small = models.small if solver.uses_small else None
+def members_for(models: ModelSet, solver: Solver) -> list[Member]:
+    """The models a solver reads, in the order large, small, experts."""
     idx = range(len(models.experts)) if solver.experts is None else solver.experts
-    return large, small, [models.experts[i] for i in idx]
+    return ([models.large] if solver.uses_large else []) + ([models.small] if solver.uses_small else []) \
+        + [models.experts[i] for i in idx]
 
 
 def validate_prompts(models: ModelSet, prompts: Sequence[str], solver: Solver) -> dict[str, list[list[int]]]:
@@ -181,104 +279,154 @@ def validate_prompts(models: ModelSet, prompts: Sequence[str], solver: Solver) -
         if not isinstance(p, str) or not p:
             raise DecodingError(f"prompt {i} is empty; give some text to continue")
     solver.check(len(models.experts))
-    large, small, experts = members_for(models, solver)
-    return {m.role: encode_prompts(models, m, prompts) for m in (large, small, *experts) if m is not None}
+    return {m.role: encode_prompts(models, m, prompts) for m in members_for(models, solver)}
+
+
+# ---------------------------------------------------------------- the loop
+
+class Batch:
+    """Sequences decoded together with one solver. `add` and `step` may interleave freely."""
+
+    def __init__(self, models: ModelSet, solver: Solver, use_cache: bool = True):
+        solver.check(len(models.experts))
+        self.models, self.solver, self.use_cache = models, solver, use_cache
+        self.members = members_for(models, solver)
+        self.device = self.members[0].device  # where fusion happens
+        tok = models.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.seqs: list[Seq] = []
+        self.contexts: dict[str, Context] = {}
+        self.logits: dict[str, Tensor] = {}  # next-token logits per model role, [B, V]
+        self._eos = torch.tensor(sorted(models.eos_token_ids) or [-1], device=self.device)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(self, prompts: Sequence[str], params: Sequence[SamplingParams], trace: bool = False) -> list[Seq]:
+        """Prefill new sequences and merge them into the batch. params: one per prompt, each
+        with an int seed (or None when greedy)."""
+        for p in params:
+            p.check()
+        encoded = validate_prompts(self.models, prompts, self.solver)
+        seqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            room = [m.context - len(encoded[m.role][i]) for m in self.members if m.context is not None]
+            seq = Seq(prompt, p, trace, budget=min([p.max_new_tokens] + room))
+            if p.temperature > 0:
+                seq.generator = torch.Generator().manual_seed(int(p.seed if p.seed is not None else
+                                                                  torch.randint(0, 2**31 - 1, ())))
+            seqs.append(seq)
+        room = max(s.budget for s in seqs)
+        with torch.no_grad():
+            for m in self.members:
+                ctx, logits = Context.prefill(m, encoded[m.role], room, self.models.vocab_size, self.pad_id,
+                                              self.use_cache)
+                logits = logits.to(self.device)
+                if m.role in self.contexts and len(self.seqs):
+                    self.contexts[m.role].merge(ctx)
+                    self.logits[m.role] = torch.cat([self.logits[m.role], logits])
+                else:
+                    self.contexts[m.role], self.logits[m.role] = ctx, logits
+        self.seqs += seqs
+        return seqs
+
+    def step(self) -> list[tuple[Seq, int]]:
+        """Pick one token for every sequence, advance every model. Returns (sequence, token) for
+        each token appended; finished sequences leave the batch."""
+        self._drop_done()
+        if not self.seqs:
+            return []
+        emitted = []
+        with torch.no_grad():
+            choice = self._solve()
+            tokens = pick_tokens(choice.logits, self.seqs)
+            # Everything the host needs this step travels in one transfer.
+            finite = torch.stack([self.logits[m.role].isfinite().all(-1) for m in self.members]
+                                 + [choice.logits.isfinite().all(-1)])  # [M + 1, B]
+            is_eos = (tokens[:, None] == self._eos).any(-1)
+            host = torch.cat([tokens[None], finite.long(), is_eos.long()[None]]).cpu()
+            if any(s.trace for s in self.seqs):
+                self._record(choice)
+            roles = [m.role for m in self.members] + ["fused"]
+            for i, seq in enumerate(self.seqs):
+                if seq.done:  # cancelled while waiting
+                    continue
+                bad = [role for role, ok in zip(roles, host[1:-1, i]) if not ok]
+                if bad:
+                    seq.finish_reason = "error"
+                    seq.error = (f"{bad[0]} produced NaN/inf logits at step {len(seq.tokens)}; sequence "
+                                 "stopped (check the model's weights and dtype)")
+                    continue
+                token = int(host[0, i])
+                seq.tokens.append(token)
+                emitted.append((seq, token))
+                if host[-1, i] and not seq.params.ignore_eos:
+                    seq.finish_reason = "eos"
+                elif seq.params.stop and (cut := _find_stop(self.models.tokenizer, seq)) is not None:
+                    seq.finish_reason, seq.stop_at = "stop", cut
+                elif len(seq.tokens) >= seq.budget:
+                    seq.finish_reason = "length"
+            self._drop_done()
+            if self.seqs:
+                keep = torch.tensor([i for i, s in enumerate(self._last_rows) if not s.done], device=self.device)
+                tokens = tokens[keep] if len(keep) < len(tokens) else tokens
+                self.logits = {role: c.step(tokens).to(self.device) for role, c in self.contexts.items()}
+        return emitted
+
+    def _solve(self) -> Choice:
+        z = [self.logits[m.role] for m in self.members]
+        z_large = z.pop(0) if self.solver.uses_large else None
+        z_small = z.pop(0) if self.solver.uses_small else None
+        z_experts = torch.stack(z, 1) if z else None
+        self._last_rows = list(self.seqs)
+        return self.solver(z_large, z_small, z_experts)
+
+    def _drop_done(self) -> None:
+        keep = [i for i, s in enumerate(self.seqs) if not s.done]
+        if len(keep) == len(self.seqs):
+            return
+        self.seqs = [self.seqs[i] for i in keep]
+        if not keep:
+            self.contexts, self.logits = {}, {}
+            return
+        rows = torch.tensor(keep, device=self.device)
+        for role, ctx in self.contexts.items():
+            ctx.select(rows)
+            self.logits[role] = self.logits[role][rows]
+
+    def _record(self, choice: Choice) -> None:
+        tops = {}
+        for role, z in [(m.role, self.logits[m.role]) for m in self.members] + [("fused", choice.logits)]:
+            p, ids = z.float().softmax(-1).topk(min(TOP_TOKENS, z.shape[-1]), -1)
+            tops[role] = (ids.cpu().tolist(), p.cpu().tolist())
+        # Rounded so that a grid value 1.2 reads 1.2, not its float32 1.2000000476837158.
+        weights = choice.weights.double().round(decimals=6).tolist() if choice.weights is not None else None
+        objective = choice.objective.cpu().tolist() if choice.objective is not None else None
+        for i, seq in enumerate(self.seqs):
+            if seq.trace and not seq.done:
+                seq.steps.append(StepTrace(weights[i] if weights else None, objective[i] if objective else None,
+                                           {r: list(zip(ids[i], p[i])) for r, (ids, p) in tops.items()}))
+
+
+def _find_stop(tok, seq: Seq) -> int | None:
+    """Character offset where the first stop string starts in the decoded text, if one appeared."""
+    window = max(len(s) for s in seq.params.stop) + 8  # every token decodes to >= 1 character
+    tail = tok.decode(seq.tokens[-window:], skip_special_tokens=True)
+    if not any(s in tail for s in seq.params.stop):
+        return None
+    text = tok.decode(seq.tokens, skip_special_tokens=True)
+    return min(text.find(s) for s in seq.params.stop if s in text)
 
 
 def decode(models: ModelSet, prompts: Sequence[str], solver: Solver, params: SamplingParams,
-           trace: bool = False, use_cache: bool = True,
-           on_step: Callable[[int], None] | None = None) -> list[Generation]:
-    """Decode one batch of prompts. Returns one Generation per prompt, in order."""
+           trace: bool = False, use_cache: bool = True) -> list[Generation]:
+    """Decode a list of prompts together. Returns one Generation per prompt, in order."""
     params.check()
-    encoded = validate_prompts(models, prompts, solver)
-    large, small, experts = members_for(models, solver)
-    running = [m for m in (large, small, *experts) if m is not None]
-    tok = models.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    batch = len(prompts)
-    # A sequence also stops when any model's context is full.
-    budget = [min([params.max_new_tokens] + [m.context - len(encoded[m.role][i])
-                                             for m in running if m.context is not None])
-              for i in range(batch)]
-    max_new = max(budget)
-    contexts = {m.role: Context(m, encoded[m.role], max_new, models.vocab_size, pad_id, use_cache)
-                for m in running}
-    fusion_device = running[0].device
-    generators = ([torch.Generator().manual_seed(s) for s in seeds_for(params.seed, batch)]
-                  if params.temperature > 0 else None)
-    eos = torch.tensor(sorted(models.eos_token_ids) or [-1], device=fusion_device)
-    stop_window = max((len(s) for s in params.stop), default=0) + 8  # tokens re-decoded per check
-
-    tokens_out: list[list[int]] = [[] for _ in range(batch)]
-    finish: list[str | None] = [None] * batch
-    errors: list[str | None] = [None] * batch
-    traces: list[list[StepTrace]] | None = [[] for _ in range(batch)] if trace else None
-    stop_cut: list[int | None] = [None] * batch
-
-    with torch.no_grad():
-        logits = {role: c.prefill().to(fusion_device) for role, c in contexts.items()}
-        for step in range(max_new):
-            z_large = logits[large.role] if large else None
-            z_small = logits[small.role] if small else None
-            z_experts = torch.stack([logits[m.role] for m in experts], 1) if experts else None
-            choice = solver(z_large, z_small, z_experts)
-            next_tokens = pick_tokens(choice.logits, params, generators)
-            # Everything the host needs this step travels in one transfer.
-            finite = torch.stack([logits[m.role].isfinite().all(-1) for m in running]
-                                 + [choice.logits.isfinite().all(-1)])  # [M + 1, B]
-            is_eos = (next_tokens[:, None] == eos).any(-1)
-            host = torch.cat([next_tokens[None], finite.long(), is_eos.long()[None]]).cpu()
-            if traces is not None:
-                _record(traces, finish, choice, logits, running)
-            for i in range(batch):
-                if finish[i] is not None:
-                    continue
-                bad = [role for role, ok in zip([m.role for m in running] + ["fused"], host[1:-1, i]) if not ok]
-                if bad:
-                    finish[i], errors[i] = "error", (f"{bad[0]} produced NaN/inf logits at step {step}; "
-                                                     "sequence stopped (check the model's weights and dtype)")
-                    continue
-                tokens_out[i].append(int(host[0, i]))
-                if host[-1, i]:
-                    finish[i] = "eos"
-                elif params.stop and (cut := _find_stop(tok, tokens_out[i], params.stop, stop_window)) is not None:
-                    finish[i], stop_cut[i] = "stop", cut
-                elif len(tokens_out[i]) >= budget[i]:
-                    finish[i] = "length"
-            if on_step is not None:
-                on_step(step)
-            if all(f is not None for f in finish):
-                break
-            logits = {role: c.step(next_tokens).to(fusion_device) for role, c in contexts.items()}
-
-    gens = []
-    for i in range(batch):
-        text = tok.decode(tokens_out[i], skip_special_tokens=True)
-        if stop_cut[i] is not None:
-            text = text[: stop_cut[i]]
-        gens.append(Generation(prompts[i], text, tokens_out[i], finish[i] or "length", errors[i],
-                               traces[i] if traces is not None else None))
-    return gens
-
-
-def _find_stop(tok, ids: list[int], stops: Sequence[str], window: int) -> int | None:
-    """Character offset where the first stop string starts in the decoded text, if one appeared."""
-    tail = tok.decode(ids[-window:], skip_special_tokens=True)
-    if not any(s in tail for s in stops):
-        return None
-    text = tok.decode(ids, skip_special_tokens=True)
-    return min(text.find(s) for s in stops if s in text)
-
-
-def _record(traces, finish, choice, logits, running) -> None:
-    tops = {}
-    for role, z in [(m.role, logits[m.role]) for m in running] + [("fused", choice.logits)]:
-        p, ids = z.float().softmax(-1).topk(TOP_TOKENS, -1)
-        tops[role] = (ids.cpu().tolist(), p.cpu().tolist())
-    # Rounded so that a grid value 1.2 reads 1.2, not its float32 1.2000000476837158.
-    weights = choice.weights.double().round(decimals=6).tolist() if choice.weights is not None else None
-    objective = choice.objective.cpu().tolist() if choice.objective is not None else None
-    for i, tr in enumerate(traces):
-        if finish[i] is None:
-            tr.append(StepTrace(weights[i] if weights else None, objective[i] if objective else None,
-                                {r: list(zip(ids[i], p[i])) for r, (ids, p) in tops.items()}))
+    seeds = seeds_for(params.seed, len(prompts)) if params.temperature > 0 else [None] * len(prompts)
+    per_seq = [SamplingParams(params.max_new_tokens, params.temperature, params.top_k, params.top_p, seed,
+                              tuple(params.stop), params.ignore_eos) for seed in seeds]
+    batch = Batch(models, solver, use_cache)
+    seqs = batch.add(prompts, per_seq, trace)
+    while len(batch):
+        batch.step()
+    return [s.result(models.tokenizer) for s in seqs]

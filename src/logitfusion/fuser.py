@@ -59,7 +59,8 @@ class Fuser:
                  max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None,
                  seed: int | Sequence[int] | None = None, stop: Sequence[str] | None = None,
-                 trace: bool = False, use_cache: bool = True, batch_size: int = 8) -> list[Generation]:
+                 ignore_eos: bool = False, trace: bool = False, use_cache: bool = True,
+                 batch_size: int = 8) -> list[Generation]:
         """Generate a continuation of every prompt. Unset options come from the recipe.
 
         `seed`: an int gives prompt i the seed `seed + i`; a list gives one seed per prompt.
@@ -74,6 +75,7 @@ class Fuser:
             solver = self.method(solver)
         params = self.sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=seed, stop=list(stop) if stop is not None else None)
+        params.ignore_eos = ignore_eos
         params.check()
         seeds = seeds_for(params.seed, len(prompts))
         out: list[Generation] = []
