@@ -11,6 +11,7 @@ boundaries. `decode` is the whole loop for a fixed list of prompts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -38,6 +39,7 @@ class SamplingParams:
     seed: int | Sequence[int] | None = None  # int: sequence i of a call uses seed + i
     stop: Sequence[str] = ()
     ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks)
+    logprobs: bool = False  # record each chosen token's log-probability under the fused distribution
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -85,6 +87,7 @@ class Seq:
     finish_reason: str | None = None
     error: str | None = None
     steps: list[StepTrace] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # when params.logprobs
     stop_at: int | None = None  # character offset of the stop string in the text
     budget: int = 0  # tokens it may still generate (max_new_tokens, capped by context)
     generator: torch.Generator | None = None
@@ -347,6 +350,8 @@ class Batch:
             host = torch.cat([tokens[None], finite.long(), is_eos.long()[None]]).cpu()
             if any(s.trace for s in self.seqs):
                 self._record(choice)
+            if any(s.params.logprobs for s in self.seqs):
+                chosen = choice.logits.float().log_softmax(-1).gather(-1, tokens[:, None])[:, 0].cpu().tolist()
             roles = [m.role for m in self.members] + ["fused"]
             for i, seq in enumerate(self.seqs):
                 if seq.done:  # cancelled while waiting
@@ -359,6 +364,8 @@ class Batch:
                     continue
                 token = int(host[0, i])
                 seq.tokens.append(token)
+                if seq.params.logprobs:
+                    seq.logprobs.append(chosen[i])
                 emitted.append((seq, token))
                 if host[-1, i] and not seq.params.ignore_eos:
                     seq.finish_reason = "eos"
@@ -423,8 +430,7 @@ def decode(models: ModelSet, prompts: Sequence[str], solver: Solver, params: Sam
     """Decode a list of prompts together. Returns one Generation per prompt, in order."""
     params.check()
     seeds = seeds_for(params.seed, len(prompts)) if params.temperature > 0 else [None] * len(prompts)
-    per_seq = [SamplingParams(params.max_new_tokens, params.temperature, params.top_k, params.top_p, seed,
-                              tuple(params.stop), params.ignore_eos) for seed in seeds]
+    per_seq = [dataclasses.replace(params, seed=seed, stop=tuple(params.stop)) for seed in seeds]
     batch = Batch(models, solver, use_cache)
     seqs = batch.add(prompts, per_seq, trace)
     while len(batch):
