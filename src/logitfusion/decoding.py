@@ -112,49 +112,57 @@ class Seq:
 # ---------------------------------------------------------------- one model's context and cache
 
 class Context:
-    """One model's tokens, attention mask and KV cache for the rows of a batch, left padded.
+    """Token buffers, attention mask and KV cache of one model module, left padded.
 
-    Buffers have room for `capacity` tokens; steps write into them in place, and they are
-    reallocated only when rows join or leave.
+    For a batch of B sequences it holds one block of B rows per member that runs on this module:
+    the small base and its LoRA experts share one module and so run as ONE forward, each row
+    with its own adapter (PEFT mixed-adapter batch). Buffers have room for `capacity` tokens;
+    steps write into them in place, and they are reallocated only when rows join or leave.
     """
 
-    def __init__(self, member: Member, ids: Tensor, mask: Tensor, length: int, vocab: int, use_cache: bool,
-                 cache=None):
-        self.member, self.vocab, self.use_cache = member, vocab, use_cache
+    def __init__(self, members: list[Member], ids: Tensor, mask: Tensor, length: int, vocab: int,
+                 use_cache: bool, cache=None):
+        self.members, self.vocab, self.use_cache = members, vocab, use_cache
         self.ids, self.mask, self.length, self.cache = ids, mask, length, cache
+        self.model = members[0].model
 
     @classmethod
-    def prefill(cls, member: Member, prompts: list[list[int]], room: int, vocab: int, pad_id: int,
+    def prefill(cls, members: list[Member], prompts: list[list[list[int]]], room: int, vocab: int, pad_id: int,
                 use_cache: bool) -> tuple["Context", Tensor]:
-        """Left-pad the prompts, run them, return the context and the last logits [B, V]."""
+        """prompts[g][i]: token ids of sequence i for member g. Returns the context and the last
+        logits [G, B, V]."""
         from transformers import DynamicCache
-        device, width = member.device, max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width + room), pad_id, dtype=torch.long, device=device)
+        rows = [p for per_member in prompts for p in per_member]
+        device, width = members[0].device, max(len(p) for p in rows)
+        ids = torch.full((len(rows), width + room), pad_id, dtype=torch.long, device=device)
         mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(rows):
             ids[i, width - len(p):width] = torch.tensor(p, device=device)
             mask[i, width - len(p):width] = 1
-        cache = DynamicCache(config=member.model.config) if use_cache else None
-        ctx = cls(member, ids, mask, width, vocab, use_cache, cache)
+        cache = DynamicCache(config=members[0].model.config) if use_cache else None
+        ctx = cls(members, ids, mask, width, vocab, use_cache, cache)
         return ctx, ctx._forward(0)
 
     @property
-    def rows(self) -> int:
-        return self.ids.shape[0]
+    def seqs(self) -> int:
+        return self.ids.shape[0] // len(self.members)
 
     def _forward(self, start: int) -> Tensor:
         mask = self.mask[:, : self.length]
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, start:]
-        out = self.member.model(input_ids=self.ids[:, start: self.length], attention_mask=mask,
-                                position_ids=positions, past_key_values=self.cache,
-                                use_cache=self.use_cache, logits_to_keep=1,
-                                **self.member.forward_kwargs(self.rows))
-        return out.logits[:, -1, : self.vocab]  # padded embedding rows dropped
+        adapters = {}
+        if self.members[0].adapter is not None:
+            adapters["adapter_names"] = [m.adapter for m in self.members for _ in range(self.seqs)]
+        out = self.model(input_ids=self.ids[:, start: self.length], attention_mask=mask, position_ids=positions,
+                         past_key_values=self.cache, use_cache=self.use_cache, logits_to_keep=1, **adapters)
+        logits = out.logits[:, -1, : self.vocab]  # padded embedding rows dropped
+        return logits.view(len(self.members), self.seqs, -1)
 
     def step(self, tokens: Tensor) -> Tensor:
+        """Append tokens [B] (one per sequence, the same for every member) -> logits [G, B, V]."""
         if self.length == self.ids.shape[1]:  # out of room (only after rows joined with a larger budget)
             self._resize(self.length + 16)
-        self.ids[:, self.length] = tokens.to(self.ids.device)
+        self.ids[:, self.length] = tokens.to(self.ids.device).repeat(len(self.members))
         self.mask[:, self.length] = 1
         self.length += 1
         # With a cache only the new token is run; without, the whole sequence is recomputed.
@@ -183,24 +191,30 @@ class Context:
         layers = self.cache.layers
         if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
             raise NotImplementedError("joining a running batch needs a plain dynamic KV cache "
-                                      f"({self.member.role} uses {type(layers[0]).__name__})")
+                                      f"({self.members[0].role} uses {type(layers[0]).__name__})")
         return layers
 
     def merge(self, other: "Context") -> None:
-        """Append other's rows below ours (both keep their own left padding)."""
+        """Add other's sequences after ours (both keep their own left padding)."""
         target = max(self.length, other.length)
         self._left_pad(target - self.length)
         other._left_pad(target - other.length)
         capacity = max(self.ids.shape[1], other.ids.shape[1])
         self._resize(capacity)
         other._resize(capacity)
-        self.ids, self.mask = torch.cat([self.ids, other.ids]), torch.cat([self.mask, other.mask])
+        # Rows stay grouped by member: [member 0: ours, theirs; member 1: ours, theirs; ...]
+        n, m, groups = self.seqs, other.seqs, len(self.members)
+        order = torch.cat([torch.cat([torch.arange(g * n, (g + 1) * n), groups * n + torch.arange(g * m, (g + 1) * m)])
+                           for g in range(groups)]).to(self.ids.device)
+        self.ids, self.mask = torch.cat([self.ids, other.ids])[order], torch.cat([self.mask, other.mask])[order]
         for mine, theirs in zip(self._layers(), other._layers()):
-            mine.keys, mine.values = torch.cat([mine.keys, theirs.keys]), torch.cat([mine.values, theirs.values])
+            mine.keys = torch.cat([mine.keys, theirs.keys])[order]
+            mine.values = torch.cat([mine.values, theirs.values])[order]
 
-    def select(self, rows: Tensor) -> None:
-        """Keep only these rows, and drop leading columns that no remaining row uses."""
-        rows = rows.to(self.ids.device)
+    def select(self, seqs: Tensor) -> None:
+        """Keep only these sequences, and drop leading columns that no remaining row uses."""
+        seqs = seqs.to(self.ids.device)
+        rows = torch.cat([g * self.seqs + seqs for g in range(len(self.members))])
         self.ids, self.mask = self.ids[rows], self.mask[rows]
         used = self.mask[:, : self.length].any(0).nonzero()
         start = int(used[0]) if len(used) else 0
@@ -290,15 +304,21 @@ def validate_prompts(models: ModelSet, prompts: Sequence[str], solver: Solver) -
 class Batch:
     """Sequences decoded together with one solver. `add` and `step` may interleave freely."""
 
-    def __init__(self, models: ModelSet, solver: Solver, use_cache: bool = True):
+    def __init__(self, models: ModelSet, solver: Solver, use_cache: bool = True, share_forwards: bool = True):
         solver.check(len(models.experts))
         self.models, self.solver, self.use_cache = models, solver, use_cache
         self.members = members_for(models, solver)
+        # Members on one module (the small base and its LoRA experts) run as one forward, unless
+        # share_forwards is off (then every model runs alone; used to check both agree).
+        groups: dict[int, list[Member]] = {}
+        for m in self.members:
+            groups.setdefault(id(m.model) if share_forwards else id(m), []).append(m)
+        self.groups = list(groups.values())
         self.device = self.members[0].device  # where fusion happens
         tok = models.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.seqs: list[Seq] = []
-        self.contexts: dict[str, Context] = {}
+        self.contexts: list[Context] = []  # one per group, once sequences exist
         self.logits: dict[str, Tensor] = {}  # next-token logits per model role, [B, V]
         self._eos = torch.tensor(sorted(models.eos_token_ids) or [-1], device=self.device)
 
@@ -320,16 +340,17 @@ class Batch:
                                                                   torch.randint(0, 2**31 - 1, ())))
             seqs.append(seq)
         room = max(s.budget for s in seqs)
+        joining = bool(self.seqs)
         with torch.no_grad():
-            for m in self.members:
-                ctx, logits = Context.prefill(m, encoded[m.role], room, self.models.vocab_size, self.pad_id,
-                                              self.use_cache)
-                logits = logits.to(self.device)
-                if m.role in self.contexts and len(self.seqs):
-                    self.contexts[m.role].merge(ctx)
-                    self.logits[m.role] = torch.cat([self.logits[m.role], logits])
+            for g, group in enumerate(self.groups):
+                ctx, logits = Context.prefill(group, [encoded[m.role] for m in group], room,
+                                              self.models.vocab_size, self.pad_id, self.use_cache)
+                if joining:
+                    self.contexts[g].merge(ctx)
                 else:
-                    self.contexts[m.role], self.logits[m.role] = ctx, logits
+                    self.contexts.append(ctx)
+                for m, z in zip(group, logits.to(self.device)):
+                    self.logits[m.role] = torch.cat([self.logits[m.role], z]) if joining else z
         self.seqs += seqs
         return seqs
 
@@ -377,7 +398,8 @@ class Batch:
             if self.seqs:
                 keep = torch.tensor([i for i, s in enumerate(self._last_rows) if not s.done], device=self.device)
                 tokens = tokens[keep] if len(keep) < len(tokens) else tokens
-                self.logits = {role: c.step(tokens).to(self.device) for role, c in self.contexts.items()}
+                self.logits = {m.role: z for ctx in self.contexts
+                               for m, z in zip(ctx.members, ctx.step(tokens).to(self.device))}
         return emitted
 
     def _solve(self) -> Choice:
@@ -394,12 +416,12 @@ class Batch:
             return
         self.seqs = [self.seqs[i] for i in keep]
         if not keep:
-            self.contexts, self.logits = {}, {}
+            self.contexts, self.logits = [], {}
             return
         rows = torch.tensor(keep, device=self.device)
-        for role, ctx in self.contexts.items():
+        for ctx in self.contexts:
             ctx.select(rows)
-            self.logits[role] = self.logits[role][rows]
+        self.logits = {role: z[rows] for role, z in self.logits.items()}
 
     def _record(self, choice: Choice) -> None:
         tops = {}
@@ -426,12 +448,12 @@ def _find_stop(tok, seq: Seq) -> int | None:
 
 
 def decode(models: ModelSet, prompts: Sequence[str], solver: Solver, params: SamplingParams,
-           trace: bool = False, use_cache: bool = True) -> list[Generation]:
+           trace: bool = False, use_cache: bool = True, share_forwards: bool = True) -> list[Generation]:
     """Decode a list of prompts together. Returns one Generation per prompt, in order."""
     params.check()
     seeds = seeds_for(params.seed, len(prompts)) if params.temperature > 0 else [None] * len(prompts)
     per_seq = [dataclasses.replace(params, seed=seed, stop=tuple(params.stop)) for seed in seeds]
-    batch = Batch(models, solver, use_cache)
+    batch = Batch(models, solver, use_cache, share_forwards)
     seqs = batch.add(prompts, per_seq, trace)
     while len(batch):
         batch.step()
