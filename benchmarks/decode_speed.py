@@ -189,6 +189,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=4, help="experts for the multi-expert rows")
     ap.add_argument("--models", type=Path, default=Path("demo_out/models"), help="toy models folder")
     ap.add_argument("--shapes", choices=["tinyllama-7b", "tinyllama-13b"], help="random models of real shapes")
+    ap.add_argument("--speculate", type=int, nargs="*", default=[2, 4], help="draft lengths to time")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True,
@@ -218,9 +219,9 @@ def main() -> None:
         enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(models.large.device)
         t = {}
 
-        def ours(fuser, method):
+        def ours(fuser, method, speculate=0):
             return lambda: fuser.generate(prompts, solver=method, max_new_tokens=args.tokens, ignore_eos=True,
-                                          batch_size=batch)
+                                          batch_size=batch, speculate=speculate)
 
         with torch.no_grad():
             t["HF generate, large alone"] = best_time(lambda: large.generate(
@@ -230,6 +231,9 @@ def main() -> None:
         t["ours, static a=0, 1 expert"] = best_time(ours(one, "static:0"), args.repeats, args.device)
         t["ours, proxy-tuning a=1"] = best_time(ours(one, "static:1"), args.repeats, args.device)
         t["ours, dynamic, 1 expert"] = best_time(ours(one, "dynamic"), args.repeats, args.device)
+        for k in args.speculate:
+            t[f"ours, dynamic, 1 expert, speculative k={k}"] = best_time(ours(one, "dynamic", k), args.repeats,
+                                                                         args.device)
         t[f"ours, dynamic fast, {args.experts} experts"] = best_time(ours(many, "dynamic:fast"), args.repeats, args.device)
         t[f"ours, dynamic joint, {args.experts} experts"] = best_time(ours(many, "dynamic:joint"), args.repeats, args.device)
         floor1 = component_floor(one.models, prompts, args.tokens,

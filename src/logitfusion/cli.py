@@ -132,6 +132,7 @@ def generate(
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model directories to run (off by default)."),
     allow_pickle: bool = typer.Option(False, help="Allow pickled .bin weights, which can run code when loaded (safetensors only by default)."),
     no_cache: bool = typer.Option(False, help="Recompute every step without KV caches (slow; for checking)."),
+    speculate: Optional[int] = typer.Option(None, help="Speculative fused decoding with drafts of K tokens (greedy only): the small models draft, the large model checks K tokens per forward. Output is identical to plain decoding."),
 ):
     """Generate with a fused model: from --prompt (printed) or --input/--output JSONL (resumable)."""
     from .fuser import Fuser
@@ -163,7 +164,8 @@ def generate(
                 chunk = todo[start: start + batch_size]
                 seeds = None if seed is None else [seed + index[row["id"]] for row in chunk]
                 gens = fuser.generate([row["prompt"] for row in chunk], trace=want_trace, seed=seeds,
-                                      use_cache=not no_cache, batch_size=batch_size, **params)
+                                      use_cache=not no_cache, batch_size=batch_size, speculate=speculate,
+                                      **params)
                 records = []
                 for row, g in zip(chunk, gens):
                     rec = {**row, "text": g.text, "token_ids": g.token_ids, "finish_reason": g.finish_reason}
@@ -244,6 +246,178 @@ def version():
     """Print the version."""
     from . import __version__
     typer.echo(__version__)
+
+
+@app.command()
+def serve(
+    recipe: list[str] = typer.Option(..., "--recipe", "-r", help="Recipe to serve: PATH (served under the file's stem, e.g. fusion.yaml -> 'fusion') or NAME=PATH. Repeat to serve several; a request's `model` field picks one."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind. The default accepts local connections only; 0.0.0.0 listens on every interface (then also set --api-key)."),
+    port: int = typer.Option(8000, help="TCP port to listen on."),
+    api_key: Optional[str] = typer.Option(None, envvar="LOGITFUSION_API_KEY", help="Require 'Authorization: Bearer KEY' on every route but /health. Also read from $LOGITFUSION_API_KEY, which keeps it out of the process list."),
+    max_batch: int = typer.Option(32, help="Sequences decoded together at most (all models and solvers); more requests wait in the queue."),
+    max_queue: int = typer.Option(128, help="Requests that may wait for a decoding slot; beyond that the server answers 429."),
+    max_tokens_limit: int = typer.Option(1024, help="Largest max_tokens a request may ask for (400 above it); also caps the default."),
+    max_body_bytes: int = typer.Option(1 << 20, help="Largest request body in bytes (413 above it)."),
+    log_level: str = typer.Option("info", help="Log level: critical, error, warning, info or debug."),
+):
+    """Serve recipes behind an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics)."""
+    import ipaddress
+    import logging
+    import re
+
+    import uvicorn
+
+    from .fuser import Fuser
+    from .server import NAME_PATTERN, create_app
+
+    named: dict[str, Path] = {}
+    for value in recipe:
+        name, sep, path = value.partition("=")
+        if not sep or Path(value).is_file():
+            name, path = Path(value).stem, value
+        if not NAME_PATTERN.match(name):
+            _fail(f"--recipe {value!r}: model name {name!r} must match {NAME_PATTERN.pattern}; write NAME=PATH")
+        if name in named:
+            _fail(f"--recipe: the model name {name!r} is given twice; write NAME=PATH to tell them apart")
+        named[name] = Path(path)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fusers = {}
+    try:
+        for name, path in named.items():
+            with console.status(f"loading {name} from {path}..."):
+                fusers[name] = Fuser.from_recipe(path)
+        app_ = create_app(fusers, api_key=api_key, max_queue=max_queue, max_batch=max_batch,
+                          max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes)
+    except _user_errors() as e:
+        _fail(str(e))
+    except ValueError as e:  # bad limits
+        _fail(str(e))
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not api_key:
+        console.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this "
+                      "port can use the models")
+    shown = f"[{host}]" if re.fullmatch(r"[0-9a-fA-F:]+", host) and ":" in host else host
+    console.print(f"serving {', '.join(fusers)} on http://{shown}:{port}/v1"
+                  + (" (API key required)" if api_key else ""))
+    uvicorn.run(app_, host=host, port=port, log_level=log_level.lower())
+
+
+@app.command("eval")
+def eval_(
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="Fusion recipe (YAML, TOML or JSON). Its `ceiling` (a fine-tuned large model), if any, is evaluated too, as method 'ceiling'."),
+    tasks: str = typer.Option(..., "--tasks", "-t", help="Comma-separated lm-eval tasks: any lm-eval task name, ours (toy_sums, toy_sums_mc, toy_knowledge_ppl, gsm8k_local, truthfulqa_mc1_local, truthfulqa_mc2_local, triviaqa_local, mmlu_local, cnn_dailymail_local, cnn_dailymail_rouge), or a task YAML file."),
+    methods: str = typer.Option("large,expert,static:1.0,dynamic", "--methods", "-m", help="Comma-separated methods: large, expert[:NAME], static[:A] (several weights: static:0.5+1.5), dynamic, dynamic:joint."),
+    limit: Optional[float] = typer.Option(None, help="Examples per task: a count, or a fraction below 1 (for quick checks)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL file: one line per (method, task), written as each finishes. A rerun skips the pairs already there."),
+    data_dir: Optional[Path] = typer.Option(None, envvar="LOGITFUSION_DATA_DIR", help="Folder with local dataset copies for the *_local tasks (gsm8k_test.jsonl, truthfulqa.jsonl, ...; see docs/evaluation.md). Also read from $LOGITFUSION_DATA_DIR."),
+    include_path: list[Path] = typer.Option([], help="Extra folder of lm-eval task YAMLs; repeat for several."),
+    num_fewshot: Optional[int] = typer.Option(None, help="Few-shot examples per prompt (default: each task's own setting)."),
+    max_gen_toks: Optional[int] = typer.Option(None, help="Cap on generated tokens for every generation task (overrides the tasks' own setting)."),
+    batch_size: int = typer.Option(8, help="Requests scored or decoded together in one batch."),
+    grid: Optional[str] = typer.Option(None, help="Weight grid of the dynamic methods: start:stop:step (e.g. 0:2:0.1) or values 0,0.5,1 (default: the recipe's)."),
+    strategy: Optional[str] = typer.Option(None, help="Several experts, dynamic methods: 'fast' or 'joint' (default: the recipe's)."),
+    gap_closed: bool = typer.Option(False, "--gap-closed", help="Insist on gap-closed figures (method.md §6): fail unless the recipe names a `ceiling`. They are shown anyway whenever it does."),
+    device: Optional[str] = typer.Option(None, help="Device for all models: cpu, cuda, cuda:1, mps... (default: the recipe's)."),
+    dtype: Optional[str] = typer.Option(None, help="Weights dtype: float32, bfloat16, float16 or auto (default: the recipe's)."),
+):
+    """Evaluate methods x tasks through lm-evaluation-harness: one JSONL line per pair (resumable),
+    a markdown table per task and averages, with gap closed when the recipe has a ceiling."""
+    import gc
+    import logging
+
+    try:
+        from . import evaluation as ev
+    except ImportError as e:
+        _fail(f"{e}. `logitfusion eval` runs lm-evaluation-harness: pip install lm-eval")
+    from .recipe import Recipe
+    from .records import RecordWriter
+    from .solvers import parse_grid, parse_method
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    try:
+        if not task_list or not method_list:
+            raise UsageError("give at least one task (--tasks) and one method (--methods)")
+        if len(set(task_list)) < len(task_list) or len(set(method_list)) < len(method_list):
+            raise UsageError("--tasks and --methods must not repeat a name")
+        r = Recipe.from_file(recipe)
+        if gap_closed and r.ceiling is None:
+            raise UsageError(f"--gap-closed needs a fine-tuned large model to compare with: add `ceiling: {{path: ...}}` "
+                             f"to {recipe}")
+        grid_values = parse_grid(grid) if grid else r.solver.grid_values()
+        for m in method_list:  # fail on a bad method before loading anything
+            if m == "ceiling":
+                if r.ceiling is None:
+                    raise UsageError(f"method 'ceiling' needs `ceiling: {{path: ...}}` in {recipe}")
+                continue
+            parse_method(m.replace("+", ","), [e.name for e in r.experts], grid_values,
+                         strategy or r.solver.strategy, r.solver.a_max)
+        if r.ceiling is not None and "ceiling" not in method_list:
+            method_list.append("ceiling")
+        method_list = [m for m in method_list if m != "ceiling"] + (["ceiling"] if "ceiling" in method_list else [])
+        if data_dir is not None and not data_dir.is_dir():
+            raise UsageError(f"local dataset path {str(data_dir)!r} does not exist (--data-dir)")
+        if limit is not None and limit <= 0:
+            raise UsageError(f"--limit must be > 0, got {limit}")
+        manager = ev.task_manager(task_list, [str(p) for p in include_path],
+                                  metadata={"data_dir": str(data_dir)} if data_dir else None)
+        ev.check_tasks(manager, task_list)
+        writer = RecordWriter(output, key="key") if output else None
+        records = {}
+        if writer and output.exists():
+            for line in output.read_text().splitlines():
+                rec = json.loads(line)
+                records[rec["key"]] = rec
+                if rec.get("limit") != limit and rec["task"] in task_list:
+                    console.print(f"[yellow]warning:[/] {output} holds {rec['key']} run with --limit "
+                                  f"{rec.get('limit')}, not {limit}; it is kept (use another --output to redo)")
+        cells = [(m, t) for m in method_list for t in task_list]
+        todo = [(m, t) for m, t in cells if f"{m}|{t}" not in records]
+        if writer and len(todo) < len(cells):
+            console.print(f"resuming: {len(cells) - len(todo)} of {len(cells)} (method, task) pairs already in {output}")
+        for t in dict.fromkeys(t for _, t in todo):  # data problems surface before any model loads
+            try:
+                manager.load([t])
+            except Exception as e:  # lm-eval and datasets raise many types here
+                raise ev.EvalError(f"task {t!r} could not be loaded: {type(e).__name__}: {e}") from None
+    except _user_errors() + (ev.EvalError,) as e:
+        _fail(str(e))
+
+    opts = dict(batch_size=batch_size, grid=grid, strategy=strategy, device=device, dtype=dtype)
+    lm, lm_kind = None, None
+    try:
+        with _progress() as bar:
+            job = bar.add_task("evaluating", total=len(cells), completed=len(cells) - len(todo))
+            for method in method_list:
+                pending = [t for m, t in todo if m == method]
+                if not pending:
+                    continue
+                kind = "ceiling" if method == "ceiling" else "fused"
+                if lm_kind != kind:
+                    lm = None  # free one model set before loading the other
+                    gc.collect()
+                    bar.update(job, description=f"loading {'the ceiling' if kind == 'ceiling' else 'the models'}")
+                    lm, lm_kind = ev.FusedLM(recipe=r, ceiling=kind == "ceiling", **opts), kind
+                if kind == "fused":
+                    lm.set_method(method)
+                for task in pending:
+                    bar.update(job, description=f"{method} on {task}")
+                    rec = ev.run_task(lm, method, task, manager, limit=limit, num_fewshot=num_fewshot,
+                                      max_gen_toks=max_gen_toks)
+                    rec["recipe"] = str(recipe)
+                    if writer:
+                        writer.write([rec])
+                    records[rec["key"]] = rec
+                    bar.advance(job)
+    except _user_errors() + (ev.EvalError,) as e:
+        _fail(str(e))
+    typer.echo(ev.summarise(list(records.values()), method_list, task_list))
+    if writer:
+        console.print(f"results: {output}")
 
 
 if __name__ == "__main__":

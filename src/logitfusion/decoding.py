@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .models import Member, ModelSet
+from .fusion import fuse
 from .solvers import Choice, Solver
 
 TOP_TOKENS = 5  # tokens per model shown in a trace
@@ -147,26 +148,48 @@ class Context:
     def seqs(self) -> int:
         return self.ids.shape[0] // len(self.members)
 
-    def _forward(self, start: int) -> Tensor:
+    def _forward(self, start: int, keep: int = 1) -> Tensor:
+        """Run columns start..length; logits of the last `keep` positions, [G, B, V] (keep = 1)
+        or [G, B, keep, V]."""
         mask = self.mask[:, : self.length]
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, start:]
         adapters = {}
         if self.members[0].adapter is not None:
             adapters["adapter_names"] = [m.adapter for m in self.members for _ in range(self.seqs)]
         out = self.model(input_ids=self.ids[:, start: self.length], attention_mask=mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=self.use_cache, logits_to_keep=1, **adapters)
-        logits = out.logits[:, -1, : self.vocab]  # padded embedding rows dropped
-        return logits.view(len(self.members), self.seqs, -1)
+                         past_key_values=self.cache, use_cache=self.use_cache, logits_to_keep=keep, **adapters)
+        logits = out.logits[:, -keep:, : self.vocab]  # padded embedding rows dropped
+        logits = logits.view(len(self.members), self.seqs, keep, -1)
+        return logits[:, :, 0] if keep == 1 else logits
 
     def step(self, tokens: Tensor) -> Tensor:
         """Append tokens [B] (one per sequence, the same for every member) -> logits [G, B, V]."""
-        if self.length == self.ids.shape[1]:  # out of room (only after rows joined with a larger budget)
-            self._resize(self.length + 16)
+        self.ensure_room(1)  # only short after rows joined with a larger budget, or speculation
         self.ids[:, self.length] = tokens.to(self.ids.device).repeat(len(self.members))
         self.mask[:, self.length] = 1
         self.length += 1
         # With a cache only the new token is run; without, the whole sequence is recomputed.
         return self._forward(self.length - 1 if self.use_cache else 0)
+
+    def extend(self, tokens: Tensor) -> Tensor:
+        """Append k tokens per sequence ([B, k]) in one forward -> logits [G, B, k, V]."""
+        k = tokens.shape[1]
+        self.ensure_room(k)
+        self.ids[:, self.length: self.length + k] = tokens.to(self.ids.device).repeat(len(self.members), 1)
+        self.mask[:, self.length: self.length + k] = 1
+        self.length += k
+        return self._forward(self.length - k if self.use_cache else 0, keep=k)
+
+    def ensure_room(self, k: int) -> None:
+        if self.length + k > self.ids.shape[1]:
+            self._resize(self.length + k + 16)
+
+    def mask_holes(self, start: int, accepted: Tensor) -> None:
+        """Columns start..start+k were fed; keep the first accepted + 1 of each sequence, mask the
+        rest (rejected speculative drafts)."""
+        k = self.length - start
+        hole = torch.arange(k, device=self.mask.device)[None] > accepted.to(self.mask.device)[:, None]
+        self.mask[:, start: self.length] *= (~hole).long().repeat(len(self.members), 1)
 
     # -- rows joining and leaving (dynamic batching)
 
@@ -304,9 +327,11 @@ def validate_prompts(models: ModelSet, prompts: Sequence[str], solver: Solver) -
 class Batch:
     """Sequences decoded together with one solver. `add` and `step` may interleave freely."""
 
-    def __init__(self, models: ModelSet, solver: Solver, use_cache: bool = True, share_forwards: bool = True):
+    def __init__(self, models: ModelSet, solver: Solver, use_cache: bool = True, share_forwards: bool = True,
+                 speculate: int = 0):
         solver.check(len(models.experts))
         self.models, self.solver, self.use_cache = models, solver, use_cache
+        self.speculate = speculate  # draft length k; 0 or 1 = plain decoding (greedy fusion only)
         self.members = members_for(models, solver)
         # Members on one module (the small base and its LoRA experts) run as one forward, unless
         # share_forwards is off (then every model runs alone; used to check both agree).
@@ -355,60 +380,72 @@ class Batch:
         return seqs
 
     def step(self) -> list[tuple[Seq, int]]:
-        """Pick one token for every sequence, advance every model. Returns (sequence, token) for
-        each token appended; finished sequences leave the batch."""
+        """Advance every sequence: one token, or up to `speculate` tokens in a speculative round.
+        Returns (sequence, token) for each token appended; finished sequences leave the batch."""
         self._drop_done()
         if not self.seqs:
             return []
-        emitted = []
         with torch.no_grad():
-            choice = self._solve()
+            if self._can_speculate():
+                return self._speculative_round()
+            choice = self._solve(self.logits)
             tokens = pick_tokens(choice.logits, self.seqs)
-            # Everything the host needs this step travels in one transfer.
-            finite = torch.stack([self.logits[m.role].isfinite().all(-1) for m in self.members]
-                                 + [choice.logits.isfinite().all(-1)])  # [M + 1, B]
-            is_eos = (tokens[:, None] == self._eos).any(-1)
-            host = torch.cat([tokens[None], finite.long(), is_eos.long()[None]]).cpu()
-            if any(s.trace for s in self.seqs):
-                self._record(choice)
-            if any(s.params.logprobs for s in self.seqs):
-                chosen = choice.logits.float().log_softmax(-1).gather(-1, tokens[:, None])[:, 0].cpu().tolist()
-            roles = [m.role for m in self.members] + ["fused"]
+            verdicts = self._verdicts(self.logits, choice, tokens)
+            steps = self._trace(self.logits, choice)
+            emitted = []
             for i, seq in enumerate(self.seqs):
-                if seq.done:  # cancelled while waiting
-                    continue
-                bad = [role for role, ok in zip(roles, host[1:-1, i]) if not ok]
-                if bad:
-                    seq.finish_reason = "error"
-                    seq.error = (f"{bad[0]} produced NaN/inf logits at step {len(seq.tokens)}; sequence "
-                                 "stopped (check the model's weights and dtype)")
-                    continue
-                token = int(host[0, i])
-                seq.tokens.append(token)
-                if seq.params.logprobs:
-                    seq.logprobs.append(chosen[i])
-                emitted.append((seq, token))
-                if host[-1, i] and not seq.params.ignore_eos:
-                    seq.finish_reason = "eos"
-                elif seq.params.stop and (cut := _find_stop(self.models.tokenizer, seq)) is not None:
-                    seq.finish_reason, seq.stop_at = "stop", cut
-                elif len(seq.tokens) >= seq.budget:
-                    seq.finish_reason = "length"
+                if self._emit(seq, verdicts[i], steps[i] if steps else None):
+                    emitted.append((seq, seq.tokens[-1]))
+            rows = self.seqs
             self._drop_done()
             if self.seqs:
-                keep = torch.tensor([i for i, s in enumerate(self._last_rows) if not s.done], device=self.device)
+                keep = torch.tensor([i for i, s in enumerate(rows) if not s.done], device=self.device)
                 tokens = tokens[keep] if len(keep) < len(tokens) else tokens
                 self.logits = {m.role: z for ctx in self.contexts
                                for m, z in zip(ctx.members, ctx.step(tokens).to(self.device))}
         return emitted
 
-    def _solve(self) -> Choice:
-        z = [self.logits[m.role] for m in self.members]
+    def _solve(self, logits: dict[str, Tensor]) -> Choice:
+        z = [logits[m.role] for m in self.members]
         z_large = z.pop(0) if self.solver.uses_large else None
         z_small = z.pop(0) if self.solver.uses_small else None
         z_experts = torch.stack(z, 1) if z else None
-        self._last_rows = list(self.seqs)
         return self.solver(z_large, z_small, z_experts)
+
+    def _verdicts(self, logits: dict[str, Tensor], choice: Choice, tokens: Tensor) -> list[tuple]:
+        """Per row: (token, first model with NaN/inf logits or None, is EOS, fused log-prob).
+        Everything the host needs travels in one transfer."""
+        finite = torch.stack([logits[m.role].isfinite().all(-1) for m in self.members]
+                             + [choice.logits.isfinite().all(-1)], -1)  # [N, M + 1]
+        first_bad = torch.where(finite.all(-1), -1, (~finite).long().argmax(-1))
+        is_eos = (tokens[:, None] == self._eos).any(-1)
+        logprob = choice.logits.float().log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+        host = torch.stack([tokens.double(), first_bad.double(), is_eos.double(), logprob.double()], -1).cpu()
+        roles = [m.role for m in self.members] + ["fused"]
+        return [(int(t), roles[int(b)] if b >= 0 else None, bool(e), float(lp)) for t, b, e, lp in host.tolist()]
+
+    def _emit(self, seq: Seq, verdict: tuple, step: StepTrace | None) -> bool:
+        """Append one token to a sequence and decide whether it finished. False if none appended."""
+        token, bad, is_eos, logprob = verdict
+        if seq.done:  # cancelled while waiting
+            return False
+        if bad is not None:
+            seq.finish_reason = "error"
+            seq.error = (f"{bad} produced NaN/inf logits at step {len(seq.tokens)}; sequence "
+                         "stopped (check the model's weights and dtype)")
+            return False
+        seq.tokens.append(token)
+        if seq.params.logprobs:
+            seq.logprobs.append(logprob)
+        if seq.trace and step is not None:
+            seq.steps.append(step)
+        if is_eos and not seq.params.ignore_eos:
+            seq.finish_reason = "eos"
+        elif seq.params.stop and (cut := _find_stop(self.models.tokenizer, seq)) is not None:
+            seq.finish_reason, seq.stop_at = "stop", cut
+        elif len(seq.tokens) >= seq.budget:
+            seq.finish_reason = "length"
+        return True
 
     def _drop_done(self) -> None:
         keep = [i for i, s in enumerate(self.seqs) if not s.done]
@@ -423,18 +460,93 @@ class Batch:
             ctx.select(rows)
         self.logits = {role: z[rows] for role, z in self.logits.items()}
 
-    def _record(self, choice: Choice) -> None:
+    def _trace(self, logits: dict[str, Tensor], choice: Choice) -> list[StepTrace] | None:
+        """One StepTrace per row of `choice`, or None when no sequence asked for a trace."""
+        if not any(s.trace for s in self.seqs):
+            return None
         tops = {}
-        for role, z in [(m.role, self.logits[m.role]) for m in self.members] + [("fused", choice.logits)]:
+        for role, z in [(m.role, logits[m.role]) for m in self.members] + [("fused", choice.logits)]:
             p, ids = z.float().softmax(-1).topk(min(TOP_TOKENS, z.shape[-1]), -1)
             tops[role] = (ids.cpu().tolist(), p.cpu().tolist())
         # Rounded so that a grid value 1.2 reads 1.2, not its float32 1.2000000476837158.
         weights = choice.weights.double().round(decimals=6).tolist() if choice.weights is not None else None
         objective = choice.objective.cpu().tolist() if choice.objective is not None else None
+        return [StepTrace(weights[i] if weights else None, objective[i] if objective else None,
+                          {r: list(zip(ids[i], p[i])) for r, (ids, p) in tops.items()})
+                for i in range(choice.logits.shape[0])]
+
+    # -- speculative fused decoding (greedy)
+
+    def _can_speculate(self) -> bool:
+        large_alone = any(ctx.members == [self.models.large] for ctx in self.contexts)
+        return (self.speculate > 1 and self.solver.uses_large and self.solver.uses_small and large_alone
+                and len(self.members) > 2 and all(s.params.temperature == 0 for s in self.seqs))
+
+    def _speculative_round(self) -> list[tuple[Seq, int]]:
+        """The small side drafts k tokens, the large model checks all k in one forward.
+
+        d_0 is the exact fused token. The small models then run k single steps (fed d_0..d_{k-1})
+        and propose d_j = argmax(z_S + a (z_t - z_S)) with this round's weights a, i.e. the fusion
+        with the small base standing in for the large model. One large forward over d_0..d_{k-1}
+        gives z_L at k positions; weights are solved per position and f_j is the fused choice at
+        position j. d_1..d_m are accepted while d_j == f_j, so every emitted token equals what
+        plain fused decoding would emit. Fed but rejected drafts become masked holes in every
+        context (position ids skip them), so rows may accept different counts with no cache crop.
+        """
+        k, batch = self.speculate, len(self.seqs)
+        large = self.models.large
+        large_ctx = next(c for c in self.contexts if c.members == [large])
+        draft_ctxs = [c for c in self.contexts if c is not large_ctx]
+        small_roles = [m.role for m in self.members if m is not large]
+        for ctx in self.contexts:
+            ctx.ensure_room(k)
+        start = large_ctx.length
+
+        choice0 = self._solve(self.logits)
+        drafts = [choice0.logits.argmax(-1)]  # [B] each
+        small_side = [{r: self.logits[r] for r in small_roles}]  # logits at positions 0..k
+        for j in range(k):
+            small_side.append({m.role: z for ctx in draft_ctxs
+                               for m, z in zip(ctx.members, ctx.step(drafts[-1]).to(self.device))})
+            if j < k - 1:
+                z = small_side[-1]
+                z_s = z[self.models.small.role]
+                z_e = torch.stack([z[m.role] for m in self.members[2:]], 1)
+                drafts.append(fuse(z_s, z_s, z_e, choice0.weights).argmax(-1))
+        d = torch.stack(drafts, 1)  # [B, k]
+        z_large = large_ctx.extend(d)[0].to(self.device)  # [B, k, V]: position j + 1 after d_j
+
+        # Fused choice at positions 1..k for every row, solved as one [B * k] batch.
+        later = {large.role: z_large.reshape(batch * k, -1)}
+        for r in small_roles:
+            later[r] = torch.stack([small_side[j + 1][r] for j in range(k)], 1).reshape(batch * k, -1)
+        choice = self._solve(later)
+        fused = choice.logits.argmax(-1)  # [B * k]
+        f = fused.view(batch, k)
+        accepted = (f[:, : k - 1] == d[:, 1:]).long().cumprod(-1).sum(-1)  # [B]: m
+        for ctx in self.contexts:
+            ctx.mask_holes(start, accepted)
+
+        v0 = self._verdicts(self.logits, choice0, drafts[0])
+        vs = self._verdicts(later, choice, fused)
+        t0, ts = self._trace(self.logits, choice0), self._trace(later, choice)
+        emitted, m_host = [], accepted.tolist()
         for i, seq in enumerate(self.seqs):
-            if seq.trace and not seq.done:
-                seq.steps.append(StepTrace(weights[i] if weights else None, objective[i] if objective else None,
-                                           {r: list(zip(ids[i], p[i])) for r, (ids, p) in tops.items()}))
+            for j in range(m_host[i] + 1):  # d_0 .. d_m
+                verdict = v0[i] if j == 0 else vs[i * k + j - 1]
+                step = (t0[i] if j == 0 else ts[i * k + j - 1]) if t0 else None
+                if not self._emit(seq, verdict, step):
+                    break
+                emitted.append((seq, seq.tokens[-1]))
+                if seq.done:
+                    break
+        # Next round starts from the prediction after the last accepted token.
+        rows = torch.arange(batch, device=self.device)
+        self.logits = {large.role: z_large[rows, accepted]}
+        for r in small_roles:
+            self.logits[r] = torch.stack([small_side[j + 1][r] for j in range(k)], 1)[rows, accepted]
+        self._drop_done()
+        return emitted
 
 
 def _find_stop(tok, seq: Seq) -> int | None:
@@ -448,12 +560,13 @@ def _find_stop(tok, seq: Seq) -> int | None:
 
 
 def decode(models: ModelSet, prompts: Sequence[str], solver: Solver, params: SamplingParams,
-           trace: bool = False, use_cache: bool = True, share_forwards: bool = True) -> list[Generation]:
+           trace: bool = False, use_cache: bool = True, share_forwards: bool = True,
+           speculate: int = 0) -> list[Generation]:
     """Decode a list of prompts together. Returns one Generation per prompt, in order."""
     params.check()
     seeds = seeds_for(params.seed, len(prompts)) if params.temperature > 0 else [None] * len(prompts)
     per_seq = [dataclasses.replace(params, seed=seed, stop=tuple(params.stop)) for seed in seeds]
-    batch = Batch(models, solver, use_cache, share_forwards)
+    batch = Batch(models, solver, use_cache, share_forwards, speculate)
     seqs = batch.add(prompts, per_seq, trace)
     while len(batch):
         batch.step()

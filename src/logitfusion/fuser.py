@@ -51,7 +51,7 @@ class Fuser:
                             strategy or s.strategy, s.a_max)
 
     def sampling(self, **overrides) -> SamplingParams:
-        defaults = self.recipe.generation.model_dump()
+        defaults = self.recipe.generation.model_dump(exclude={"speculate"})
         defaults.update({k: v for k, v in overrides.items() if v is not None})
         return SamplingParams(**defaults)
 
@@ -60,10 +60,12 @@ class Fuser:
                  top_k: int | None = None, top_p: float | None = None,
                  seed: int | Sequence[int] | None = None, stop: Sequence[str] | None = None,
                  ignore_eos: bool = False, trace: bool = False, use_cache: bool = True,
-                 batch_size: int = 8) -> list[Generation]:
+                 speculate: int | None = None, batch_size: int = 8) -> list[Generation]:
         """Generate a continuation of every prompt. Unset options come from the recipe.
 
         `seed`: an int gives prompt i the seed `seed + i`; a list gives one seed per prompt.
+        `speculate`: draft length k of speculative fused decoding (greedy only; the output is
+        identical to plain decoding, the large model runs once per up to k tokens).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -76,11 +78,13 @@ class Fuser:
         params = self.sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=seed, stop=list(stop) if stop is not None else None)
         params.ignore_eos = ignore_eos
+        speculate = self.recipe.generation.speculate if speculate is None else speculate
         params.check()
         seeds = seeds_for(params.seed, len(prompts))
         out: list[Generation] = []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start: start + batch_size])
             params.seed = seeds[start: start + len(chunk)]
-            out += decode(self.models, chunk, solver or self.solver, params, trace=trace, use_cache=use_cache)
+            out += decode(self.models, chunk, solver or self.solver, params, trace=trace, use_cache=use_cache,
+                          speculate=speculate)
         return out

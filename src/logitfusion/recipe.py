@@ -96,6 +96,7 @@ class GenerationSpec(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
     stop: list[str] = []
+    speculate: int = Field(0, ge=0, le=16)  # draft length of speculative fused decoding (greedy)
 
 
 class Recipe(_Strict):

@@ -1,0 +1,120 @@
+"""Every fast path against the plain path: shared LoRA forwards vs one forward per model,
+speculative fused decoding vs plain decoding. Token for token, no timing."""
+
+import pytest
+import torch
+
+from logitfusion import Fuser, toy
+from logitfusion.decoding import Batch, SamplingParams, decode
+
+PROMPTS = ["Question: 3 plus 4? Answer:", "the cat sells", "a", "two dogs and three birds go to the river"]
+
+
+@pytest.fixture(scope="module")
+def lora_fuser(family, tmp_path_factory):
+    """Large + small + two LoRA experts + one full expert: the small base and both adapters share
+    one module."""
+    extra = tmp_path_factory.mktemp("lora2") / "lora2"
+    toy.lora_adapter(family["small"], extra, seed=7)
+    return Fuser.from_pretrained(family["large"], family["small"],
+                                 {"lora1": family["experts"]["lora1"], "lora2": str(extra),
+                                  "expert1": family["experts"]["expert1"]})
+
+
+def test_small_base_and_lora_experts_share_one_forward(lora_fuser):
+    batch = Batch(lora_fuser.models, lora_fuser.method("dynamic"))
+    groups = [[m.role for m in g] for g in batch.groups]
+    assert groups == [["large"], ["small", "expert:lora1", "expert:lora2"], ["expert:expert1"]]
+    separate = Batch(lora_fuser.models, lora_fuser.method("dynamic"), share_forwards=False)
+    assert len(separate.groups) == 5
+
+
+@pytest.mark.parametrize("method", ["static:0.5,1,1.5", "dynamic", "dynamic:joint", "expert:lora2"])
+def test_shared_forwards_equal_separate_forwards(lora_fuser, method):
+    solver = lora_fuser.method(method)
+    params = SamplingParams(max_new_tokens=10)
+    shared = decode(lora_fuser.models, PROMPTS, solver, params, trace=True)
+    separate = decode(lora_fuser.models, PROMPTS, solver, params, trace=True, share_forwards=False)
+    assert [g.token_ids for g in shared] == [g.token_ids for g in separate]
+    for a, b in zip(shared, separate):
+        for sa, sb in zip(a.trace, b.trace):
+            for role in sa.top:
+                # The continuous joint solver turns 1e-7 input noise into slightly different
+                # weights, so the fused distribution gets a looser (but still tight) bound.
+                atol = 1e-3 if role == "fused" else 1e-5
+                assert [t for t, _ in sa.top[role]] == [t for t, _ in sb.top[role]]
+                assert torch.allclose(torch.tensor([p for _, p in sa.top[role]]),
+                                      torch.tensor([p for _, p in sb.top[role]]), atol=atol)
+
+
+def test_shared_forwards_when_rows_join_and_leave(lora_fuser):
+    solver = lora_fuser.method("dynamic")
+    alone = [decode(lora_fuser.models, [p], solver, SamplingParams(max_new_tokens=8))[0].token_ids for p in PROMPTS]
+    batch = Batch(lora_fuser.models, solver)
+    first = batch.add(PROMPTS[:1], [SamplingParams(max_new_tokens=8)])
+    batch.step()
+    later = batch.add(PROMPTS[1:3], [SamplingParams(max_new_tokens=3), SamplingParams(max_new_tokens=8)])
+    batch.step()
+    last = batch.add(PROMPTS[3:], [SamplingParams(max_new_tokens=8)])
+    while len(batch):
+        batch.step()
+    assert [s.tokens for s in first + later + last] == [alone[0], alone[1][:3], alone[2], alone[3]]
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+@pytest.mark.parametrize("method", ["static:1", "dynamic", "dynamic:joint"])
+def test_speculative_equals_plain_decoding(lora_fuser, method, k):
+    solver = lora_fuser.method(method)
+    params = SamplingParams(max_new_tokens=16)
+    plain = decode(lora_fuser.models, PROMPTS, solver, params, trace=True)
+    fast = decode(lora_fuser.models, PROMPTS, solver, params, trace=True, speculate=k)
+    assert [g.token_ids for g in fast] == [g.token_ids for g in plain]
+    assert [g.finish_reason for g in fast] == [g.finish_reason for g in plain]
+    for a, b in zip(plain, fast):  # the weights of every emitted token come along too
+        assert len(a.weights) == len(b.weights)
+        assert torch.allclose(torch.tensor(a.weights), torch.tensor(b.weights), atol=1e-3)
+
+
+def test_speculative_one_expert_equals_plain_and_honours_stops(fuser1):
+    solver = fuser1.method("dynamic")
+    plain = fuser1.generate(PROMPTS, solver=solver, max_new_tokens=20)
+    fast = fuser1.generate(PROMPTS, solver=solver, max_new_tokens=20, speculate=4)
+    assert [g.token_ids for g in fast] == [g.token_ids for g in plain]
+    stop = plain[1].text[4:6]
+    cut_plain = fuser1.generate(PROMPTS[1], solver=solver, max_new_tokens=20, stop=[stop])[0]
+    cut_fast = fuser1.generate(PROMPTS[1], solver=solver, max_new_tokens=20, stop=[stop], speculate=4)[0]
+    assert cut_fast.finish_reason == cut_plain.finish_reason == "stop"
+    assert cut_fast.text == cut_plain.text and cut_fast.token_ids == cut_plain.token_ids
+
+
+def test_speculative_logprobs_equal_plain(fuser1):
+    solver = fuser1.method("static:1")
+    outs = []
+    for k in (0, 4):
+        batch = Batch(fuser1.models, solver, speculate=k)
+        seqs = batch.add(PROMPTS, [SamplingParams(max_new_tokens=12, logprobs=True)] * len(PROMPTS))
+        while len(batch):
+            batch.step()
+        outs.append(seqs)
+    for a, b in zip(*outs):
+        assert a.tokens == b.tokens
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+
+
+def test_speculation_runs_the_large_model_less_often(fuser1):
+    """A large-model forward checks up to k tokens: count its forwards."""
+    calls = []
+    large = fuser1.models.large.model
+    handle = large.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        fuser1.generate(PROMPTS[0], solver="static:1", max_new_tokens=24, ignore_eos=True, speculate=4)
+    finally:
+        handle.remove()
+    assert len(calls) < 24  # plain decoding: 1 prefill + 23 steps
+
+
+def test_sampling_falls_back_to_plain_steps(fuser1):
+    solver = fuser1.method("dynamic")
+    a = fuser1.generate(PROMPTS[:2], solver=solver, max_new_tokens=8, temperature=1.0, seed=3)
+    b = fuser1.generate(PROMPTS[:2], solver=solver, max_new_tokens=8, temperature=1.0, seed=3, speculate=4)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
