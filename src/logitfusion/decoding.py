@@ -550,13 +550,14 @@ class Batch:
 
 
 def _find_stop(tok, seq: Seq) -> int | None:
-    """Character offset where the first stop string starts in the decoded text, if one appeared."""
-    window = max(len(s) for s in seq.params.stop) + 8  # every token decodes to >= 1 character
-    tail = tok.decode(seq.tokens[-window:], skip_special_tokens=True)
-    if not any(s in tail for s in seq.params.stop):
-        return None
+    """Character offset where the first stop string starts in the decoded text, if one appeared.
+
+    The whole continuation is decoded: a token window would miss stop strings whose characters
+    span several byte-level tokens or are interleaved with special tokens (which decode to '').
+    """
     text = tok.decode(seq.tokens, skip_special_tokens=True)
-    return min(text.find(s) for s in seq.params.stop if s in text)
+    found = [text.find(s) for s in seq.params.stop if s in text]
+    return min(found) if found else None
 
 
 def decode(models: ModelSet, prompts: Sequence[str], solver: Solver, params: SamplingParams,

@@ -80,7 +80,9 @@ class Fuser:
         params.ignore_eos = ignore_eos
         speculate = self.recipe.generation.speculate if speculate is None else speculate
         params.check()
-        seeds = seeds_for(params.seed, len(prompts))
+        # Greedy decoding needs no seeds: draw none from the global RNG (but still check a given list).
+        draw = params.temperature > 0 or params.seed is not None
+        seeds = seeds_for(params.seed, len(prompts)) if draw else [None] * len(prompts)
         out: list[Generation] = []
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start: start + batch_size])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -95,7 +95,7 @@ class GenerationSpec(_Strict):
     top_k: int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
-    stop: list[str] = []
+    stop: list[Annotated[str, Field(min_length=1)]] = []
     speculate: int = Field(0, ge=0, le=16)  # draft length of speculative fused decoding (greedy)
 
 
@@ -110,6 +110,8 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
+        if "solver" not in self.model_fields_set and not self.experts:
+            self.solver = SolverSpec(kind="large")  # nothing to fuse: the large model alone
         if self.experts and self.small is None:
             raise ValueError("experts need the small base model they were fine-tuned from: add `small`")
         names = [e.name for e in self.experts]
@@ -167,8 +169,14 @@ class Recipe(_Strict):
         return r
 
     def save(self, path: str | Path) -> None:
-        data = self.model_dump(exclude_none=True)
-        Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+        """Write as YAML (.yaml/.yml) or JSON (.json)."""
+        p, data = Path(path), self.model_dump(exclude_none=True)
+        if p.suffix in (".yaml", ".yml"):
+            p.write_text(yaml.safe_dump(data, sort_keys=False))
+        elif p.suffix == ".json":
+            p.write_text(json.dumps(data, indent=2) + "\n")
+        else:
+            raise RecipeError(f"cannot save a recipe as {p.suffix!r}; use .yaml or .json")
 
     # -- what the recipe builds
 

@@ -199,8 +199,11 @@ class Dynamic(Solver):
             return grid_search(z_large, z_small, z_experts,
                                self._candidates("fast", n_experts, z_large.device))
         if len(self.grid) ** n_experts <= self.max_product:
-            return grid_search(z_large, z_small, z_experts,
-                               self._candidates("product", n_experts, z_large.device))
+            # The fast path's candidates come first: without them a grid lacking 0 has no
+            # one-expert vectors, and joint could end up worse than fast.
+            both = torch.cat([self._candidates("fast", n_experts, z_large.device),
+                              self._candidates("product", n_experts, z_large.device)])
+            return grid_search(z_large, z_small, z_experts, both)
         start, _ = grid_search(z_large, z_small, z_experts,
                                self._candidates("fast", n_experts, z_large.device))
         return refine(z_large, z_small, z_experts, start, self.a_max, steps=self.refine_steps)

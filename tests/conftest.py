@@ -1,0 +1,105 @@
+"""Shared fixtures: one toy model family per test session (real Hugging Face directories, built
+offline in a few seconds), the Fuser loaded on it, and helpers that run the models by hand."""
+
+import os
+
+# Everything runs offline: set before transformers / huggingface_hub are imported anywhere.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Remote code (only ever loaded by the trust_remote_code test) is copied here, not to ~/.cache.
+os.environ["HF_MODULES_CACHE"] = __import__("tempfile").mkdtemp(prefix="lf-hf-modules-")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from logitfusion import toy  # noqa: E402
+from logitfusion.fuser import Fuser  # noqa: E402
+
+try:  # quieter logs: the weight-loading progress bars of transformers 5
+    from transformers.utils import logging as _hf_logging
+
+    _hf_logging.disable_progress_bar()
+    _hf_logging.set_verbosity_error()
+except Exception:  # pragma: no cover
+    pass
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+EXPERT_NAMES = ("expert1", "expert2", "lora1")
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory):
+    """{"large", "small", "experts": {"expert1", "expert2", "lora1"}} (paths); plus "tokenizer"."""
+    root = tmp_path_factory.mktemp("family")
+    fam = toy.build_family(root, n_experts=2, lora=True)
+    fam["tokenizer"] = str(root / "tokenizer")
+    return fam
+
+
+@pytest.fixture(scope="session")
+def fuser(family):
+    """Large + small + expert1, expert2 (full fine-tunes) + lora1 (a LoRA adapter of small)."""
+    return Fuser.from_pretrained(family["large"], family["small"],
+                                 {name: family["experts"][name] for name in EXPERT_NAMES})
+
+
+@pytest.fixture(scope="session")
+def fuser1(family):
+    """Large + small + one full expert (proxy-tuning setting)."""
+    return Fuser.from_pretrained(family["large"], family["small"], {"expert1": family["experts"]["expert1"]})
+
+
+@pytest.fixture(scope="session")
+def family_tokenizer(family):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(family["tokenizer"])
+
+
+@pytest.fixture(scope="session")
+def other_vocab_small(tmp_path_factory):
+    """A small model with a *different* tokenizer (280 tokens instead of 300)."""
+    root = tmp_path_factory.mktemp("other_vocab")
+    tok = toy.build_tokenizer(root / "tokenizer", vocab_size=280)
+    toy.build_model(root / "small", tok, hidden=48, layers=2, heads=4, seed=20)
+    return str(root / "small")
+
+
+@pytest.fixture(scope="session")
+def hf_models(family):
+    """Every member loaded independently with plain transformers / PEFT (the reference)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(path).eval()
+
+    models = {"large": load(family["large"]), "small": load(family["small"]),
+              "expert1": load(family["experts"]["expert1"]), "expert2": load(family["experts"]["expert2"])}
+    models["lora1"] = PeftModel.from_pretrained(load(family["small"]), family["experts"]["lora1"]).eval()
+    return models
+
+
+@pytest.fixture(scope="session")
+def reference_logits(hf_models, family_tokenizer):
+    """last_logits(role, prompt, generated_ids) -> [V] logits of the next token, computed by running
+    the reference model on the whole sequence (no cache, no padding), sliced to the tokenizer size."""
+    vocab = len(family_tokenizer)
+
+    @torch.no_grad()
+    def last_logits(role, prompt, generated=()):
+        ids = family_tokenizer(prompt)["input_ids"] + list(generated)
+        out = hf_models[role](input_ids=torch.tensor([ids]))
+        return out.logits[0, -1, :vocab].float()
+
+    return last_logits
+
+
+def family_root(family) -> Path:
+    return Path(family["large"]).parent
