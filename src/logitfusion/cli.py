@@ -258,6 +258,7 @@ def serve(
     max_queue: int = typer.Option(128, help="Requests that may wait for a decoding slot; beyond that the server answers 429."),
     max_tokens_limit: int = typer.Option(1024, help="Largest max_tokens a request may ask for (400 above it); also caps the default."),
     max_body_bytes: int = typer.Option(1 << 20, help="Largest request body in bytes (413 above it)."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads for decoding (default: torch's choice, one per core). On a busy or shared machine fewer threads than cores avoids stalls."),
     log_level: str = typer.Option("info", help="Log level: critical, error, warning, info or debug."),
 ):
     """Serve recipes behind an OpenAI-compatible HTTP API (completions, chat, streaming, /metrics)."""
@@ -280,6 +281,11 @@ def serve(
         if name in named:
             _fail(f"--recipe: the model name {name!r} is given twice; write NAME=PATH to tell them apart")
         named[name] = Path(path)
+    if threads is not None:
+        if threads < 1:
+            _fail(f"--threads must be >= 1, got {threads}")
+        import torch
+        torch.set_num_threads(threads)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fusers = {}
     try:

@@ -1,0 +1,683 @@
+"""Evaluation through lm-evaluation-harness: a fused model is just another lm-eval `--model`.
+
+- `fused_logprobs`: fused log-probabilities of continuation tokens under teacher forcing. One
+  batched forward per model over (its own templated context + the shared continuation); the
+  weights are solved per position by the same solver objects as decoding, since solvers are pure
+  functions of [B, V] logits: all positions of a batch are solved as one flattened [N, V] batch.
+- `FusedLM`: the lm-eval `LM` registered as "logitfusion". generate_until runs the one decoding
+  loop (`Fuser.generate`); loglikelihood and loglikelihood_rolling run `fused_logprobs`.
+- `task_manager`: lm-eval's TaskManager with the tasks shipped in `logitfusion/tasks`.
+- `main`: `python -m logitfusion.evaluation ...` is the `lm_eval` CLI with the `logitfusion`
+  model and our tasks registered (lm-eval 0.4 has no plugin discovery of its own).
+- `run_task`, `summarise`: what `logitfusion eval` runs and prints (methods x tasks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.models.utils import Collator, normalize_gen_kwargs
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError as e:  # pragma: no cover - exercised by the CLI test with lm-eval hidden
+    raise ImportError("logitfusion's evaluation needs lm-evaluation-harness: pip install lm-eval") from e
+
+from .decoding import members_for, render
+from .fuser import Fuser
+from .models import Member, ModelSet
+from .recipe import Recipe
+from .solvers import MAX_CHUNK_ELEMENTS, Choice, Solver, parse_grid, parse_method
+
+log = logging.getLogger(__name__)
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+MODEL_NAME = "logitfusion"
+
+
+class EvalError(ValueError):
+    """Bad evaluation input (unknown task, missing data, impossible request...)."""
+
+
+# ---------------------------------------------------------------- teacher forcing
+
+@dataclass
+class Scored:
+    """One continuation scored under teacher forcing with the fused distribution."""
+
+    logprobs: Tensor  # [n] fused log-prob of each continuation token
+    greedy: Tensor  # [n] bool: the token is the fused argmax at its position
+    last: Tensor  # [V] fused log-probs at the last position (choices that differ only there)
+    weights: Tensor | None  # [n, T] the solved weights per position (None: no fusion)
+    objective: Tensor | None  # [n] J at the chosen weights
+
+    @property
+    def total(self) -> float:
+        return float(self.logprobs.sum())
+
+    def with_last(self, token: int) -> tuple[float, bool]:
+        """(log-prob, is greedy) of the same continuation with its last token replaced."""
+        prefix = float(self.logprobs[:-1].sum())
+        return prefix + float(self.last[token]), bool(self.greedy[:-1].all()) and int(self.last.argmax()) == token
+
+
+def prefix_token_id(tokenizer) -> int:
+    """What an empty context is conditioned on (as lm-eval's hf backend): BOS, else EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def context_ids(models: ModelSet, member: Member, context: str | Sequence[int]) -> list[int]:
+    """A model's context tokens: text goes through the model's own prompt template (as in
+    decoding); token ids are used as they are (no template)."""
+    if isinstance(context, str):
+        ids = models.tokenizer(render(member.template, context))["input_ids"]
+    else:
+        ids = list(context)
+    return ids or [prefix_token_id(models.tokenizer)]
+
+
+def _fit(ids: list[int], n_cont: int, member: Member) -> list[int]:
+    """Left-truncate a context so that context + continuation[:-1] fits the model's positions."""
+    if member.context is None or len(ids) + n_cont - 1 <= member.context:
+        return ids
+    room = member.context - (n_cont - 1)
+    if room < 1:
+        raise EvalError(f"a continuation of {n_cont} tokens does not fit {member.role}'s context of "
+                        f"{member.context} tokens")
+    return ids[-room:]
+
+
+def _forward_last(member: Member, rows: list[list[int]], keep: int, vocab: int, pad_id: int) -> Tensor:
+    """One forward over left-padded rows (positions as in decoding); logits of the last `keep`
+    positions, [B, keep, V]."""
+    device, width = member.device, max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, device=device)
+        mask[i, width - len(r):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = member.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                       logits_to_keep=keep, **member.forward_kwargs(len(rows)))
+    return out.logits[:, -keep:, :vocab]
+
+
+def solve_positions(solver: Solver, z: list[Tensor]) -> Choice:
+    """The solver on [N, V] logits of every model it reads (order of `members_for`), in row chunks
+    that bound its [rows, candidates, V] work. Rows are independent, so chunking changes nothing."""
+    vocab = z[0].shape[-1]
+    rows = max(1, MAX_CHUNK_ELEMENTS // (vocab * 32))
+    parts = []
+    for start in range(0, z[0].shape[0], rows):
+        zs = [t[start: start + rows] for t in z]
+        z_large = zs.pop(0) if solver.uses_large else None
+        z_small = zs.pop(0) if solver.uses_small else None
+        parts.append(solver(z_large, z_small, torch.stack(zs, 1) if zs else None))
+
+    def cat(field: str):
+        values = [getattr(p, field) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    return Choice(cat("logits"), cat("weights"), cat("objective"))
+
+
+@torch.no_grad()
+def fused_logprobs(models: ModelSet, solver: Solver, contexts: Sequence[str | Sequence[int]],
+                   continuations: Sequence[Sequence[int]], batch_size: int = 8) -> list[Scored]:
+    """Score each continuation (token ids, shared by every model) after its context.
+
+    A text context goes through each model's own template, as prompts do in decoding; a token
+    context is used as is by every model. Requests are batched longest first; per batch, each
+    model the solver reads runs one forward, and the solver runs once on the logits of every
+    continuation position of the batch, flattened to [N, V].
+    """
+    if len(contexts) != len(continuations):
+        raise EvalError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+    if any(len(c) == 0 for c in continuations):
+        raise EvalError("empty continuation: there is nothing to score")
+    solver.check(len(models.experts))
+    members = members_for(models, solver)
+    device = members[0].device
+    tok = models.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else prefix_token_id(tok)
+    by_template: dict[str, list[list[int]]] = {}  # models sharing a template share its tokens
+    for m in members:
+        if m.template not in by_template:
+            by_template[m.template] = [context_ids(models, m, c) for c in contexts]
+    longest = [max(len(ids[i]) for ids in by_template.values()) + len(continuations[i]) for i in range(len(contexts))]
+    order = sorted(range(len(contexts)), key=lambda i: -longest[i])
+    out: list[Scored | None] = [None] * len(contexts)
+    for start in range(0, len(order), batch_size):
+        batch = order[start: start + batch_size]
+        conts = [list(continuations[i]) for i in batch]
+        keep = max(len(c) for c in conts)
+        z = []
+        for m in members:
+            rows = [_fit(by_template[m.template][i], len(c), m) + c[:-1] for i, c in zip(batch, conts)]
+            logits = _forward_last(m, rows, keep, models.vocab_size, pad_id).to(device)
+            z.append(torch.cat([logits[b, keep - len(c):] for b, c in enumerate(conts)]))  # [N, V]
+        choice = solve_positions(solver, z)
+        logp = choice.logits.float().log_softmax(-1)  # [N, V]
+        targets = torch.tensor([t for c in conts for t in c], device=logp.device)
+        token_lp = logp.gather(-1, targets[:, None])[:, 0]
+        greedy = logp.argmax(-1) == targets
+        ends = torch.tensor([len(c) for c in conts]).cumsum(0).tolist()
+        for i, end, c in zip(batch, ends, conts):
+            span = slice(end - len(c), end)
+            out[i] = Scored(token_lp[span].cpu(), greedy[span].cpu(), logp[end - 1].cpu(),
+                            None if choice.weights is None else choice.weights[span].cpu(),
+                            None if choice.objective is None else choice.objective[span].cpu())
+    return out  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- the lm-eval model
+
+def _names(value) -> list[str] | None:
+    """experts=math+qa (CLI-friendly), a list, or None."""
+    if value is None or isinstance(value, (list, tuple)):
+        return None if value is None else [str(v) for v in value]
+    return [v for v in str(value).replace(";", "+").replace(",", "+").split("+") if v]
+
+
+def _floats(value) -> list[float] | None:
+    if value is None or isinstance(value, (list, tuple)):
+        return None if value is None else [float(v) for v in value]
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    return [float(v) for v in str(value).replace(";", "+").replace(",", "+").split("+") if v]
+
+
+class FusedLM(LM):
+    """A fusion recipe as an lm-eval model (`--model logitfusion`).
+
+    model_args (all optional but `recipe`):
+      recipe       the fusion recipe file (models, templates, solver defaults)
+      solver       large | expert[:NAME] | static[:A] | dynamic | dynamic:fast | dynamic:joint
+                   (default: the recipe's solver)
+      weights      static weights, one per expert or one for all: 0.5+1.0 (or a list)
+      grid         dynamic grid: start:stop:step (0:2:0.1) or a list [0,0.5,1]
+      strategy     several experts: fast | joint;  a_max: box of the joint solver
+      experts      load only these experts: math+qa (or a list)
+      ceiling      true: evaluate the recipe's `ceiling` (a fine-tuned large model) alone
+      batch_size   requests per batch (default 8; "auto" is taken as 8)
+      max_gen_toks default generation length when a task sets none (default 256)
+      max_length   cap on the context of rolling windows (default: the models' context)
+      seed         sampling seed for tasks that sample (default 1234)
+      device, dtype, trust_remote_code   override the recipe's `load` section
+    """
+
+    def __init__(self, recipe: str | Path | Recipe | None = None, solver: str | None = None, weights=None,
+                 grid=None, strategy: str | None = None, a_max: float | None = None, experts=None,
+                 ceiling: bool = False, batch_size: int | str = 8, max_gen_toks: int = 256,
+                 max_length: int | None = None, seed: int = 1234, device: str | None = None,
+                 dtype: str | None = None, trust_remote_code: bool = False, max_batch_size=None,
+                 fuser: Fuser | None = None, **unknown):
+        super().__init__()
+        if unknown:
+            raise EvalError(f"unknown model_args for logitfusion: {sorted(unknown)}; accepted: recipe, solver, "
+                            "weights, grid, strategy, a_max, experts, ceiling, batch_size, max_gen_toks, "
+                            "max_length, seed, device, dtype, trust_remote_code")
+        if fuser is None:
+            if recipe is None:
+                raise EvalError("model_args need recipe=PATH (a fusion recipe file)")
+            fuser = Fuser.from_recipe(_recipe_for(recipe, experts, ceiling, device, dtype, trust_remote_code))
+        self.fuser = fuser
+        self.batch_size = _batch_size(batch_size)
+        self.max_gen_toks = int(max_gen_toks)
+        self._max_length = int(max_length) if max_length else None
+        self.seed = int(seed)
+        self.grid, self.strategy, self.a_max = grid, strategy, a_max
+        self.static_weights = _floats(weights)
+        self.solver = fuser.solver
+        if ceiling:
+            self.set_method("large")
+        elif solver is not None or any(v is not None for v in (self.static_weights, grid, strategy, a_max)):
+            self.set_method(solver or self._recipe_spec())
+        self._warned_truncation = False
+        self._next_seed = self.seed
+
+    # -- switching methods without reloading
+
+    def set_method(self, spec: str) -> Solver:
+        """Switch the solver (models stay loaded): large, expert:NAME, static:1.0, dynamic:joint..."""
+        spec = spec.strip()
+        if spec == "static" and self.static_weights:
+            spec = "static:" + ",".join(str(w) for w in self.static_weights)
+        grid = self.grid
+        if isinstance(grid, str):
+            grid = parse_grid(grid)
+        elif isinstance(grid, (int, float)):
+            grid = [float(grid)]
+        s = self.fuser.recipe.solver
+        self.solver = parse_method(spec.replace("+", ","), self.fuser.expert_names,
+                                   grid if grid is not None else s.grid_values(), self.strategy or s.strategy,
+                                   self.a_max if self.a_max is not None else s.a_max)
+        return self.solver
+
+    def _recipe_spec(self) -> str:
+        """The recipe's solver as a method spec (so that grid=... or weights=... apply to it)."""
+        s = self.fuser.recipe.solver
+        if s.kind == "static":
+            return "static:" + ",".join(str(w) for w in (self.static_weights or s.weights))
+        return {"expert": f"expert:{s.expert}"}.get(s.kind, s.kind)
+
+    @property
+    def models(self) -> ModelSet:
+        return self.fuser.models
+
+    @property
+    def tokenizer(self):
+        return self.models.tokenizer
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "logitfusion")).replace("/", "__")
+
+    @property
+    def max_length(self) -> int:
+        """Positions every model the solver reads can take (rolling windows use this)."""
+        contexts = [m.context for m in members_for(self.models, self.solver) if m.context]
+        longest = min(contexts) if contexts else 2048
+        return min(longest, self._max_length) if self._max_length else longest
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    # -- loglikelihood
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        contexts, continuations = [], []
+        for context, continuation in (r.args for r in requests):
+            ctx, cont = self._encode_pair(context, continuation)
+            contexts.append(ctx)
+            continuations.append(cont)
+        return self._loglikelihood(contexts, continuations)
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[str | list[int], list[int]]:
+        """As lm-eval's hf backend: trailing spaces of the context move to the continuation, and
+        the continuation's tokens are those of context + continuation after the context's."""
+        if not context:
+            cont = self.encode(continuation, add_special_tokens=False)
+            prefix = prefix_token_id(self.tokenizer)
+            # An empty context is conditioned on BOS (EOS): "" renders each template with an
+            # empty prompt, and an empty result becomes [BOS] (see context_ids).
+            return ("", cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        whole, ctx = self.encode(context + continuation), self.encode(context)
+        return context, whole[len(ctx):]
+
+    def _loglikelihood(self, contexts, continuations) -> list[tuple[float, bool]]:
+        """Requests that share their context and all but the last continuation token (the choices
+        of most multiple-choice tasks) are scored once; groups go longest first, as in lm-eval's
+        hf backend."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
+            if cont:
+                key = (ctx if isinstance(ctx, str) else tuple(ctx), tuple(cont[:-1]))
+                groups.setdefault(key, []).append(i)
+        by_head = {same[0]: same for same in groups.values()}
+        heads = list(by_head)
+        results: list[tuple[float, bool]] = [(0.0, True)] * len(contexts)  # empty continuation: log 1
+        sorter = Collator(heads, sort_fn=lambda i: (-len(continuations[i]) - len(str(contexts[i])), i))
+        for chunk in sorter.get_batched(n=self.batch_size):
+            scored = fused_logprobs(self.models, self.solver, [contexts[i] for i in chunk],
+                                    [continuations[i] for i in chunk], batch_size=len(chunk))
+            for head, s in zip(chunk, scored):
+                for i in by_head[head]:
+                    results[i] = s.with_last(continuations[i][-1])
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Whole-text log-likelihood in disjoint windows of `max_length` tokens (as lm-eval's hf
+        backend). Every model reads the same tokens: prompt templates do not apply here."""
+        windows, owner = [], []
+        for n, (text,) in enumerate(r.args for r in requests):
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.encode(text), prefix_token=prefix_token_id(self.tokenizer),
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((ctx, cont))
+                owner.append(n)
+        totals = [0.0] * len(requests)
+        scored = self._loglikelihood([w[0] for w in windows], [w[1] for w in windows])
+        for n, (lp, _) in zip(owner, scored):
+            totals[n] += lp
+        return totals
+
+    # -- generation: the engine's one decoding loop
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Batches of equal generation settings, longest prompts first, decoded by Fuser.generate
+        (stop strings, max tokens, greedy or seeded sampling)."""
+        sorter = Collator([r.args for r in requests], sort_fn=lambda a: (-len(a[0]), a[0]),
+                          group_by="gen_kwargs", group_fn=lambda a: a[1])
+        out = []
+        for chunk in sorter.get_batched(n=self.batch_size):
+            prompts, all_kwargs = zip(*chunk)
+            kwargs = dict(normalize_gen_kwargs(dict(all_kwargs[0]), self.max_gen_toks))
+            stop = [s for s in kwargs.pop("until", []) or [] if s]
+            max_new = int(kwargs.pop("max_gen_toks"))
+            sampling = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature", 0.0)) > 0
+            gens = self.fuser.generate([self._fit_prompt(p, max_new) for p in prompts], solver=self.solver,
+                                       max_new_tokens=max_new, stop=stop, batch_size=len(prompts),
+                                       temperature=float(kwargs.get("temperature", 0.0)) if sampling else 0.0,
+                                       top_k=int(kwargs.get("top_k") or 0) if sampling else 0,
+                                       top_p=float(kwargs.get("top_p") or 1.0) if sampling else 1.0,
+                                       seed=[self._next_seed + k for k in range(len(prompts))])
+            self._next_seed += len(prompts)  # repeated requests (e.g. self-consistency) sample anew
+            for g in gens:
+                if g.error:
+                    log.warning("generation stopped early: %s", g.error)
+            out += [g.text for g in gens]
+        return sorter.get_original(out)
+
+    def _fit_prompt(self, prompt: str, max_new: int) -> str:
+        """Drop tokens from the prompt's start until every model's templated prompt leaves room
+        for max_new tokens (lm-eval's hf backend left-truncates the same way)."""
+        members = [m for m in members_for(self.models, self.solver) if m.context]
+        for _ in range(4):
+            over = max([len(self.encode(render(m.template, prompt))) - max(m.context - max_new, m.context // 2)
+                        for m in members] or [0])
+            if over <= 0:
+                return prompt
+            if not self._warned_truncation:
+                log.warning("a prompt is longer than the models' context allows; its start is cut off")
+                self._warned_truncation = True
+            prompt = self.tokenizer.decode(self.encode(prompt, add_special_tokens=False)[over:])
+        return prompt
+
+    def get_model_info(self) -> dict:
+        return {"logitfusion_solver": type(self.solver).__name__.lower(),
+                "logitfusion_experts": self.fuser.expert_names}
+
+
+def _batch_size(value) -> int:
+    if isinstance(value, str) and not value.strip().isdigit():
+        if value.startswith("auto"):
+            log.info("batch_size=%s: automatic batch sizes are not supported; using 8", value)
+            return 8
+        raise EvalError(f"batch_size must be a positive integer, got {value!r}")
+    size = int(value)
+    if size < 1:
+        raise EvalError(f"batch_size must be >= 1, got {size}")
+    return size
+
+
+def _recipe_for(recipe, experts=None, ceiling: bool = False, device: str | None = None, dtype: str | None = None,
+                trust_remote_code: bool = False) -> Recipe:
+    """The recipe with model_args applied: an expert subset, the ceiling alone, load overrides."""
+    r = recipe if isinstance(recipe, Recipe) else Recipe.from_file(recipe)
+    data = r.model_dump()
+    wanted = _names(experts)
+    if wanted is not None:
+        known = [e.name for e in r.experts]
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            raise EvalError(f"experts {unknown} are not in the recipe; its experts: {known}")
+        keep = [i for i, e in enumerate(data["experts"]) if e["name"] in wanted]
+        data["experts"] = [data["experts"][i] for i in keep]
+        if len(data["solver"]["weights"]) == len(known) > 1:  # static weights: one per expert
+            data["solver"]["weights"] = [data["solver"]["weights"][i] for i in keep]
+        if data["solver"]["kind"] == "expert" and data["solver"]["expert"] not in wanted:
+            data["solver"] |= {"kind": "expert", "expert": wanted[0]}
+    if ceiling:
+        if r.ceiling is None:
+            raise EvalError("ceiling=true needs a recipe with `ceiling: {path: ...}` (a fine-tuned large model)")
+        data |= {"large": data["ceiling"], "small": None, "experts": [], "ceiling": None, "solver": {"kind": "large"}}
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            log.warning("device=%s is not available here; using the recipe's device %s", device, r.load.device)
+        elif data["load"].get("device_map") is None:
+            data["load"]["device"] = device
+    if dtype:
+        data["load"]["dtype"] = dtype
+    data["load"]["trust_remote_code"] = data["load"]["trust_remote_code"] or bool(trust_remote_code)
+    return Recipe.from_dict(data, source="recipe")
+
+
+# ---------------------------------------------------------------- registration and tasks
+
+def register() -> None:
+    """Register `logitfusion` (lazily, by import path) in lm-eval's model registry. Idempotent."""
+    import lm_eval.models  # noqa: F401 - fills the registry with lm-eval's own models first
+    from lm_eval.api.registry import model_registry
+    if MODEL_NAME not in model_registry:
+        model_registry.register(MODEL_NAME, target=f"{__name__.replace('__main__', 'logitfusion.evaluation')}:FusedLM")
+
+
+def register_plugins() -> list[str]:
+    """Register every model that installed packages declare under the `lm_eval.models` entry point
+    group (ours included). lm-eval 0.4 does not read that group itself; this wrapper does."""
+    from importlib.metadata import entry_points
+
+    from lm_eval.api.registry import model_registry
+    register()
+    added = []
+    for ep in entry_points(group="lm_eval.models"):
+        if ep.name not in model_registry:
+            model_registry.register(ep.name, target=ep.value)
+            added.append(ep.name)
+    return added
+
+
+def task_paths(include_path: str | Path | Sequence[str | Path] | None = None) -> list[Path]:
+    """Our tasks folder, then the caller's (a list, or one string with os.pathsep-separated paths)."""
+    extra: list[str | Path] = []
+    if isinstance(include_path, (str, Path)):
+        extra = [p for p in str(include_path).split(os.pathsep) if p]
+    elif include_path:
+        extra = list(include_path)
+    for p in extra:
+        if not Path(p).is_dir():
+            raise EvalError(f"task folder {str(p)!r} does not exist")
+    return [TASKS_DIR, *(Path(p) for p in extra)]
+
+
+def task_manager(tasks: Sequence[str] = (), include_path=None, metadata: dict | None = None):
+    """lm-eval's TaskManager with our tasks. Indexing lm-eval's ~15k built-in tasks takes seconds,
+    so they are left out when every requested task is ours (or a YAML file)."""
+    from lm_eval.tasks import TaskManager
+    paths = task_paths(include_path)
+    if tasks:
+        own = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
+        if all(t in own.all_tasks or t.endswith(".yaml") for t in tasks):
+            return own
+    return TaskManager(include_path=paths, metadata=metadata)
+
+
+def check_tasks(manager, tasks: Sequence[str]) -> None:
+    """Unknown task names (and missing YAML files) -> EvalError with close matches."""
+    import difflib
+    for t in tasks:
+        if t.endswith(".yaml"):
+            if not Path(t).is_file():
+                raise EvalError(f"task file {t!r} does not exist")
+        elif t not in manager.all_tasks:
+            close = difflib.get_close_matches(t, manager.all_tasks, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise EvalError(f"unknown task {t!r}{hint} (list them with `python -m logitfusion.evaluation ls tasks`)")
+
+
+def _use_our_tasks_in_lm_eval_cli() -> None:
+    """Make the lm-eval CLI's TaskManager (run, ls, validate) also index our tasks folder."""
+    import lm_eval.tasks as lm_tasks
+    base = lm_tasks.TaskManager
+    if getattr(base, "_logitfusion", False):
+        return
+
+    class TaskManager(base):  # type: ignore[misc, valid-type]
+        _logitfusion = True
+
+        def __init__(self, *args, include_path=None, **kwargs):
+            super().__init__(*args, include_path=task_paths(include_path), **kwargs)
+
+    lm_tasks.TaskManager = TaskManager
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m logitfusion.evaluation ARGS`: exactly the `lm_eval` CLI (same arguments), with
+    `--model logitfusion` and the tasks of logitfusion/tasks available."""
+    register_plugins()
+    _use_our_tasks_in_lm_eval_cli()
+    from lm_eval.__main__ import cli_evaluate
+    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
+    cli_evaluate()
+
+
+# ---------------------------------------------------------------- the methods x tasks matrix
+
+def primary_metric(task: str, results: dict) -> tuple[str, float | None, bool]:
+    """(name, value, higher is better) of a task's headline metric: the first metric of its
+    metric_list under its first filter (lm-eval's own tables list them in that order)."""
+    row = results["results"].get(task, {})
+    config = results.get("configs", {}).get(task, {})
+    names = [m["metric"] for m in config.get("metric_list", []) if isinstance(m.get("metric"), str)]
+    filters = [f["name"] for f in config.get("filter_list") or []] or ["none"]
+    candidates = [f"{m},{f}" for m in names for f in filters] + \
+                 [k for k in row if "," in k and "_stderr" not in k]
+    for key in candidates:
+        if isinstance(row.get(key), (int, float)):
+            metric = key.split(",")[0]
+            better = results.get("higher_is_better", {}).get(task, {}).get(metric, True)
+            return key, float(row[key]), bool(better)
+    return "none", None, True
+
+
+@contextmanager
+def _lean_lm_eval():
+    """simple_evaluate also collects environment details (torch's collect_env runs pip in
+    subprocesses: seconds per call), a git hash, and draws a tqdm bar per task. `run_task` records
+    none of them, so they are switched off while it runs (and restored after)."""
+    import lm_eval.api.task as lm_task
+    import lm_eval.evaluator as lm_evaluator
+    from tqdm import tqdm
+    saved = [(mod, name, getattr(mod, name)) for mod, name in
+             ((lm_evaluator, "add_env_info"), (lm_evaluator, "get_git_commit_hash"), (lm_task, "tqdm"))
+             if hasattr(mod, name)]
+    replacement = {"add_env_info": lambda storage: None, "get_git_commit_hash": lambda: None,
+                   "tqdm": partial(tqdm, disable=True)}
+    for mod, name, _ in saved:
+        setattr(mod, name, replacement[name])
+    try:
+        yield
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+
+
+def run_task(lm: FusedLM, method: str, task: str, manager, limit: float | None = None,
+             num_fewshot: int | None = None, max_gen_toks: int | None = None) -> dict:
+    """One (method, task) cell through lm_eval.simple_evaluate; returns its JSONL record."""
+    import time
+
+    from lm_eval import simple_evaluate
+    t0 = time.perf_counter()
+    if limit is not None and limit >= 1:
+        limit = int(limit)
+    with _lean_lm_eval():
+        out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                              gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
+                              log_samples=False, bootstrap_iters=0)
+    name = Path(task).stem if task.endswith(".yaml") else task
+    if name not in out["results"]:  # a YAML file: its task name is inside
+        name = next(iter(out["results"]))
+    metric, value, better = primary_metric(name, out)
+    metrics = {k: v for k, v in out["results"][name].items()
+               if "," in k and isinstance(v, (int, float)) and "_stderr" not in k and math.isfinite(v)}
+    n = out.get("n-samples", {}).get(name, {}).get("effective")
+    return {"key": f"{method}|{task}", "method": method, "task": task, "metric": metric, "value": value,
+            "higher_is_better": better, "metrics": metrics, "n": n, "limit": limit,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def summarise(records: Sequence[dict], methods: Sequence[str], tasks: Sequence[str]) -> str:
+    """Markdown: one table per task, then averages over the tasks whose headline metric is
+    higher-is-better, with method.md §6's gap closed when a `ceiling` row is present:
+    fused / FFT and (fused - base) / (FFT - base), ratios of averages, base = `large`."""
+    by_key = {r["key"]: r for r in records}
+    lines = []
+    for task in tasks:
+        rows = [by_key.get(f"{m}|{task}") for m in methods]
+        metric = next((r["metric"] for r in rows if r), "-")
+        lines += [f"### {task} ({metric})", "", "| method | score |", "|---|---|"]
+        lines += [f"| {m} | {_fmt(r['value'] if r else None)} |" for m, r in zip(methods, rows)]
+        lines.append("")
+    scored = [t for t in tasks if all(by_key.get(f"{m}|{t}", {}).get("higher_is_better", True) for m in methods)]
+    skipped = [t for t in tasks if t not in scored]
+
+    def average(method: str) -> float | None:
+        values = [by_key[f"{method}|{t}"]["value"] for t in scored if f"{method}|{t}" in by_key]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values and len(values) == len(scored) else None
+
+    avg = {m: average(m) for m in methods}
+    ceiling, base = avg.get("ceiling"), avg.get("large")
+    gap = ceiling is not None
+    lines += [f"### average over {len(scored)} task(s)" + (f" (not averaged, lower is better: {', '.join(skipped)})"
+                                                            if skipped else ""), ""]
+    head = "| method | average |" + (" gap closed (fused/FFT) | (fused-base)/(FFT-base) |" if gap else "")
+    lines += [head, "|---|---|" + ("---|---|" if gap else "")]
+    for m in methods:
+        row = f"| {m} | {_fmt(avg[m])} |"
+        if gap:
+            ratio = avg[m] / ceiling if avg[m] is not None and ceiling else None
+            strict = ((avg[m] - base) / (ceiling - base) if avg[m] is not None and base is not None
+                      and ceiling != base else None)
+            row += f" {_pct(ratio)} | {_pct(strict)} |"
+        lines.append(row)
+    if gap and base is None:
+        lines += ["", "(add the `large` method for the (fused-base)/(FFT-base) figure)"]
+    return "\n".join(lines) + "\n"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+# ---------------------------------------------------------------- toy task data (shipped in tasks/data)
+
+def toy_task_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(toy_sums rows, toy_knowledge rows) from logitfusion.toy: the held-out sums with four
+    numeric choices (multiple-choice variant), and the prose 'knowledge' lines."""
+    from . import toy
+    knowledge, test = toy.arithmetic_facts(seed=seed)
+    rng = random.Random(seed)
+    sums = []
+    for question, answer in test:
+        right = int(answer)
+        wrong = [v for v in (right - 2, right - 1, right + 1, right + 2) if v >= 0]
+        choices = [right] + rng.sample(wrong, 3)
+        rng.shuffle(choices)
+        sums.append({"question": question, "answer": answer, "choices": [str(c) for c in choices],
+                     "gold": choices.index(right)})
+    return sums, [{"text": line} for line in knowledge]
+
+
+def write_toy_task_data(folder: str | Path = TASKS_DIR / "data") -> None:
+    sums, knowledge = toy_task_rows()
+    for name, rows in (("toy_sums.jsonl", sums), ("toy_knowledge.jsonl", knowledge)):
+        (Path(folder) / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+register()
+
+if __name__ == "__main__":
+    main()
