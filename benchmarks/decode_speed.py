@@ -179,6 +179,44 @@ def component_floor(models, prompts: list[str], n_tokens: int, members, device: 
     return total
 
 
+def lora_cost(paths: dict, root: Path, n_experts: int, batch: int, n_tokens: int, load: dict, device: str,
+              repeats: int) -> tuple[float, float, float]:
+    """Per-step time of: the small base alone; small + n LoRA experts as ONE forward (per-row
+    adapters); the same as n + 1 separate forwards. Returns the three times."""
+    from logitfusion import toy
+    from logitfusion.decoding import Context
+    adapters = {}
+    for i in range(1, n_experts + 1):
+        out = root / f"bench-lora{i}"
+        if not (out / "adapter_config.json").exists():
+            toy.lora_adapter(paths["small"], out, rank=8, seed=200 + i)
+        adapters[f"lora{i}"] = str(out)
+    fuser = Fuser.from_pretrained(paths["large"], paths["small"], adapters, load=load)
+    models, tok = fuser.models, fuser.models.tokenizer
+    prompts = [f"Question: {i % 12} plus {(5 * i) % 12}? Answer:" for i in range(batch)]
+    ids = [tok(p)["input_ids"] for p in prompts]
+
+    def per_step(groups) -> float:
+        def run():
+            ctxs = [Context.prefill(g, [ids] * len(g), n_tokens, models.vocab_size, tok.pad_token_id or 0, True)
+                    for g in groups]
+            nxt = ctxs[0][1][0].argmax(-1)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n_tokens):
+                for ctx, _ in ctxs:
+                    ctx.step(nxt)
+            sync(device)
+            return (time.perf_counter() - t0) / n_tokens
+
+        with torch.no_grad():
+            run()
+            return min(run() for _ in range(repeats))
+
+    group = [models.small, *models.experts]
+    return per_step([[models.small]]), per_step([group]), per_step([[m] for m in group])
+
+
 # ---------------------------------------------------------------- main
 
 def main() -> None:
@@ -263,6 +301,17 @@ def main() -> None:
                   f"{naive / base:.2f}x | {naive / floor_many:.2f}x |")
             print(f"\nnaive / ours (dynamic fast, {args.experts} experts, batch {batch}): {naive / ours_fast:.1f}x")
         print()
+    print(f"## experts that are LoRA adapters of the small base ({args.experts} adapters, rank 8)\n")
+    print("| batch | small alone, ms/step | small + LoRA experts, one forward | same, separate forwards | "
+          "one forward / small alone | separate / one forward |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    lora_root = Path(tempfile.gettempdir()) / "logitfusion-bench-lora" if args.shapes else args.models
+    for batch in args.batch:
+        alone, shared, separate = lora_cost(paths, lora_root, args.experts, batch, args.tokens, load,
+                                            args.device, args.repeats)
+        print(f"| {batch} | {alone * 1e3:.2f} | {shared * 1e3:.2f} | {separate * 1e3:.2f} | "
+              f"{shared / alone:.2f}x | {separate / shared:.2f}x |")
+    print()
     if args.device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     else:

@@ -30,7 +30,8 @@ from logitfusion.evaluation import (TASKS_DIR, EvalError, FusedLM, fused_logprob
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-BENCHMARKS = Path("/work/shared/data/benchmarks")
+# shared/ lies beside the repository (on developers' machines and in CI); tests skip without it.
+BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 FEW_SHOT = "Question: 2 plus 2? Answer: 4\n{prompt}"  # the large model's own template
 PROMPTS = ["the cat", "Question: 2 plus 3? Answer:", "a dog sells", "the king has", "one two three",
            "Question: 7 plus 1? Answer:", "river city road"]

@@ -27,6 +27,7 @@ def plot_weights(generations: Sequence[Generation], expert_names: Sequence[str],
         prompt = gen.prompt if len(gen.prompt) <= 60 else gen.prompt[:57] + "..."
         ax.set_title(repr(prompt), fontsize=9)
         ax.set_ylabel("weight a")
+        ax.set_ylim(bottom=0)  # weights are >= 0; a shared floor makes panels comparable
         ax.grid(alpha=0.3)
     axes[0, 0].legend(loc="upper right", fontsize=8)
     axes[-1, 0].set_xlabel("decoding step")
