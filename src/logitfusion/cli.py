@@ -16,6 +16,8 @@ app = typer.Typer(help="Fuse small fine-tuned experts into a large model's logit
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 recipe_app = typer.Typer(help="Write and check fusion recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
+bench_app = typer.Typer(help="Benchmarks that print ratios measured in one run.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
 
 
@@ -239,6 +241,15 @@ def demo(out: Path = typer.Option(Path("demo_out"), help="Folder for the toy mod
     """Build tiny models on the fly and compare large, expert, proxy-tuning and dynamic fusion."""
     from .demo import run_demo
     run_demo(out, n_prompts=n_prompts, max_new_tokens=max_new_tokens, console=console)
+
+
+@bench_app.command("speed", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                             "help_option_names": []})
+def bench_speed(ctx: typer.Context):
+    """Fused decoding speed vs the large model alone, component floor, naive loop, fast paths.
+    Options: see `logitfusion bench speed --help` (--tokens, --batch, --shapes, --device...)."""
+    from .speed import main
+    main(list(ctx.args))
 
 
 @app.command()

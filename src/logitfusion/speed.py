@@ -1,0 +1,324 @@
+"""Fused decoding speed, measured in ONE run on the same prompts and models.
+
+    logitfusion bench speed                       # toy models (built by `make demo`), CPU
+    logitfusion bench speed --shapes tinyllama-13b --device cuda --dtype bfloat16
+    (also: python benchmarks/decode_speed.py ...)
+
+For each batch size, greedy decoding of exactly N tokens (EOS ignored) with:
+  - the large model alone: HF `generate`, and our loop (solver `large`);
+  - the component floor: one cached single-token forward of each model, timed alone, summed;
+  - our loop: static a=0 (every model runs), proxy-tuning (a=1), dynamic with 1 expert,
+    dynamic with 4 experts (fast path and joint);
+  - a naive reference loop written the obvious way (one HF forward per model per step without
+    reusing buffers, the grid evaluated in a Python loop, per-step concatenation);
+and prints tokens/s with ratios: fused / large alone, fused / component floor, naive / ours.
+Speed does not depend on trained weights, so `--shapes` builds random-initialised models of
+real shapes (TinyLlama-1.1B small + Llama-2-7B/13B large) for GPU measurements.
+Best of --repeats timed runs after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .decoding import render
+from .fuser import Fuser
+from .fusion import fuse, kl
+
+SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
+    "tinyllama": (2048, 22, 32, 4, 5632, 32000),
+    "llama2-7b": (4096, 32, 32, 32, 11008, 32000),
+    "llama2-13b": (5120, 40, 40, 40, 13824, 32000),
+}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def best_time(fn, repeats: int, device: str) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+# ---------------------------------------------------------------- models
+
+def toy_models(root: Path, n_experts: int) -> dict:
+    """The demo's trained toy models, plus perturbed copies of its expert up to n_experts."""
+    from rich.console import Console
+
+    from . import toy
+    from .demo import build_demo_models
+    paths = build_demo_models(root, Console(stderr=True))
+    experts = {"e1": str(paths["expert"])}
+    for i in range(2, n_experts + 1):
+        out = root / f"bench-expert{i}"
+        if not (out / "config.json").exists():
+            toy.perturbed_copy(paths["expert"], out, scale=0.05, seed=100 + i)
+        experts[f"e{i}"] = str(out)
+    return {"large": str(paths["large"]), "small": str(paths["small"]), "experts": experts}
+
+
+def shaped_models(root: Path, pair: str, n_experts: int, dtype: torch.dtype) -> dict:
+    """Random-initialised models of real shapes (no download), saved once as safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from . import toy
+    small_name, large_name = {"tinyllama-7b": ("tinyllama", "llama2-7b"),
+                              "tinyllama-13b": ("tinyllama", "llama2-13b")}[pair]
+    tok = toy.build_tokenizer(root / "tokenizer")
+
+    def build(name: str, out: Path, seed: int):
+        if (out / "config.json").exists():
+            return
+        hidden, layers, heads, kv, inter, vocab = SHAPES[name]
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter,
+                          max_position_embeddings=4096, eos_token_id=tok.eos_token_id,
+                          bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+        with torch.device("meta"):
+            LlamaForCausalLM(cfg)  # validates the config cheaply
+        model = LlamaForCausalLM(cfg).to(dtype)
+        model.save_pretrained(str(out))
+        tok.save_pretrained(str(out))
+
+    build(large_name, root / large_name, 1)
+    build(small_name, root / small_name, 2)
+    experts = {}
+    for i in range(1, n_experts + 1):
+        build(small_name, root / f"{small_name}-expert{i}", 2 + i)
+        experts[f"e{i}"] = str(root / f"{small_name}-expert{i}")
+    return {"large": str(root / large_name), "small": str(root / small_name), "experts": experts}
+
+
+# ---------------------------------------------------------------- the naive reference
+
+def naive_dynamic(models, prompts: list[str], n_tokens: int, grid: list[float]) -> list[list[int]]:
+    """Dynamic fusion written the obvious way: one HF forward per model per step with a fresh
+    cat of the inputs, and the grid searched in a Python loop. Greedy, fast multi-expert rule."""
+    tok = models.tokenizer
+    members = [models.large, models.small, *models.experts]
+    enc = {m.role: tok([render(m.template, p) for p in prompts], return_tensors="pt", padding=True,
+                       padding_side="left").to(m.device) for m in members}
+    state = {m.role: (enc[m.role]["input_ids"], enc[m.role]["attention_mask"], None) for m in members}
+    out = [[] for _ in prompts]
+    for _ in range(n_tokens):
+        z = {}
+        for m in members:
+            ids, mask, cache = state[m.role]
+            step_ids = ids if cache is None else ids[:, -1:]
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, -step_ids.shape[1]:]
+            res = m.model(input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                          use_cache=True, **m.forward_kwargs(len(prompts)))
+            z[m.role] = res.logits[:, -1, : models.vocab_size].float()
+            state[m.role] = (ids, mask, res.past_key_values)
+        zl, zs = z[models.large.role], z[models.small.role]
+        ze = torch.stack([z[m.role] for m in models.experts], 1)
+        log_p, log_q = zl.log_softmax(-1), zs.log_softmax(-1)
+        tokens = []
+        for b in range(len(prompts)):
+            best = (float("inf"), None)
+            for t in range(ze.shape[1]):
+                for a in grid:
+                    w = torch.zeros(ze.shape[1])
+                    w[t] = a
+                    log_pa = fuse(zl[b:b + 1], zs[b:b + 1], ze[b:b + 1], w).log_softmax(-1)
+                    j = 0.0
+                    for u in range(ze.shape[1]):
+                        log_qu = ze[b, u].log_softmax(-1)
+                        j += float((kl(log_pa[0], log_p[b]) - kl(log_qu, log_q[b])) ** 2
+                                   + (kl(log_p[b], log_pa[0]) - kl(log_q[b], log_qu)) ** 2)
+                    if j < best[0]:
+                        best = (j, log_pa[0])
+            tokens.append(int(best[1].argmax()))
+        for m in members:
+            ids, mask, cache = state[m.role]
+            new = torch.tensor(tokens, device=ids.device)[:, None]
+            state[m.role] = (torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1), cache)
+        for b, t in enumerate(tokens):
+            out[b].append(t)
+    return out
+
+
+def component_floor(models, prompts: list[str], n_tokens: int, members, device: str, repeats: int) -> float:
+    """Sum over models of the time of n_tokens cached single-token forwards, each model alone."""
+    from .decoding import Context
+    total = 0.0
+    tok = models.tokenizer
+    for m in members:
+        ids = [tok(render(m.template, p))["input_ids"] for p in prompts]
+
+        def run():
+            ctx, logits = Context.prefill([m], [ids], n_tokens, models.vocab_size, tok.pad_token_id or 0, True)
+            nxt = logits[0].argmax(-1)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n_tokens):
+                ctx.step(nxt)
+            sync(device)
+            return time.perf_counter() - t0
+
+        with torch.no_grad():
+            run()
+            total += min(run() for _ in range(repeats))
+    return total
+
+
+def lora_cost(paths: dict, root: Path, n_experts: int, batch: int, n_tokens: int, load: dict, device: str,
+              repeats: int) -> tuple[float, float, float]:
+    """Per-step time of: the small base alone; small + n LoRA experts as ONE forward (per-row
+    adapters); the same as n + 1 separate forwards. Returns the three times."""
+    from . import toy
+    from .decoding import Context
+    adapters = {}
+    for i in range(1, n_experts + 1):
+        out = root / f"bench-lora{i}"
+        if not (out / "adapter_config.json").exists():
+            toy.lora_adapter(paths["small"], out, rank=8, seed=200 + i)
+        adapters[f"lora{i}"] = str(out)
+    fuser = Fuser.from_pretrained(paths["large"], paths["small"], adapters, load=load)
+    models, tok = fuser.models, fuser.models.tokenizer
+    prompts = [f"Question: {i % 12} plus {(5 * i) % 12}? Answer:" for i in range(batch)]
+    ids = [tok(p)["input_ids"] for p in prompts]
+
+    def per_step(groups) -> float:
+        def run():
+            ctxs = [Context.prefill(g, [ids] * len(g), n_tokens, models.vocab_size, tok.pad_token_id or 0, True)
+                    for g in groups]
+            nxt = ctxs[0][1][0].argmax(-1)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n_tokens):
+                for ctx, _ in ctxs:
+                    ctx.step(nxt)
+            sync(device)
+            return (time.perf_counter() - t0) / n_tokens
+
+        with torch.no_grad():
+            run()
+            return min(run() for _ in range(repeats))
+
+    group = [models.small, *models.experts]
+    return per_step([[models.small]]), per_step([group]), per_step([[m] for m in group])
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="logitfusion bench speed", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=32, help="new tokens per sequence")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--experts", type=int, default=4, help="experts for the multi-expert rows")
+    ap.add_argument("--models", type=Path, default=Path("demo_out/models"), help="toy models folder")
+    ap.add_argument("--shapes", choices=["tinyllama-7b", "tinyllama-13b"], help="random models of real shapes")
+    ap.add_argument("--speculate", type=int, nargs="*", default=[2, 4], help="draft lengths to time")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the naive reference loop (slow)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+
+    if args.shapes:
+        root = Path(tempfile.gettempdir()) / f"logitfusion-shapes-{args.shapes}"
+        paths = shaped_models(root, args.shapes, args.experts, getattr(torch, args.dtype))
+    else:
+        paths = toy_models(args.models, args.experts)
+    load = {"dtype": args.dtype, "device": args.device}
+    one = Fuser.from_pretrained(paths["large"], paths["small"], {"e1": paths["experts"]["e1"]}, load=load)
+    many = Fuser.from_pretrained(paths["large"], paths["small"], paths["experts"], load=load)
+    models = many.models
+    tok, large = models.tokenizer, models.large.model
+    grid = [round(0.1 * i, 1) for i in range(21)]
+    print(f"# decode_speed: torch {torch.__version__}, {platform.machine()}, device {args.device}, "
+          f"dtype {args.dtype}, {torch.get_num_threads()} CPU threads, "
+          f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.processor()}")
+    print(f"# models: {args.shapes or 'toy demo models'}; {args.tokens} new tokens, greedy, EOS ignored; "
+          f"vocab {models.vocab_size}; best of {args.repeats}\n")
+
+    for batch in args.batch:
+        prompts = [f"Question: {i % 12} plus {(3 * i) % 12}? Answer:" for i in range(batch)]
+        enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(models.large.device)
+        t = {}
+
+        def ours(fuser, method, speculate=0):
+            return lambda: fuser.generate(prompts, solver=method, max_new_tokens=args.tokens, ignore_eos=True,
+                                          batch_size=batch, speculate=speculate)
+
+        with torch.no_grad():
+            t["HF generate, large alone"] = best_time(lambda: large.generate(
+                **enc, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+                pad_token_id=tok.pad_token_id), args.repeats, args.device)
+        t["ours, large alone"] = best_time(ours(one, "large"), args.repeats, args.device)
+        t["ours, static a=0, 1 expert"] = best_time(ours(one, "static:0"), args.repeats, args.device)
+        t["ours, proxy-tuning a=1"] = best_time(ours(one, "static:1"), args.repeats, args.device)
+        t["ours, dynamic, 1 expert"] = best_time(ours(one, "dynamic"), args.repeats, args.device)
+        for k in args.speculate:
+            t[f"ours, dynamic, 1 expert, speculative k={k}"] = best_time(ours(one, "dynamic", k), args.repeats,
+                                                                         args.device)
+        t[f"ours, dynamic fast, {args.experts} experts"] = best_time(ours(many, "dynamic:fast"), args.repeats, args.device)
+        t[f"ours, dynamic joint, {args.experts} experts"] = best_time(ours(many, "dynamic:joint"), args.repeats, args.device)
+        floor1 = component_floor(one.models, prompts, args.tokens,
+                                 [one.models.large, one.models.small, one.models.experts[0]], args.device, args.repeats)
+        floor_many = component_floor(models, prompts, args.tokens, [models.large, models.small, *models.experts],
+                                     args.device, args.repeats)
+        naive = None
+        if args.naive:
+            with torch.no_grad():
+                naive = best_time(lambda: naive_dynamic(models, prompts, args.tokens, grid), 1, args.device)
+
+        base = t["ours, large alone"]
+        print(f"## batch {batch}\n")
+        print("| method | tokens/s | time / large alone | time / component floor |")
+        print("|---|---:|---:|---:|")
+        for label, seconds in t.items():
+            floor = floor_many if f"{args.experts} experts" in label else floor1
+            fl = f"{seconds / floor:.2f}x" if "static" in label or "proxy" in label or "dynamic" in label else ""
+            print(f"| {label} | {batch * args.tokens / seconds:.0f} | {seconds / base:.2f}x | {fl} |")
+        print(f"| component floor, large + small + 1 expert | {batch * args.tokens / floor1:.0f} | "
+              f"{floor1 / base:.2f}x | 1.00x |")
+        print(f"| component floor, large + small + {args.experts} experts | {batch * args.tokens / floor_many:.0f} | "
+              f"{floor_many / base:.2f}x | 1.00x |")
+        if naive is not None:
+            ours_fast = t[f"ours, dynamic fast, {args.experts} experts"]
+            print(f"| naive reference loop, dynamic, {args.experts} experts | {batch * args.tokens / naive:.0f} | "
+                  f"{naive / base:.2f}x | {naive / floor_many:.2f}x |")
+            print(f"\nnaive / ours (dynamic fast, {args.experts} experts, batch {batch}): {naive / ours_fast:.1f}x")
+        print()
+    print(f"## experts that are LoRA adapters of the small base ({args.experts} adapters, rank 8)\n")
+    print("| batch | small alone, ms/step | small + LoRA experts, one forward | same, separate forwards | "
+          "one forward / small alone | separate / one forward |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    lora_root = Path(tempfile.gettempdir()) / "logitfusion-bench-lora" if args.shapes else args.models
+    for batch in args.batch:
+        alone, shared, separate = lora_cost(paths, lora_root, args.experts, batch, args.tokens, load,
+                                            args.device, args.repeats)
+        print(f"| {batch} | {alone * 1e3:.2f} | {shared * 1e3:.2f} | {separate * 1e3:.2f} | "
+              f"{shared / alone:.2f}x | {separate / shared:.2f}x |")
+    print()
+    if args.device.startswith("cuda"):
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    else:
+        print(f"peak process memory (RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

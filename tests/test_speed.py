@@ -1,0 +1,16 @@
+"""The speed benchmark runs end to end (numbers are not asserted: timing lives in the report)."""
+
+from typer.testing import CliRunner
+
+from logitfusion.cli import app
+
+
+def test_bench_speed_prints_every_ratio(tmp_path, capsys):
+    result = CliRunner().invoke(app, ["bench", "speed", "--models", str(tmp_path / "models"), "--tokens", "3",
+                                      "--batch", "2", "--repeats", "1", "--experts", "2", "--speculate", "2"])
+    assert result.exit_code == 0, result.output
+    out = result.output + capsys.readouterr().out
+    for row in ["HF generate, large alone", "ours, large alone", "ours, dynamic, 1 expert, speculative k=2",
+                "ours, dynamic joint, 2 experts", "component floor, large + small + 2 experts",
+                "naive / ours (dynamic fast, 2 experts, batch 2)", "small + LoRA experts, one forward"]:
+        assert row in out, row
