@@ -537,3 +537,18 @@ def test_cli_serve_starts_a_working_server(recipes, tmp_path):
             proc.kill()
             proc.wait(5)
         log.close()
+
+
+def test_joint_solver_with_many_experts_serves(family, tmp_path):
+    """Three experts and the default 21-point grid: `dynamic:joint` takes the continuous solver,
+    which needs autograd inside the server's inference-mode thread."""
+    path = tmp_path / "three.yaml"
+    path.write_text(yaml.safe_dump({
+        "large": {"path": family["large"]}, "small": {"path": family["small"]},
+        "experts": [{"name": e, "path": family["experts"][e]} for e in ("expert1", "expert2", "lora1")],
+        "solver": {"kind": "dynamic", "strategy": "joint"}, "generation": {"max_new_tokens": 6}}))
+    fuser = Fuser.from_recipe(path)
+    want = Fuser.from_recipe(path).generate(PROMPTS[0], max_new_tokens=6)[0]
+    with Server(create_app({"three": fuser}, api_key=KEY)) as s:
+        got = s.client().completions.create(model="three", prompt=PROMPTS[0], max_tokens=6)
+    assert got.choices[0].text == want.text

@@ -371,3 +371,14 @@ def test_parse_method_rejects_bad_grid():
 def test_solver_error_is_a_value_error():
     assert issubclass(SolverError, ValueError)
     assert math.isfinite(Dynamic().a_max)
+
+
+def test_continuous_joint_solver_works_under_inference_mode():
+    """The server decodes under torch.inference_mode; the continuous solver uses autograd."""
+    z_l, z_s, z_e = setting(B=3, T=4, seed=21)
+    solver = Dynamic(strategy="joint")  # 21**4 candidates > max_product: continuous refine
+    w_ref, j_ref = solver.solve(z_l, z_s, z_e)
+    with torch.inference_mode():
+        w, j = solver.solve(z_l.clone(), z_s.clone(), z_e.clone())
+    torch.testing.assert_close(w, w_ref)
+    torch.testing.assert_close(j, j_ref)

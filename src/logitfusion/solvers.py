@@ -93,8 +93,11 @@ def refine(z_large: Tensor, z_small: Tensor, z_experts: Tensor, start: Tensor, a
     shrinks on failure; a step is kept only if it lowers J, so the result is never worse than
     `start`.
     """
-    with torch.enable_grad():
-        z_large, z_small, z_experts = (z.detach().float() for z in (z_large, z_small, z_experts))
+    # Callers may run under inference_mode (the server does), where autograd cannot record:
+    # leave it, and clone the logits into ordinary tensors.
+    with torch.inference_mode(False), torch.enable_grad():
+        z_large, z_small, z_experts = (z.detach().float().clone() for z in (z_large, z_small, z_experts))
+        start = start.clone()
 
         def j_of(a: Tensor) -> Tensor:  # [B, T] -> [B]
             return objective(z_large, z_small, z_experts, a[:, None, :])[:, 0]
