@@ -46,7 +46,8 @@ def _user_errors():
     from .recipe import RecipeError
     from .records import RecordsError
     from .solvers import SolverError
-    return (UsageError, DecodingError, LoadError, RecipeError, RecordsError, SolverError)
+    from .vocab import VocabError
+    return (UsageError, DecodingError, LoadError, RecipeError, RecordsError, SolverError, VocabError)
 
 
 def _recipe_from_flags(recipe: Optional[Path], large: Optional[str], small: Optional[str],
@@ -435,6 +436,37 @@ def eval_(
     typer.echo(ev.summarise(list(records.values()), method_list, task_list))
     if writer:
         console.print(f"results: {output}")
+
+
+vocab_app = typer.Typer(help="Map one tokenizer's vocabulary onto another's (PM-MinED, method.md §8).",
+                        no_args_is_help=True)
+app.add_typer(vocab_app, name="vocab")
+
+
+@vocab_app.command("map")
+def vocab_map(
+    from_: str = typer.Option(..., "--from", help="The user model's tokenizer: a Hugging Face model or tokenizer folder, a tokenizer.json, a SentencePiece .model or a Mistral tekken .json."),
+    to: str = typer.Option(..., "--to", help="The delta (or expert) model's tokenizer, in any of the same forms."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the mapping (.safetensors: index, kinds and a JSON header with both tokenizers' fingerprints)."),
+    examples: int = typer.Option(5, help="Examples to print for each kind of match."),
+):
+    """Map every token of --from onto one token of --to (special/byte, exact, nearest prefix, or unmapped);
+    write the mapping and print counts, examples and the time taken."""
+    from .vocab import build_map, load_vocab
+    try:
+        user, delta = load_vocab(from_), load_vocab(to)
+        start = time.perf_counter()
+        vmap = build_map(user, delta, n_examples=examples)
+        vmap.save(out)
+        seconds = time.perf_counter() - start
+    except _user_errors() as e:
+        _fail(str(e))
+    typer.echo(vmap.report())
+    for kind in ("exact", "approx", "special", "byte", "unmapped"):
+        for u, u_tok, d, d_tok in vmap.examples.get(kind, [])[:examples]:
+            shown = f"{d_tok!r} ({d})" if d >= 0 else "-"
+            typer.echo(f"  {kind:9s} {u_tok!r} ({u}) -> {shown}")
+    console.print(f"wrote {out} (mapping and saving took {seconds:.2f} s)")
 
 
 if __name__ == "__main__":
