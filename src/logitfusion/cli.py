@@ -46,8 +46,10 @@ def _user_errors():
     from .recipe import RecipeError
     from .records import RecordsError
     from .solvers import SolverError
+    from .training import TrainingError
     from .vocab import VocabError
-    return (UsageError, DecodingError, LoadError, RecipeError, RecordsError, SolverError, VocabError)
+    return (UsageError, DecodingError, LoadError, RecipeError, RecordsError, SolverError, TrainingError,
+            VocabError)
 
 
 def _recipe_from_flags(recipe: Optional[Path], large: Optional[str], small: Optional[str],
@@ -467,6 +469,72 @@ def vocab_map(
             shown = f"{d_tok!r} ({d})" if d >= 0 else "-"
             typer.echo(f"  {kind:9s} {u_tok!r} ({u}) -> {shown}")
     console.print(f"wrote {out} (mapping and saving took {seconds:.2f} s)")
+
+
+@app.command()
+def finetune(
+    base: str = typer.Option(..., "--base", help="The small base model directory to fine-tune (the fusion's `small`)."),
+    data: Path = typer.Option(..., "--data", help='Training JSONL: {"prompt": ..., "completion": ...} per line (loss on the completion only) or {"text": ...} (loss on every token).'),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: a full model (safetensors + tokenizer) or, with --lora, a PEFT LoRA adapter. Checkpoints go to OUT/checkpoints."),
+    lora: bool = typer.Option(False, "--lora", help="Train a LoRA adapter of the base instead of all weights."),
+    lora_rank: int = typer.Option(16, help="LoRA rank r (the paper's LoRA baseline uses 64 on 7B-13B models)."),
+    lora_alpha: int = typer.Option(32, help="LoRA scaling alpha (the update is scaled by alpha / rank)."),
+    lora_targets: str = typer.Option("q_proj,v_proj", help="Comma-separated module names that get LoRA adapters, e.g. q_proj,k_proj,v_proj,o_proj."),
+    template: str = typer.Option("{prompt}", help="Prompt template, as in the recipe's expert `template`: {prompt} is replaced by each line's prompt. Use the same one at decoding time."),
+    epochs: float = typer.Option(3.0, help="Passes over the data (ignored when --max-steps is given)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides --epochs)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (linear decay). Default 2e-5 for a full fine-tune, 1e-4 with --lora (method.md §6)."),
+    batch_size: int = typer.Option(8, help="Examples per device per step."),
+    grad_accum: int = typer.Option(1, help="Gradient accumulation steps (effective batch = batch-size x grad-accum)."),
+    max_length: int = typer.Option(512, help="Truncate each example to this many tokens."),
+    seed: int = typer.Option(0, help="Seed for initialisation and data order; the same seed and data give the same weights."),
+    save_steps: int = typer.Option(100, help="Save a resumable checkpoint to OUT/checkpoints every N steps (the last two are kept)."),
+    warmup_ratio: float = typer.Option(0.0, help="Fraction of the steps spent warming the learning rate up from 0."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    dtype: str = typer.Option("float32", help="Weights dtype while training: float32, bfloat16 or float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different model or stale checkpoints already in --out."),
+):
+    """Fine-tune the small base into an expert with the Hugging Face Trainer. Rerunning the same
+    command resumes from the last checkpoint; a finished run is not redone."""
+    from .training import FinetuneConfig
+    from .training import finetune as run_finetune
+    cfg = FinetuneConfig(base=base, data=str(data), out=str(out), lora=lora, lora_rank=lora_rank,
+                         lora_alpha=lora_alpha, lora_targets=lora_targets, template=template, epochs=epochs,
+                         max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                         max_length=max_length, seed=seed, save_steps=save_steps, warmup_ratio=warmup_ratio,
+                         weight_decay=weight_decay, dtype=dtype, overwrite=overwrite)
+    start = time.perf_counter()
+    try:
+        res = run_finetune(cfg)
+    except _user_errors() as e:
+        _fail(str(e))
+    if res.skipped:
+        console.print(f"{out} already holds this finished run ({res.global_step} steps); nothing to do "
+                      "(--overwrite to train again)")
+        return
+    if res.resumed_from:
+        console.print(f"resumed from {res.resumed_from}")
+    loss = f"{res.train_loss:.4f}" if res.train_loss is not None else "n/a"
+    console.print(f"wrote {'LoRA adapter' if lora else 'model'} {out} ({res.global_step} steps, "
+                  f"mean training loss {loss}, {time.perf_counter() - start:.1f} s)")
+
+
+@app.command()
+def merge(
+    base: str = typer.Option(..., "--base", help="The small base model directory the experts were fine-tuned from."),
+    expert: list[str] = typer.Option(..., "--expert", help="An expert directory (full model, or a LoRA adapter of the base, which is merged into its weights first). Repeat for several."),
+    lam: float = typer.Option(0.5, "--lam", help="Task-arithmetic scale lambda: theta = theta_base + lam * sum(theta_expert - theta_base)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder for the merged model (safetensors + tokenizer)."),
+    dtype: str = typer.Option("float32", help="dtype to load and save in: float32, bfloat16 or float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model already in --out."),
+):
+    """Merge experts by task arithmetic (method.md §5) into one model that loads as an expert."""
+    from .training import merge as run_merge
+    try:
+        run_merge(base, expert, lam, str(out), overwrite=overwrite, dtype=dtype)
+    except _user_errors() as e:
+        _fail(str(e))
+    console.print(f"wrote {out} (base + {lam} x sum of {len(expert)} expert delta(s))")
 
 
 if __name__ == "__main__":
