@@ -129,9 +129,9 @@ class Context:
 
     @classmethod
     def prefill(cls, members: list[Member], prompts: list[list[list[int]]], room: int, vocab: int, pad_id: int,
-                use_cache: bool) -> tuple["Context", Tensor]:
-        """prompts[g][i]: token ids of sequence i for member g. Returns the context and the last
-        logits [G, B, V]."""
+                use_cache: bool, keep: int = 1) -> tuple["Context", Tensor]:
+        """prompts[g][i]: token ids of sequence i for member g. Returns the context and the logits
+        of the last position [G, B, V] (or of the last `keep` positions, [G, B, keep, V])."""
         from transformers import DynamicCache
         rows = [p for per_member in prompts for p in per_member]
         device, width = members[0].device, max(len(p) for p in rows)
@@ -142,7 +142,7 @@ class Context:
             mask[i, width - len(p):width] = 1
         cache = DynamicCache(config=members[0].model.config) if use_cache else None
         ctx = cls(members, ids, mask, width, vocab, use_cache, cache)
-        return ctx, ctx._forward(0)
+        return ctx, ctx._forward(0, keep)
 
     @property
     def seqs(self) -> int:
@@ -406,11 +406,7 @@ class Batch:
         return emitted
 
     def _solve(self, logits: dict[str, Tensor]) -> Choice:
-        z = [logits[m.role] for m in self.members]
-        z_large = z.pop(0) if self.solver.uses_large else None
-        z_small = z.pop(0) if self.solver.uses_small else None
-        z_experts = torch.stack(z, 1) if z else None
-        return self.solver(z_large, z_small, z_experts)
+        return self.solver.on([logits[m.role] for m in self.members])
 
     def _verdicts(self, logits: dict[str, Tensor], choice: Choice, tokens: Tensor) -> list[tuple]:
         """Per row: (token, first model with NaN/inf logits or None, is EOS, fused log-prob).

@@ -36,7 +36,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised by the CLI test with lm-eval hidden
     raise ImportError("logitfusion's evaluation needs lm-evaluation-harness: pip install lm-eval") from e
 
-from .decoding import members_for, render
+from .decoding import Context, members_for, render
 from .fuser import Fuser
 from .models import Member, ModelSet
 from .recipe import Recipe
@@ -101,18 +101,10 @@ def _fit(ids: list[int], n_cont: int, member: Member) -> list[int]:
 
 
 def _forward_last(member: Member, rows: list[list[int]], keep: int, vocab: int, pad_id: int) -> Tensor:
-    """One forward over left-padded rows (positions as in decoding); logits of the last `keep`
-    positions, [B, keep, V]."""
-    device, width = member.device, max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, device=device)
-        mask[i, width - len(r):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = member.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                       logits_to_keep=keep, **member.forward_kwargs(len(rows)))
-    return out.logits[:, -keep:, :vocab]
+    """One forward over left-padded rows, exactly as decoding prefills them; logits of the last
+    `keep` positions, [B, keep, V]."""
+    _, logits = Context.prefill([member], [rows], 0, vocab, pad_id, use_cache=False, keep=keep)
+    return logits[0] if keep > 1 else logits[0][:, None]
 
 
 def solve_positions(solver: Solver, z: list[Tensor]) -> Choice:
@@ -122,10 +114,7 @@ def solve_positions(solver: Solver, z: list[Tensor]) -> Choice:
     rows = max(1, MAX_CHUNK_ELEMENTS // (vocab * 32))
     parts = []
     for start in range(0, z[0].shape[0], rows):
-        zs = [t[start: start + rows] for t in z]
-        z_large = zs.pop(0) if solver.uses_large else None
-        z_small = zs.pop(0) if solver.uses_small else None
-        parts.append(solver(z_large, z_small, torch.stack(zs, 1) if zs else None))
+        parts.append(solver.on([t[start: start + rows] for t in z]))
 
     def cat(field: str):
         values = [getattr(p, field) for p in parts]

@@ -133,6 +133,13 @@ class Solver:
     def check(self, n_experts: int) -> None:
         """Raise SolverError if this solver cannot run with n_experts experts."""
 
+    def on(self, z: Sequence[Tensor]) -> Choice:
+        """Run on the logits of the models it reads, listed in the order large, small, experts."""
+        z = list(z)
+        z_large = z.pop(0) if self.uses_large else None
+        z_small = z.pop(0) if self.uses_small else None
+        return self(z_large, z_small, torch.stack(z, 1) if z else None)
+
 
 @dataclass
 class Static(Solver):
