@@ -415,7 +415,10 @@ class Batch:
                              + [choice.logits.isfinite().all(-1)], -1)  # [N, M + 1]
         first_bad = torch.where(finite.all(-1), -1, (~finite).long().argmax(-1))
         is_eos = (tokens[:, None] == self._eos).any(-1)
-        logprob = choice.logits.float().log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+        if any(s.params.logprobs for s in self.seqs):
+            logprob = choice.logits.float().log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+        else:  # not needed: skip a [N, V] log-softmax on every step
+            logprob = torch.zeros_like(tokens, dtype=torch.float32)
         host = torch.stack([tokens.double(), first_bad.double(), is_eos.double(), logprob.double()], -1).cpu()
         roles = [m.role for m in self.members] + ["fused"]
         return [(int(t), roles[int(b)] if b >= 0 else None, bool(e), float(lp)) for t, b, e, lp in host.tolist()]
@@ -513,9 +516,9 @@ class Batch:
         z_large = large_ctx.extend(d)[0].to(self.device)  # [B, k, V]: position j + 1 after d_j
 
         # Fused choice at positions 1..k for every row, solved as one [B * k] batch.
+        side = {r: torch.stack([small_side[j + 1][r] for j in range(k)], 1) for r in small_roles}  # [B, k, V]
         later = {large.role: z_large.reshape(batch * k, -1)}
-        for r in small_roles:
-            later[r] = torch.stack([small_side[j + 1][r] for j in range(k)], 1).reshape(batch * k, -1)
+        later.update({r: z.reshape(batch * k, -1) for r, z in side.items()})
         choice = self._solve(later)
         fused = choice.logits.argmax(-1)  # [B * k]
         f = fused.view(batch, k)
@@ -539,8 +542,7 @@ class Batch:
         # Next round starts from the prediction after the last accepted token.
         rows = torch.arange(batch, device=self.device)
         self.logits = {large.role: z_large[rows, accepted]}
-        for r in small_roles:
-            self.logits[r] = torch.stack([small_side[j + 1][r] for j in range(k)], 1)[rows, accepted]
+        self.logits.update({r: z[rows, accepted] for r, z in side.items()})
         self._drop_done()
         return emitted
 

@@ -196,11 +196,14 @@ class Dynamic(Solver):
             raise SolverError("the dynamic solver needs at least one expert (and a small base)")
 
     def _candidates(self, kind: str, n_experts: int, device) -> Tensor:
+        """kind "fast": one non-zero weight; "joint": the fast candidates first, then the product
+        grid (without them a grid lacking 0 has no one-expert vectors, and joint could end up
+        worse than fast)."""
         key = (kind, n_experts, str(device))
         if key not in self._grid_cache:  # built once, not per step
             grid = torch.tensor(sorted(self.grid), dtype=torch.float32, device=device)
-            make = one_expert_candidates if kind == "fast" else product_candidates
-            self._grid_cache[key] = make(grid, n_experts)
+            fast = one_expert_candidates(grid, n_experts)
+            self._grid_cache[key] = fast if kind == "fast" else torch.cat([fast, product_candidates(grid, n_experts)])
         return self._grid_cache[key]
 
     def solve(self, z_large: Tensor, z_small: Tensor, z_experts: Tensor) -> tuple[Tensor, Tensor]:
@@ -209,11 +212,8 @@ class Dynamic(Solver):
             return grid_search(z_large, z_small, z_experts,
                                self._candidates("fast", n_experts, z_large.device))
         if len(self.grid) ** n_experts <= self.max_product:
-            # The fast path's candidates come first: without them a grid lacking 0 has no
-            # one-expert vectors, and joint could end up worse than fast.
-            both = torch.cat([self._candidates("fast", n_experts, z_large.device),
-                              self._candidates("product", n_experts, z_large.device)])
-            return grid_search(z_large, z_small, z_experts, both)
+            return grid_search(z_large, z_small, z_experts,
+                               self._candidates("joint", n_experts, z_large.device))
         start, _ = grid_search(z_large, z_small, z_experts,
                                self._candidates("fast", n_experts, z_large.device))
         return refine(z_large, z_small, z_experts, start, self.a_max, steps=self.refine_steps)
