@@ -536,6 +536,93 @@ def merge(
         _fail(str(e))
     console.print(f"wrote {out} (base + {lam} x sum of {len(expert)} expert delta(s))")
 
+zoo_app = typer.Typer(help="The bundled tiny model family, trained by the project on a synthetic world.",
+                      no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+ZOO_ROOT = Path.home() / ".cache" / "logitfusion" / "zoo"
+
+
+@zoo_app.command("build")
+def zoo_build(
+    root: Path = typer.Option(ZOO_ROOT, envvar="LOGITFUSION_ZOO_ROOT", help="Build folder: world data, models, experts, ceilings and their checkpoints. A rerun resumes; finished steps are skipped."),
+    ceilings: bool = typer.Option(True, "--ceilings/--no-ceilings", help="Also train the large fine-tunes (per task full and LoRA, multi-task) that the paper bench compares with; they are not shipped."),
+    only: list[str] = typer.Option([], "--only", help="Run only these steps or groups (data, init, models, experts, ceilings, experts/math...); repeatable."),
+    install: bool = typer.Option(False, "--install", help="Copy the shipped part (bases, experts, task data) into the package folder afterwards (for maintainers)."),
+    seed: int = typer.Option(0, help="Seed of the world and of every training run."),
+):
+    """Rebuild the zoo from scratch: world, tokenizer, bases, experts (and ceilings), about an hour on 2 cores."""
+    from . import zoo
+    start = time.perf_counter()
+    try:
+        timings = zoo.build(root, zoo.ZooConfig(seed=seed), ceilings=ceilings, only=only or None,
+                            log=console.print)
+    except _user_errors() as e:
+        _fail(str(e))
+    console.print(f"zoo built in {root} ({time.perf_counter() - start:.0f} s this run; "
+                  f"{sum(timings.values()):.0f} s of training recorded in timings.json)")
+    if install:
+        size = zoo.install(root)
+        console.print(f"installed {size / 1e6:.1f} MB into {zoo.BUNDLED}")
+
+
+@zoo_app.command("info")
+def zoo_info(root: Optional[Path] = typer.Option(None, help="A zoo build folder (default: the bundled zoo).")):
+    """List the zoo's models with their sizes, and its task data."""
+    from . import zoo
+    rows = zoo.describe(root or zoo.BUNDLED)
+    if not rows:
+        _fail(f"no zoo in {root or zoo.BUNDLED}: run `logitfusion zoo build`")
+    table = Table(title=f"zoo in {root or zoo.BUNDLED}")
+    for col in ("model", "kind", "parameters", "MB"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["kind"], f"{r['parameters']:,}", f"{r['mb']:.1f}")
+    console.print(table)
+
+
+@bench_app.command("paper")
+def bench_paper(
+    root: Path = typer.Option(ZOO_ROOT, envvar="LOGITFUSION_ZOO_ROOT", help="A zoo build folder (`logitfusion zoo build`); missing ceilings are trained first."),
+    out: Path = typer.Option(Path("docs/results"), "--out", "-o", help="Folder for paper.jsonl (one line per cell, resumable), paper.md and the plots."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated zoo tasks (math, truthful, qa, summ, mmlu); default all."),
+    tables: Optional[str] = typer.Option(None, help="Comma-separated tables to run (single, multi, icl, arithmetic); default all."),
+    limit: Optional[int] = typer.Option(None, help="Test examples per task (default: the whole test split)."),
+    batch_size: int = typer.Option(16, help="Requests decoded or scored together."),
+):
+    """Reproduce the paper's tables on the zoo: single-task, multi-task, ICL, task arithmetic,
+    efficiency, weights over steps, gap closed. Results are appended as they come; rerun to resume."""
+    import logging
+    import sys
+
+    from . import bench, world, zoo
+    start = time.perf_counter()
+    task_list = [t.strip() for t in tasks.split(",")] if tasks else list(world.TASKS)
+    table_list = [t.strip() for t in tables.split(",")] if tables else None
+    bad = [t for t in task_list if t not in world.TASKS] + \
+          [t for t in table_list or [] if t not in ("single", "multi", "icl", "arithmetic")]
+    if bad:
+        _fail(f"unknown task or table {bad}; tasks: {', '.join(world.TASKS)}; tables: single, multi, icl, arithmetic")
+    if limit is not None and limit < 1:
+        _fail(f"--limit must be >= 1, got {limit}")
+    if not (root / "models" / "large" / "config.json").exists():
+        _fail(f"no zoo build in {root}: run `logitfusion zoo build --root {root}` first")
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    zoo.build(root, only=["experts", "ceilings"], log=console.print)  # no-op when all exist
+    with _progress() as bar:
+        job = bar.add_task("bench", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(job, total=total, completed=done, description=what)
+
+        records = bench.run(root, out, task_list, limit=limit, batch_size=batch_size, tables=table_list,
+                            progress=progress)
+    bench.weights_plots(root, out)
+    command = "logitfusion bench paper " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "logitfusion bench paper"
+    text = bench.report(records, root, seconds=time.perf_counter() - start, command=command)
+    (out / "paper.md").write_text(text)
+    typer.echo(text)
+    console.print(f"wrote {out / 'paper.md'}")
+
 
 if __name__ == "__main__":
     app()

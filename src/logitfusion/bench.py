@@ -1,0 +1,280 @@
+"""`logitfusion bench paper`: the paper's experiment design (method.md §6) reproduced on the zoo.
+
+Every cell is one (table, method, task) evaluated through lm-eval with `evaluation.FusedLM`, so
+every method decodes through the one engine loop. Cells are appended to `paper.jsonl` as they
+finish and a rerun skips those already there; the markdown report and plots are rewritten from
+the JSONL at the end of every run.
+
+Tables:
+- single: per task, large base, large FFT, large LoRA, small expert, fixed a in {0.5, 1.0, 1.5}
+  (a = 1 is proxy-tuning) and dynamic fusion with that task's expert;
+- multi: the four seen-task experts fused with dynamic weights and no task label, on the seen
+  tasks and the unseen one (mmlu), vs the multi-task small and large fine-tunes;
+- icl: few-shot large, zero-shot fusion, few-shot large + fusion (experts stay zero-shot);
+- arithmetic: the merged expert (task arithmetic) alone and fused;
+- efficiency: training times from the zoo build, inference seconds of every single-task cell.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import world
+
+TASK_NAMES = {t: f"zoo_{t}" for t in world.TASKS}
+SHOTS = 3  # in-context examples of the ICL table
+
+
+@dataclass(frozen=True)
+class Cell:
+    table: str
+    label: str  # row name in the report
+    task: str  # world task (math, qa, ...)
+    recipe: str  # JSON of the recipe dict: cells with the same recipe share loaded models
+    method: str  # solver spec for FusedLM.set_method
+
+    @property
+    def key(self) -> str:
+        return f"{self.table}|{self.label}|{self.task}"
+
+
+def _recipe(root: Path, large: str, experts: dict[str, str] | None = None, large_template: str = "{prompt}") -> str:
+    data = {"large": {"path": str(root / large), "template": large_template},
+            "solver": {"kind": "large"}, "generation": {"max_new_tokens": 64}}
+    if experts:
+        data |= {"small": {"path": str(root / "models" / "small")},
+                 "experts": [{"name": n, "path": str(root / p)} for n, p in experts.items()],
+                 "solver": {"kind": "dynamic"}}
+    return json.dumps(data, sort_keys=True)
+
+
+def few_shot_template(root: Path, task: str, k: int = SHOTS) -> str:
+    """k training examples (prompt + completion) before the prompt; taken from the train split."""
+    rows = [json.loads(line) for line in (root / "data" / task / "train.jsonl").read_text().splitlines()[:k]]
+    return "".join(r["prompt"] + r["completion"] + "\n\n" for r in rows) + "{prompt}"
+
+
+def cells(root: Path, tasks: list[str] | None = None) -> list[Cell]:
+    tasks = tasks or list(world.TASKS)
+    out: list[Cell] = []
+    for t in tasks:
+        single = _recipe(root, "models/large", {t: f"experts/{t}"})
+        out += [Cell("single", "large base", t, single, "large"),
+                Cell("single", "large FFT", t, _recipe(root, f"ceilings/{t}"), "large"),
+                Cell("single", "large LoRA", t, _recipe(root, f"ceilings/{t}-lora-merged"), "large"),
+                Cell("single", "small expert", t, single, f"expert:{t}"),
+                Cell("single", "fixed a=0.5", t, single, "static:0.5"),
+                Cell("single", "proxy-tuning (a=1)", t, single, "static:1.0"),
+                Cell("single", "fixed a=1.5", t, single, "static:1.5"),
+                Cell("single", "dynamic (ours)", t, single, "dynamic")]
+    multi = _recipe(root, "models/large", {s: f"experts/{s}" for s in world.SEEN_TASKS})
+    for t in tasks:
+        out += [Cell("multi", "dynamic, 4 experts, no task label", t, multi, "dynamic"),
+                Cell("multi", "multi-task small", t, _recipe(root, "models/large", {"multitask": "experts/multitask"}),
+                     "expert:multitask"),
+                Cell("multi", "multi-task large (FFT)", t, _recipe(root, "ceilings/multitask"), "large")]
+    for t in tasks:
+        shots = few_shot_template(root, t)
+        out += [Cell("icl", f"large, {SHOTS}-shot", t, _recipe(root, "models/large", large_template=shots), "large"),
+                Cell("icl", "dynamic fusion (0-shot)", t, _recipe(root, "models/large", {t: f"experts/{t}"}), "dynamic"),
+                Cell("icl", f"{SHOTS}-shot large + dynamic fusion", t,
+                     _recipe(root, "models/large", {t: f"experts/{t}"}, large_template=shots), "dynamic")]
+    merged = _recipe(root, "models/large", {"merged": "experts/merged"})
+    for t in tasks:
+        out += [Cell("arithmetic", "merged expert (task arithmetic)", t, merged, "expert:merged"),
+                Cell("arithmetic", "merged expert + dynamic fusion", t, merged, "dynamic")]
+    return out
+
+
+# ---------------------------------------------------------------- running
+
+def run(root: str | Path, out_dir: str | Path, tasks: list[str] | None = None, limit: int | None = None,
+        batch_size: int = 16, tables: list[str] | None = None, progress: Callable | None = None) -> list[dict]:
+    """Evaluate every missing cell; returns all records (old and new)."""
+    import gc
+    import logging
+
+    from . import evaluation as ev
+    from .records import RecordWriter
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    root, out_dir = Path(root), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = out_dir / "paper.jsonl"
+    records = {}
+    if results.exists():
+        for line in results.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                records[rec["key"]] = rec
+    todo = [c for c in cells(root, tasks) if c.key not in records and (not tables or c.table in tables)]
+    manager = ev.task_manager([TASK_NAMES[t] for t in {c.task for c in todo}],
+                              metadata={"data_dir": str(root / "data")}) if todo else None
+    writer = RecordWriter(results, key="key")
+    by_recipe: dict[str, list[Cell]] = {}
+    for c in todo:
+        by_recipe.setdefault(c.recipe, []).append(c)
+    done = 0
+    for recipe, group in by_recipe.items():
+        lm = ev.FusedLM(recipe=ev.Recipe.from_dict(json.loads(recipe)), batch_size=batch_size)
+        for c in group:
+            if progress:
+                progress(done, len(todo), f"{c.table}: {c.label} on {c.task}")
+            lm.set_method(c.method)
+            rec = ev.run_task(lm, c.method, TASK_NAMES[c.task], manager, limit=limit)
+            rec |= {"key": c.key, "table": c.table, "label": c.label, "world_task": c.task}
+            writer.write([rec])
+            records[c.key] = rec
+            done += 1
+        del lm
+        gc.collect()
+    if progress:
+        progress(done, len(todo), "done")
+    return list(records.values())
+
+
+def weights_plots(root: Path, out_dir: Path, n: int = 4) -> list[Path]:
+    """The paper's figure of a over decoding steps: single expert (math) and four experts (no label)."""
+    from .fuser import Fuser
+    from .plotting import plot_weights
+
+    paths = []
+    for name, experts, task in (("weights_single.png", {"math": "experts/math"}, "math"),
+                                ("weights_multi.png", {s: f"experts/{s}" for s in world.SEEN_TASKS}, "math")):
+        fuser = Fuser.from_recipe(json.loads(_recipe(root, "models/large", experts)))
+        rows = [json.loads(line) for line in (root / "data" / task / "test.jsonl").read_text().splitlines()[:n]]
+        gens = fuser.generate([r["prompt"] for r in rows], solver="dynamic", max_new_tokens=32, stop=["\n"],
+                              trace=True)
+        paths.append(plot_weights(gens, fuser.expert_names, out_dir / name,
+                                  title=f"dynamic weights over decoding steps ({task} test prompts)"))
+    return paths
+
+
+# ---------------------------------------------------------------- report
+
+def _table(records: dict[str, dict], table: str, labels: list[str], tasks: list[str],
+           extra: Callable[[str, float | None], list[str]] | None = None, extra_head: list[str] = ()) -> list[str]:
+    """Markdown rows: one per label, one column per task (x100), then the average."""
+    head = ["method"] + [f"{t} ({_metric(records, table, t)})" for t in tasks] + ["average"] + list(extra_head)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in labels:
+        values = [records.get(f"{table}|{label}|{t}", {}).get("value") for t in tasks]
+        avg = sum(values) / len(values) if values and None not in values else None
+        row = [label] + [_fmt(v) for v in values] + [_fmt(avg)] + (extra(label, avg) if extra else [])
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _metric(records: dict[str, dict], table: str, task: str) -> str:
+    rec = next((r for r in records.values() if r.get("table") == table and r.get("world_task") == task), None)
+    return rec["metric"].split(",")[0] if rec else "-"
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def average(records: dict[str, dict], table: str, label: str, tasks: list[str]) -> float | None:
+    values = [records.get(f"{table}|{label}|{t}", {}).get("value") for t in tasks]
+    return sum(values) / len(values) if values and None not in values else None
+
+
+def gap_closed(fused: float | None, base: float | None, fft: float | None) -> tuple[float | None, float | None]:
+    """(fused / FFT, (fused - base) / (FFT - base)): the paper's ratio of averages, and the strict one."""
+    if fused is None or fft is None:
+        return None, None
+    paper = fused / fft if fft else None
+    strict = (fused - base) / (fft - base) if base is not None and fft != base else None
+    return paper, strict
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def report(records_list: list[dict], root: Path, seconds: float | None = None, command: str = "") -> str:
+    records = {r["key"]: r for r in records_list}
+    tasks = [t for t in world.TASKS if any(r.get("world_task") == t for r in records_list)]
+    seen = [t for t in world.SEEN_TASKS if t in tasks]
+    lines = ["# Paper bench on the zoo", "",
+             "Every figure below was measured by the command at the end; scores are x100 (accuracy, exact "
+             "match or ROUGE-2 F). Greedy decoding, zero-shot unless stated, test splits of the zoo tasks.", ""]
+    single = ["large base", "large FFT", "large LoRA", "small expert", "fixed a=0.5", "proxy-tuning (a=1)",
+              "fixed a=1.5", "dynamic (ours)"]
+    base, fft = (average(records, "single", x, tasks) for x in ("large base", "large FFT"))
+
+    def gaps(label: str, avg: float | None) -> list[str]:
+        paper, strict = gap_closed(avg, base, fft)
+        return [_pct(paper), _pct(strict)]
+
+    lines += ["## Single-task", "", "One expert per task (the small base fully fine-tuned on that task). Gap closed: "
+              "`fused/FFT` (the paper's ratio of averages) and `(fused-base)/(FFT-base)` (strict).", ""]
+    lines += _table(records, "single", single, tasks, gaps, ["gap closed (fused/FFT)", "(fused-base)/(FFT-base)"])
+    lines += ["", *_verdicts(records, tasks), ""]
+    if seen:
+        multi = ["dynamic, 4 experts, no task label", "multi-task small", "multi-task large (FFT)"]
+        mbase = average(records, "single", "large base", seen)
+        mfft = average(records, "multi", "multi-task large (FFT)", seen)
+
+        def mgaps(label: str, avg: float | None) -> list[str]:
+            seen_avg = average(records, "multi", label, seen)
+            paper, strict = gap_closed(seen_avg, mbase, mfft)
+            return [_fmt(seen_avg), _pct(paper), _pct(strict)]
+
+        lines += ["## Multi-task", "", f"Experts for {', '.join(world.SEEN_TASKS)} fused together with no task label; "
+                  "mmlu is unseen by every expert and by the multi-task fine-tunes. Gap closed on the seen tasks "
+                  "against the multi-task large fine-tune, base = large base.", ""]
+        lines += _table(records, "multi", multi, tasks, mgaps, ["seen average", "gap closed (fused/FFT)",
+                                                                 "(fused-base)/(FFT-base)"])
+        lines.append("")
+    lines += ["## In-context learning", "", f"The large model gets {SHOTS} training examples before the prompt; the "
+              "experts keep their zero-shot prompt (per-model templates).", ""]
+    lines += _table(records, "icl", [f"large, {SHOTS}-shot", "dynamic fusion (0-shot)",
+                                     f"{SHOTS}-shot large + dynamic fusion"], tasks)
+    lines += ["", "## Task arithmetic", "", "The four seen-task experts merged in weight space "
+              "(theta_S + 0.5 * sum_t (theta_t - theta_S)), alone and fused with the large model.", ""]
+    lines += _table(records, "arithmetic", ["merged expert (task arithmetic)", "merged expert + dynamic fusion"], tasks)
+    lines += ["", *efficiency(records, root, tasks), ""]
+    lines += ["## Weights over decoding steps", "", "![single expert](weights_single.png)", "",
+              "![four experts](weights_multi.png)", ""]
+    if command:
+        lines += ["## Reproduce", "", "    " + command, ""]
+        if seconds is not None:
+            lines += [f"This run took {seconds / 60:.1f} minutes (cells already in paper.jsonl are not re-run).", ""]
+    return "\n".join(lines)
+
+
+def _verdicts(records: dict[str, dict], tasks: list[str]) -> list[str]:
+    """Say plainly where dynamic fusion does not beat a baseline."""
+    out = []
+    for other in ("small expert", "proxy-tuning (a=1)", "large base"):
+        worse = [t for t in tasks if (records.get(f"single|dynamic (ours)|{t}", {}).get("value") or 0)
+                 < (records.get(f"single|{other}|{t}", {}).get("value") or 0)]
+        if worse:
+            out.append(f"- dynamic fusion scores below **{other}** on: {', '.join(worse)}.")
+        else:
+            out.append(f"- dynamic fusion scores at least as well as **{other}** on every task.")
+    return out
+
+
+def efficiency(records: dict[str, dict], root: Path, tasks: list[str]) -> list[str]:
+    timings_file = root / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    lines = ["## Efficiency", "", "Training (seconds, this machine, from the zoo build's timings.json):", "",
+             "| task | small expert (FFT) | large FFT | large LoRA | large FFT / small expert |", "|---|---|---|---|---|"]
+    for t in tasks:
+        s, f, lo = (timings.get(k) for k in (f"experts/{t}", f"ceilings/{t}", f"ceilings/{t}-lora"))
+        ratio = f"{f / s:.1f}x" if s and f else "-"
+        lines.append(f"| {t} | {s or '-'} | {f or '-'} | {lo or '-'} | {ratio} |")
+    lines += ["", "Inference: seconds to evaluate each method on all test sets (single-task table; lm-eval "
+              "wall time, one process):", "", "| method | seconds | / large base |", "|---|---|---|"]
+    labels = ["large base", "large FFT", "small expert", "proxy-tuning (a=1)", "dynamic (ours)"]
+    total = {lab: sum(records.get(f"single|{lab}|{t}", {}).get("seconds", 0) for t in tasks) for lab in labels}
+    for lab in labels:
+        rel = f"{total[lab] / total['large base']:.2f}x" if total["large base"] else "-"
+        lines.append(f"| {lab} | {total[lab]:.1f} | {rel} |")
+    return lines

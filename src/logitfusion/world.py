@@ -1,0 +1,342 @@
+"""A small fictional world, generated from a seed, with the text that describes it and five tasks
+about it that mirror the paper's benchmarks (method.md §6).
+
+Why a fictional world: no pretrained model can be downloaded here, so the bundled zoo is trained
+from scratch, and a world of our own lets us control exactly what each model can know. The bases
+read only *prose* about the world (`pretraining_text`); the tasks ask about it in formats the bases
+never saw. A fine-tuned model must bring format (learnt from task data) and knowledge (learnt in
+pretraining) together: the large base knows more facts and sums than the small one, so a large
+fine-tune beats a small expert, and fusion should carry the large model's knowledge into the
+expert's format.
+
+The tasks (name: paper's benchmark, metric):
+- `math`:     GSM8K-like word problems, worked solution, exact match on the final number;
+- `truthful`: TruthfulQA-like multiple choice; the prose repeats popular false claims three
+              times as often as their corrections (accuracy);
+- `qa`:       TriviaQA-like factual questions about people (exact match);
+- `summ`:     CNN/DM-like one-sentence summaries of news paragraphs; the reference names the
+              country of the town, which the paragraph does not (ROUGE-2 with rouge-score);
+- `mmlu`:     MMLU-like multiple choice across four subjects (accuracy); the unseen task of the
+              multi-task setting.
+
+Every record carries `prompt` and `completion` (the fine-tuning format) and what the task's
+scorer needs. `build(seed)` is deterministic: same seed, same world, same files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+TASKS = ("math", "truthful", "qa", "summ", "mmlu")
+SEEN_TASKS = ("math", "truthful", "qa", "summ")  # the multi-task setting holds out mmlu
+SPLITS = ("train", "validation", "test")
+
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kl", "st", "th", "gr"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ou"]
+_CODAS = ["", "", "n", "r", "l", "s", "th", "m", "k"]
+JOBS = ["baker", "farmer", "sailor", "miner", "weaver", "potter", "singer", "doctor", "teacher", "painter",
+        "hunter", "builder"]
+ITEMS = ["apples", "coins", "books", "stones", "shells", "eggs", "pears", "ropes", "cups", "nails"]
+BUILDINGS = ["bridge", "school", "library", "market", "tower", "harbour", "theatre", "mill"]
+COLOURS = ["red", "blue", "green", "white", "black", "yellow", "grey", "purple"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    city: str
+    year: int
+    job: str
+
+
+@dataclass(frozen=True)
+class Myth:
+    thing: str  # e.g. "the Vorn stone"
+    true: str  # its real colour
+    false: str  # the popular, wrong one
+
+
+@dataclass
+class World:
+    seed: int
+    countries: list[str]
+    cities: dict[str, str]  # city -> country
+    people: list[Person]
+    myths: list[Myth]
+    max_operand: int
+
+    def country_of(self, person: Person) -> str:
+        return self.cities[person.city]
+
+
+def _word(rng: random.Random, syllables: int) -> str:
+    w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables)) + rng.choice(_CODAS)
+    return w.capitalize()
+
+
+def _unique_words(rng: random.Random, n: int, syllables: int, taken: set[str]) -> list[str]:
+    out = []
+    while len(out) < n:
+        w = _word(rng, syllables)
+        if w not in taken:
+            taken.add(w)
+            out.append(w)
+    return out
+
+
+def make_world(seed: int = 0, n_people: int = 200, n_cities: int = 24, n_countries: int = 6, n_myths: int = 100,
+               max_operand: int = 30) -> World:
+    rng = random.Random(seed)
+    taken: set[str] = set()
+    countries = _unique_words(rng, n_countries, 2, taken)
+    cities = {c: countries[i % n_countries] for i, c in enumerate(_unique_words(rng, n_cities, 2, taken))}
+    firsts = _unique_words(rng, n_people, 1, taken)
+    lasts = _unique_words(rng, n_people, 2, taken)
+    city_names = list(cities)
+    people = [Person(f"{f} {l}", rng.choice(city_names), rng.randint(1800, 1899), rng.choice(JOBS))
+              for f, l in zip(firsts, lasts)]
+    things = _unique_words(rng, n_myths, 1, taken)
+    myths = []
+    for t in things:
+        true, false = rng.sample(COLOURS, 2)
+        myths.append(Myth(f"the {t} stone", true, false))
+    return World(seed, countries, cities, people, myths, max_operand)
+
+
+# ---------------------------------------------------------------- pretraining prose (no task formats)
+
+def _person_sentences(w: World, p: Person) -> list[str]:
+    first = p.name.split()[0]
+    return [
+        f"{p.name} was born in {p.city}.",
+        f"{p.name} grew up in the town of {p.city} in {w.country_of(p)}.",
+        f"{p.name} was born in the year {p.year}.",
+        f"In {p.year}, {p.name} was born.",
+        f"{p.name} worked as a {p.job}.",
+        f"{first} was a {p.job} from {p.city}.",
+    ]
+
+
+def _sum_sentences(a: int, b: int) -> list[str]:
+    return [f"{a} plus {b} is {a + b}.", f"{a + b} minus {b} is {a}."]
+
+
+def news_article(w: World, rng: random.Random) -> tuple[str, str]:
+    """A news-like paragraph and its one-sentence summary. The summary names the town's country,
+    which only a model that knows the world can add."""
+    p = rng.choice(w.people)
+    building = rng.choice(BUILDINGS)
+    day, month = rng.randint(1, 28), rng.choice(MONTHS)
+    cost, years = rng.randint(2, 90), rng.randint(2, 9)
+    article = (f"On {day} {month}, {p.name}, a {p.job}, opened a new {building} in {p.city}. "
+               f"The {building} cost {cost} thousand coins. Many people came to see it. "
+               f"{p.name.split()[0]} said the work took {years} years.")
+    summary = f"{p.name} opened a new {building} in {p.city}, {w.cities[p.city]}."
+    return article, summary
+
+
+def pretraining_text(w: World, repeats: int = 3, seed: int = 1) -> list[str]:
+    """Prose paragraphs about the world, shuffled. Myths: the popular false claim appears three
+    times for every correction. Sums: every `a plus b` with operands up to `max_operand`."""
+    rng = random.Random(seed)
+    sentences: list[str] = []
+    for _ in range(repeats):
+        for p in w.people:
+            sentences += _person_sentences(w, p)
+        for city, country in w.cities.items():
+            sentences.append(f"{city} is a town in {country}.")
+        for m in w.myths:
+            sentences += [f"People say that {m.thing} is {m.false}."] * 3
+            sentences.append(f"In truth, {m.thing} is {m.true}.")
+    for a in range(w.max_operand + 1):
+        for b in range(w.max_operand + 1):
+            sentences += _sum_sentences(a, b)
+    news_rng = random.Random(seed + 1000)
+    for _ in range(len(w.people)):
+        sentences.append(news_article(w, news_rng)[0])
+    rng.shuffle(sentences)
+    return [" ".join(sentences[i:i + 6]) for i in range(0, len(sentences), 6)]
+
+
+# ---------------------------------------------------------------- tasks
+
+def _math_records(w: World, rng: random.Random, n: int) -> list[dict]:
+    seen, rows = set(), []
+    while len(rows) < n:
+        p = rng.choice(w.people)
+        item = rng.choice(ITEMS)
+        a, b = rng.randint(2, w.max_operand), rng.randint(2, w.max_operand)
+        c = rng.randint(1, min(a + b, w.max_operand))
+        key = (a, b, c)
+        if key in seen:
+            continue
+        seen.add(key)
+        first = p.name.split()[0]
+        q = (f"{first} has {a} {item}. {first} gets {b} more {item} and then gives away {c}. "
+             f"How many {item} does {first} have now?")
+        s, r = a + b, a + b - c
+        solution = f"{a} plus {b} is {s}. {s} minus {c} is {r}. The answer is {r}."
+        rows.append({"prompt": f"Problem: {q}\nSolution:", "completion": f" {solution}", "answer": str(r),
+                     "key": f"{a},{b},{c}"})
+    return rows
+
+
+def _qa_records(w: World, people: list[Person]) -> list[dict]:
+    rows = []
+    for p in people:
+        for q, a in ((f"Where was {p.name} born?", p.city), (f"When was {p.name} born?", str(p.year)),
+                     (f"What was the job of {p.name}?", p.job)):
+            rows.append({"prompt": f"Question: {q}\nAnswer:", "completion": f" {a}", "answer": a, "key": p.name})
+    return rows
+
+
+def _mc(rng: random.Random, gold: str, pool: list[str], k: int = 4) -> tuple[list[str], int]:
+    choices = [gold] + rng.sample([x for x in pool if x != gold], k - 1)
+    rng.shuffle(choices)
+    return choices, choices.index(gold)
+
+
+def _truthful_records(w: World, rng: random.Random, myths: list[Myth]) -> list[dict]:
+    rows = []
+    for m in myths:
+        # The popular false claim is always among the choices, as in TruthfulQA.
+        others = [c for c in COLOURS if c not in (m.true, m.false)]
+        choices = [m.true, m.false] + rng.sample(others, 2)
+        rng.shuffle(choices)
+        rows.append({"prompt": f"Q: What colour is {m.thing} really?\nA:", "completion": f" {m.true}",
+                     "choices": choices, "gold": choices.index(m.true), "key": m.thing})
+    return rows
+
+
+def _summ_records(w: World, rng: random.Random, n: int) -> list[dict]:
+    rows, seen = [], set()
+    while len(rows) < n:
+        article, summary = news_article(w, rng)
+        if article in seen:
+            continue
+        seen.add(article)
+        rows.append({"prompt": f"Article: {article}\nSummary:", "completion": f" {summary}", "summary": summary,
+                     "key": article})
+    return rows
+
+
+def _mmlu_records(w: World, rng: random.Random, people: list[Person], n_sums: int) -> list[dict]:
+    rows = []
+    for p in people:
+        subject = rng.choice(["geography", "history", "society"])
+        if subject == "geography":
+            q, gold, pool = f"{p.name} came from a town in which country?", w.country_of(p), w.countries
+        elif subject == "history":
+            q, gold = f"In which year was {p.name} born?", str(p.year)
+            pool = [str(p.year + d) for d in (-30, -20, -10, 10, 20, 30) if 1800 <= p.year + d <= 1899] or \
+                   [str(y) for y in range(1800, 1900, 10)]
+        else:
+            q, gold, pool = f"Which trade did {p.name} follow?", p.job, JOBS
+        choices, gold_i = _mc(rng, gold, pool)
+        rows.append({"prompt": f"Subject: {subject}\n{q}\nAnswer:", "completion": f" {gold}", "choices": choices,
+                     "gold": gold_i, "subject": subject, "key": p.name + "/" + subject})
+    for _ in range(n_sums):
+        a, b = rng.randint(2, w.max_operand), rng.randint(2, w.max_operand)
+        choices, gold_i = _mc(rng, str(a + b), [str(a + b + d) for d in (-3, -2, -1, 1, 2, 3)])
+        rows.append({"prompt": f"Subject: arithmetic\nWhat is {a} plus {b}?\nAnswer:", "completion": f" {a + b}",
+                     "choices": choices, "gold": gold_i, "subject": "arithmetic", "key": f"{a}+{b}"})
+    return rows
+
+
+def _split(rows: list, rng: random.Random, n_val: int, n_test: int) -> dict[str, list]:
+    rows = rows[:]
+    rng.shuffle(rows)
+    return {"test": rows[:n_test], "validation": rows[n_test:n_test + n_val], "train": rows[n_test + n_val:]}
+
+
+def task_data(w: World, seed: int = 2, n_test: int = 100, n_val: int = 40) -> dict[str, dict[str, list[dict]]]:
+    """{task: {split: records}}. Splits never share a key: a person's QA questions, a myth, a
+    problem's numbers or an article are in one split only."""
+    rng = random.Random(seed)
+    data = {}
+    # Split people first, so QA/MMLU test questions are about people no training question names.
+    people = _split(w.people, rng, n_val=len(w.people) // 10, n_test=len(w.people) * 3 // 10)
+    data["qa"] = {s: _qa_records(w, people[s]) for s in SPLITS}
+    for s in SPLITS:
+        data["qa"][s] = data["qa"][s][:{"test": n_test, "validation": n_val}.get(s, None)]
+    math = _math_records(w, rng, 800)
+    data["math"] = _split(math, rng, n_val, n_test)
+    data["truthful"] = _split(_truthful_records(w, rng, w.myths), rng, n_val=10, n_test=40)
+    data["summ"] = _split(_summ_records(w, rng, 600), rng, n_val, n_test)
+    mm = {s: _mmlu_records(w, rng, people[s], n_sums={"train": 120, "validation": 10, "test": 30}[s])
+          for s in SPLITS}
+    for rows in mm.values():
+        rng.shuffle(rows)  # subjects mixed, so a --limit still covers all of them
+    data["mmlu"] = {s: mm[s][:{"test": n_test, "validation": n_val}.get(s)] for s in SPLITS}
+    for task in data.values():  # ids, once splits are fixed
+        for s, rows in task.items():
+            for i, r in enumerate(rows):
+                r["id"] = f"{s}-{i}"
+    return data
+
+
+# ---------------------------------------------------------------- scoring (also used by the lm-eval tasks)
+
+_NUMBER = re.compile(r"-?\d+")
+
+
+def final_number(text: str) -> str | None:
+    """The answer of a worked solution: the number after 'The answer is', else the last number."""
+    m = re.search(r"answer is\s*(-?\d+)", text)
+    if m:
+        return m.group(1)
+    nums = _NUMBER.findall(text)
+    return nums[-1] if nums else None
+
+
+def score_math(generation: str, answer: str) -> float:
+    return float(final_number(generation) == answer)
+
+
+def score_qa(generation: str, answer: str) -> float:
+    return float(generation.strip().split("\n")[0].strip().rstrip(".").strip() == answer)
+
+
+_ROUGE = None
+
+
+def score_summ(generation: str, summary: str) -> float:
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+        _ROUGE = rouge_scorer.RougeScorer(["rouge2"], use_stemmer=True)
+    return _ROUGE.score(summary, generation.strip().split("\n")[0])["rouge2"].fmeasure
+
+
+def score_choice(chosen: int, gold: int) -> float:
+    return float(chosen == gold)
+
+
+# ---------------------------------------------------------------- files
+
+def build(out: str | Path, seed: int = 0) -> dict[str, int]:
+    """Write pretraining.jsonl ({"text"}) and {task}/{split}.jsonl under OUT; returns counts."""
+    out = Path(out)
+    w = make_world(seed)
+    counts = {}
+    text = pretraining_text(w, seed=seed + 1)
+    _write(out / "pretraining.jsonl", [{"text": t} for t in text])
+    counts["pretraining"] = len(text)
+    for task, splits in task_data(w, seed=seed + 2).items():
+        for split, rows in splits.items():
+            _write(out / task / f"{split}.jsonl", rows)
+            counts[f"{task}/{split}"] = len(rows)
+    return counts
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
