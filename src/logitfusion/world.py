@@ -226,7 +226,7 @@ def _summ_records(w: World, rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
-def _mmlu_records(w: World, rng: random.Random, people: list[Person], n_sums: int) -> list[dict]:
+def _mmlu_records(w: World, rng: random.Random, people: list[Person], sums: list[tuple[int, int]]) -> list[dict]:
     rows = []
     for p in people:
         subject = rng.choice(["geography", "history", "society"])
@@ -241,8 +241,7 @@ def _mmlu_records(w: World, rng: random.Random, people: list[Person], n_sums: in
         choices, gold_i = _mc(rng, gold, pool)
         rows.append({"prompt": f"Subject: {subject}\n{q}\nAnswer:", "completion": f" {gold}", "choices": choices,
                      "gold": gold_i, "subject": subject, "key": p.name + "/" + subject})
-    for _ in range(n_sums):
-        a, b = rng.randint(2, w.max_operand), rng.randint(2, w.max_operand)
+    for a, b in sums:
         choices, gold_i = _mc(rng, str(a + b), [str(a + b + d) for d in (-3, -2, -1, 1, 2, 3)])
         rows.append({"prompt": f"Subject: arithmetic\nWhat is {a} plus {b}?\nAnswer:", "completion": f" {a + b}",
                      "choices": choices, "gold": gold_i, "subject": "arithmetic", "key": f"{a}+{b}"})
@@ -269,8 +268,10 @@ def task_data(w: World, seed: int = 2, n_test: int = 100, n_val: int = 40) -> di
     data["math"] = _split(math, rng, n_val, n_test)
     data["truthful"] = _split(_truthful_records(w, rng, w.myths), rng, n_val=10, n_test=40)
     data["summ"] = _split(_summ_records(w, rng, 600), rng, n_val, n_test)
-    mm = {s: _mmlu_records(w, rng, people[s], n_sums={"train": 120, "validation": 10, "test": 30}[s])
-          for s in SPLITS}
+    pairs = [(a, b) for a in range(2, w.max_operand + 1) for b in range(2, w.max_operand + 1)]
+    rng.shuffle(pairs)  # each sum in one split only
+    sums = {"test": pairs[:30], "validation": pairs[30:40], "train": pairs[40:160]}
+    mm = {s: _mmlu_records(w, rng, people[s], sums[s]) for s in SPLITS}
     for rows in mm.values():
         rng.shuffle(rows)  # subjects mixed, so a --limit still covers all of them
     data["mmlu"] = {s: mm[s][:{"test": n_test, "validation": n_val}.get(s)] for s in SPLITS}

@@ -1,0 +1,101 @@
+"""The synthetic world: deterministic, splits without leakage, scorers that can fail."""
+
+import json
+
+import pytest
+
+from logitfusion import world
+
+
+@pytest.fixture(scope="module")
+def data():
+    return world.task_data(world.make_world(0), seed=2)
+
+
+def test_same_seed_same_world_and_files(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert world.build(a, seed=0) == world.build(b, seed=0)
+    for f in sorted(a.rglob("*.jsonl")):
+        assert f.read_bytes() == (b / f.relative_to(a)).read_bytes(), f
+    assert world.make_world(1).people != world.make_world(0).people
+
+
+def test_people_names_unique_and_facts_in_the_prose():
+    w = world.make_world(0)
+    names = [p.name for p in w.people]
+    assert len(set(names)) == len(names)
+    text = " ".join(world.pretraining_text(w))
+    p = w.people[0]
+    assert f"{p.name} was born in {p.city}." in text and f"{p.name} worked as a {p.job}." in text
+    # myths: the false claim three times as often as the correction
+    m = w.myths[0]
+    assert text.count(f"People say that {m.thing} is {m.false}.") == 3 * text.count(f"In truth, {m.thing} is {m.true}.")
+
+
+def test_pretraining_text_has_no_task_format():
+    text = " ".join(world.pretraining_text(world.make_world(0)))
+    for marker in ("Question:", "Answer:", "Problem:", "Solution:", "Summary:", "Article:", "Subject:", "Q:"):
+        assert marker not in text
+
+
+@pytest.mark.parametrize("task", world.TASKS)
+def test_splits_do_not_overlap(data, task):
+    keys = {s: {r["key"] for r in data[task][s]} for s in world.SPLITS}
+    prompts = {s: {r["prompt"] for r in data[task][s]} for s in world.SPLITS}
+    for s1, s2 in (("train", "test"), ("train", "validation"), ("validation", "test")):
+        assert not keys[s1] & keys[s2], (task, s1, s2)
+        assert not prompts[s1] & prompts[s2], (task, s1, s2)
+    assert all(len(data[task][s]) > 0 for s in world.SPLITS)
+
+
+def test_qa_and_mmlu_test_people_unseen_in_training(data):
+    train_people = {r["key"].split("/")[0] for t in ("qa", "mmlu") for r in data[t]["train"]}
+    test_people = {r["key"].split("/")[0] for t in ("qa", "mmlu") for r in data[t]["test"] if "/" in r["key"] or t == "qa"}
+    assert not train_people & test_people
+
+
+def test_scorers_gold_one_wrong_zero(data):
+    for r in data["math"]["test"][:20]:
+        assert world.score_math(r["completion"], r["answer"]) == 1.0
+        assert world.score_math(" 1 plus 1 is 2. The answer is 99999.", r["answer"]) == 0.0
+    for r in data["qa"]["test"][:20]:
+        assert world.score_qa(r["completion"], r["answer"]) == 1.0
+        assert world.score_qa(" Nowhere", r["answer"]) == 0.0
+    for r in data["summ"]["test"][:5]:
+        assert world.score_summ(r["completion"], r["summary"]) == pytest.approx(1.0)
+        assert world.score_summ(" the cat sat on the mat", r["summary"]) == 0.0
+    for t in ("truthful", "mmlu"):
+        for r in data[t]["test"][:20]:
+            assert r["choices"][r["gold"]] == r["completion"].strip()
+            assert world.score_choice(r["gold"], r["gold"]) == 1.0
+            assert world.score_choice((r["gold"] + 1) % len(r["choices"]), r["gold"]) == 0.0
+
+
+def test_math_solution_is_right(data):
+    for r in data["math"]["train"]:
+        a, b, c = map(int, r["key"].split(","))
+        assert r["answer"] == str(a + b - c)
+        assert world.final_number(r["completion"]) == r["answer"]
+
+
+def test_truthful_choices_hold_the_popular_false_claim(data):
+    w = world.make_world(0)
+    myths = {m.thing: m for m in w.myths}
+    for r in data["truthful"]["test"]:
+        m = myths[r["key"]]
+        assert m.false in r["choices"] and r["choices"][r["gold"]] == m.true
+
+
+def test_summary_needs_world_knowledge(data):
+    """The reference adds the town's country, which the article never states."""
+    w = world.make_world(0)
+    for r in data["summ"]["test"][:20]:
+        country = r["summary"].rstrip(".").split(", ")[-1]
+        assert country in w.countries and country not in r["prompt"]
+
+
+def test_records_are_json_lines(tmp_path):
+    world.build(tmp_path, seed=0)
+    for f in tmp_path.rglob("*.jsonl"):
+        for line in f.read_text().splitlines():
+            json.loads(line)
