@@ -238,12 +238,17 @@ def recipe_init(out: Path = typer.Argument(..., help="Where to write the recipe 
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("demo_out"), help="Folder for the toy models, results and plot."),
-         n_prompts: int = typer.Option(12, help="Test questions to answer with each method."),
-         max_new_tokens: int = typer.Option(8, help="Tokens generated per question.")):
-    """Build tiny models on the fly and compare large, expert, proxy-tuning and dynamic fusion."""
+def demo(out: Path = typer.Option(Path("demo_out"), help="Folder for the results (demo.json) and the weights plot."),
+         n_prompts: int = typer.Option(12, help="Test prompts per task answered by each method."),
+         root: Optional[Path] = typer.Option(None, help="A zoo build folder to use instead of the bundled zoo.")):
+    """Large base, small expert, proxy-tuning and dynamic fusion side by side on the bundled zoo."""
     from .demo import run_demo
-    run_demo(out, n_prompts=n_prompts, max_new_tokens=max_new_tokens, console=console)
+    if n_prompts < 1:
+        _fail(f"--n-prompts must be >= 1, got {n_prompts}")
+    try:
+        run_demo(out, n_prompts=n_prompts, root=root, console=console)
+    except FileNotFoundError as e:
+        _fail(str(e))
 
 
 @bench_app.command("speed", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
