@@ -17,6 +17,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The test models are tiny: one thread is as fast, and a test run beside a training job (or a
+# second test run) does not thrash two cores with four spinning OpenMP threads.
+torch.set_num_threads(int(os.environ.get("LOGITFUSION_TEST_THREADS", "1")))
+
 from logitfusion import toy  # noqa: E402
 from logitfusion.fuser import Fuser  # noqa: E402
 
