@@ -188,6 +188,49 @@ def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
     return None
 
 
+def prepare_out(out: Path, fp: dict, overwrite: bool, marker_name: str = MARKER,
+                outputs: tuple[str, ...] = ()) -> dict | None:
+    """Decide what a training run into OUT does. Returns the finished run's record when OUT
+    already holds this very run (nothing to do); else checks that OUT holds nothing else (or,
+    with overwrite, removes what a model or this tool wrote) and returns None. A run whose
+    settings match OUT/checkpoints/run.json resumes from its last checkpoint."""
+    ckpt_dir, marker = out / "checkpoints", out / marker_name
+    if marker.exists() and json.loads(marker.read_text()).get("settings") == fp and not overwrite:
+        return json.loads(marker.read_text())
+    run_file = ckpt_dir / RUN_FILE
+    same_run = run_file.exists() and json.loads(run_file.read_text()) == fp
+    if out.exists() and not overwrite and not same_run:
+        if _holds_model(out) or marker.exists():
+            raise TrainingError(f"--out {str(out)!r} already holds a different model; choose another folder "
+                                "or pass --overwrite to replace it")
+        if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+            raise TrainingError(f"--out {str(out)!r} holds checkpoints of a run with other settings; "
+                                "rerun with those settings to resume, or pass --overwrite to start again")
+    if overwrite:  # only what a model or this tool writes; other files in OUT are left alone
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        for pattern in (marker_name, "config.json", "generation_config.json", "model*.safetensors",
+                        "model.safetensors.index.json", "adapter_config.json", "adapter_model.safetensors",
+                        *outputs):
+            for f in out.glob(pattern):
+                f.unlink()
+    return None
+
+
+def training_arguments(ckpt_dir: Path, cfg, total: int):
+    """The Trainer settings every run here uses (cfg: FinetuneConfig or a config with the same
+    fields): deterministic seeds, checkpoints every save_steps (two kept), a progress bar."""
+    from transformers import TrainingArguments
+    return TrainingArguments(
+        output_dir=str(ckpt_dir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, warmup_steps=int(cfg.warmup_ratio * total),
+        weight_decay=cfg.weight_decay, lr_scheduler_type="linear", seed=cfg.seed, data_seed=cfg.seed,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        logging_strategy="steps", logging_steps=max(1, min(50, total // 10)), report_to="none",
+        disable_tqdm=False, remove_unused_columns=False, dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(), bf16=False, fp16=False)
+
+
 @dataclass
 class FinetuneResult:
     out: str
@@ -198,7 +241,7 @@ class FinetuneResult:
 
 
 def finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> FinetuneResult:
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, set_seed
 
     cfg.check()
     if model_kind(cfg.base, "base") != "model":
@@ -209,25 +252,10 @@ def finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> FinetuneResu
     ckpt_dir = out / "checkpoints"
     fp = _fingerprint(cfg)
 
-    marker = out / MARKER
-    if marker.exists() and json.loads(marker.read_text()).get("settings") == fp and not cfg.overwrite:
-        done = json.loads(marker.read_text())
+    done = prepare_out(out, fp, cfg.overwrite)
+    if done is not None:
         return FinetuneResult(str(out), done.get("global_step", 0), done.get("train_loss"), skipped=True)
-    run_file = ckpt_dir / RUN_FILE
-    same_run = run_file.exists() and json.loads(run_file.read_text()) == fp
-    if out.exists() and not cfg.overwrite and not same_run:
-        if _holds_model(out) or marker.exists():
-            raise TrainingError(f"--out {str(out)!r} already holds a different model; choose another folder "
-                                "or pass --overwrite to replace it")
-        if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-            raise TrainingError(f"--out {str(out)!r} holds checkpoints of a run with other settings; "
-                                "rerun with those settings to resume, or pass --overwrite to start again")
-    if cfg.overwrite:  # only what a model or this tool writes; other files in OUT are left alone
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        for pattern in (MARKER, "config.json", "generation_config.json", "model*.safetensors",
-                        "model.safetensors.index.json", "adapter_config.json", "adapter_model.safetensors"):
-            for f in out.glob(pattern):
-                f.unlink()
+    marker, run_file = out / MARKER, ckpt_dir / RUN_FILE
 
     set_seed(cfg.seed)
     opts = LoadOptions(dtype=cfg.dtype)
@@ -252,15 +280,7 @@ def finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> FinetuneResu
     total = cfg.max_steps or math.ceil(per_epoch * cfg.epochs)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps(fp, indent=1))
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-        learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, warmup_steps=int(cfg.warmup_ratio * total),
-        weight_decay=cfg.weight_decay, lr_scheduler_type="linear", seed=cfg.seed, data_seed=cfg.seed,
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
-        logging_strategy="steps", logging_steps=max(1, min(50, total // 10)), report_to="none",
-        disable_tqdm=False, remove_unused_columns=False, dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(), bf16=False, fp16=False)
+    args = training_arguments(ckpt_dir, cfg, total)
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=Collator(tokenizer.pad_token_id),
                       processing_class=tokenizer, callbacks=callbacks)
     last = last_complete_checkpoint(ckpt_dir)
