@@ -108,3 +108,178 @@ def test_cli_delta_train_errors(family, tmp_path):
     res = CliRunner().invoke(app, ["delta", "train", "--template", family["large"], "--delta", "hidden=32",
                                    "--objective", "unlearn", "--forget", str(empty), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "unlearning needs at least one example" in " ".join(res.output.split())
+
+
+# ---------------------------------------------------------------- using a delta; cross-vocabulary
+
+from logitfusion.decoding import Batch, SamplingParams  # noqa: E402
+from logitfusion.fuser import Fuser  # noqa: E402
+from logitfusion.models import LoadError, VocabularyMismatchError  # noqa: E402
+
+PROMPTS = ["the cat sells", "Question: 3 plus 4? Answer:", "a river"]
+LONG_PROMPTS = PROMPTS + ["the king has seven books and", "how many pears does the farmer", "Question:"]
+
+
+@pytest.fixture(scope="module")
+def zero_delta(family, tmp_path_factory):
+    """An untrained delta on the large model's tokenizer: lm_head is zero, so it outputs 0."""
+    from logitfusion.delta import new_delta
+    out = tmp_path_factory.mktemp("zero_delta") / "delta"
+    tok = AutoTokenizer.from_pretrained(family["large"])
+    new_delta("hidden=32,layers=1,heads=2", tok, AutoModelForCausalLM.from_pretrained(family["large"]).config) \
+        .save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """A second tokenizer (byte-level BPE of 280 tokens on the same corpus, vs the family's 300)
+    with a small base, an expert of it and a delta model (random, so its logits matter)."""
+    root = tmp_path_factory.mktemp("other_tok")
+    tok = toy.build_tokenizer(root / "tokenizer", vocab_size=280)
+    toy.build_model(root / "small", tok, hidden=48, layers=2, heads=4, seed=21)
+    toy.perturbed_copy(root / "small", root / "expert", scale=0.5, seed=22)
+    toy.build_model(root / "delta", tok, hidden=32, layers=1, heads=2, seed=23, init_std=0.05)
+    return {k: str(root / k) for k in ("tokenizer", "small", "expert", "delta")}
+
+
+@pytest.fixture(scope="module")
+def cross_delta(family, other):
+    return Fuser.from_pretrained(family["large"], delta={"path": other["delta"], "mapping": "auto"})
+
+
+def test_zero_delta_leaves_greedy_output_unchanged(family, zero_delta, fuser1):
+    f = Fuser.from_pretrained(family["large"], delta=zero_delta)
+    assert f.solver.name == "delta"
+    alone = f.generate(PROMPTS, solver="large", max_new_tokens=12, ignore_eos=True)
+    with_delta = f.generate(PROMPTS, max_new_tokens=12, ignore_eos=True)
+    assert [g.token_ids for g in with_delta] == [g.token_ids for g in alone]
+    assert [g.token_ids for g in alone] == [g.token_ids for g in fuser1.generate(PROMPTS, solver="large",
+                                                                               max_new_tokens=12, ignore_eos=True)]
+
+
+def test_mapping_counts(cross_delta):
+    counts = cross_delta.models.delta.vocab_map.counts
+    print("large (300 tokens) -> delta (280) mapping:", counts)
+    assert counts["byte"] == 256 and counts["special"] == 4 and counts["exact"] > 0 and counts["approx"] > 0
+
+
+def _follows(batch):
+    """Count the re-tokenisations of every cross-vocabulary row."""
+    calls = {"extend": 0, "retokenise": 0}
+    for retok in batch.retoks:
+        if retok is not None:
+            inner = retok.follow
+
+            def follow(row, token, inner=inner):
+                grew = inner(row, token)
+                calls["extend" if grew else "retokenise"] += 1
+                return grew
+            retok.follow = follow
+    return calls
+
+
+@torch.no_grad()
+def test_retokenisation_equals_recompute_from_scratch(cross_delta, other):
+    """Every step, the delta's logits in the batch (extended cache, or rebuilt after a
+    re-tokenisation) equal the delta run from scratch on the text so far, re-tokenised."""
+    models = cross_delta.models
+    dmodel, dtok, vmap = models.delta.model, models.delta.tokenizer, models.delta.vocab_map
+    batch = Batch(models, cross_delta.solver)
+    calls = _follows(batch)
+    seqs = batch.add(LONG_PROMPTS, [SamplingParams(max_new_tokens=16, ignore_eos=True) for _ in LONG_PROMPTS])
+    naive_differs = 0
+    while len(batch):
+        batch.step()
+        if not len(batch):
+            break
+        ctx = next(c for c in batch.contexts if c.members == [models.delta])
+        for i, seq in enumerate(batch.seqs):
+            text = models.tokenizer.decode(seq.tokens)
+            scratch_ids = dtok(LONG_PROMPTS[seqs.index(seq)])["input_ids"]
+            row = ctx.rows[i]
+            assert row.user == seq.tokens
+            if row.ids != scratch_ids + dtok(text, add_special_tokens=False)["input_ids"]:
+                naive_differs += 1  # extended through exact tokens: ids differ, text is the same
+            assert dtok.decode(row.ids[len(row.prompt):]) == text
+            z = vmap.apply(dmodel(input_ids=torch.tensor([row.ids])).logits[0, -1, : len(dtok)])
+            torch.testing.assert_close(batch.logits["delta"][i], z, atol=1e-4, rtol=1e-4)
+    print("cross-vocabulary delta rows:", calls)
+    assert calls["retokenise"] > 0 and calls["extend"] > 0 and naive_differs > 0
+
+
+def test_cross_vocab_delta_batched_equals_unbatched(cross_delta):
+    batched = cross_delta.generate(PROMPTS, max_new_tokens=10, ignore_eos=True, batch_size=3)
+    one = [cross_delta.generate([p], max_new_tokens=10, ignore_eos=True)[0] for p in PROMPTS]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in one]
+    alone = cross_delta.generate(PROMPTS, solver="large", max_new_tokens=10, ignore_eos=True)
+    assert [g.token_ids for g in batched] != [g.token_ids for g in alone]  # the delta matters
+    half = cross_delta.generate(PROMPTS, solver="delta:0.0", max_new_tokens=10, ignore_eos=True)
+    assert [g.token_ids for g in half] == [g.token_ids for g in alone]
+
+
+def test_delta_logprobs_teacher_forced_equal_decoding(cross_delta):
+    """lm-eval's loglikelihood path (teacher forcing, re-tokenising where decoding did) scores a
+    generation exactly as decoding did."""
+    from logitfusion.evaluation import fused_logprobs
+    batch = Batch(cross_delta.models, cross_delta.solver)
+    calls = _follows(batch)
+    seqs = batch.add(LONG_PROMPTS, [SamplingParams(max_new_tokens=16, ignore_eos=True, logprobs=True)
+                                    for _ in LONG_PROMPTS])
+    while len(batch):
+        batch.step()
+    assert calls["retokenise"] > 0
+    scored = fused_logprobs(cross_delta.models, cross_delta.solver, LONG_PROMPTS, [s.tokens for s in seqs])
+    for s, sc in zip(seqs, scored):
+        torch.testing.assert_close(sc.logprobs, torch.tensor(s.logprobs), atol=2e-4, rtol=1e-4)
+        assert bool(sc.greedy.all())
+
+
+def test_cross_vocab_fusion_zero_weights_equal_large(family, other):
+    f = Fuser.from_pretrained(family["large"], other["small"], {"e": other["expert"]}, mapping="auto")
+    assert f.models.small.foreign and f.models.experts[0].foreign
+    large = f.generate(PROMPTS, solver="large", max_new_tokens=10, ignore_eos=True)
+    for spec in ("static:0", "static:0.0"):
+        assert [g.token_ids for g in f.generate(PROMPTS, solver=spec, max_new_tokens=10, ignore_eos=True)] \
+            == [g.token_ids for g in large]
+    zero_grid = f.method("dynamic", grid=[0.0])
+    assert [g.token_ids for g in f.generate(PROMPTS, solver=zero_grid, max_new_tokens=10, ignore_eos=True)] \
+        == [g.token_ids for g in large]
+    # Real dynamic fusion across vocabularies: batched == unbatched, and the weights move.
+    dyn = f.generate(PROMPTS, solver="dynamic", max_new_tokens=10, ignore_eos=True, trace=True, batch_size=3)
+    one = [f.generate([p], solver="dynamic", max_new_tokens=10, ignore_eos=True)[0] for p in PROMPTS]
+    assert [g.token_ids for g in dyn] == [g.token_ids for g in one]
+    assert any(w[0] > 0 for g in dyn for w in g.weights)
+    # Speculation is off for cross-vocabulary small sides, and the output is the plain one.
+    assert [g.token_ids for g in f.generate(PROMPTS, solver="dynamic", max_new_tokens=10, ignore_eos=True,
+                                            speculate=4)] == [g.token_ids for g in dyn]
+
+
+def test_cross_vocab_needs_a_mapping(family, other, tmp_path):
+    with pytest.raises(VocabularyMismatchError, match="mapping: auto"):
+        Fuser.from_pretrained(family["large"], other["small"], {"e": other["expert"]})
+    # A delta whose vocabulary matches neither the user model's nor comes with a mapping.
+    with pytest.raises(VocabularyMismatchError, match=r"delta: its vocabulary \(280 tokens\) is not the large"):
+        Fuser.from_pretrained(family["large"], delta=other["delta"])
+    # The small side's experts must share the small base's tokenizer even with a mapping.
+    with pytest.raises(VocabularyMismatchError, match="expert:e"):
+        Fuser.from_pretrained(family["large"], other["small"], {"e": family["experts"]["expert1"]}, mapping="auto")
+
+
+def test_delta_bad_input(family, other, tmp_path):
+    import shutil
+    broken = tmp_path / "broken_delta"
+    shutil.copytree(other["delta"], broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(LoadError, match="delta: could not load a tokenizer"):
+        Fuser.from_pretrained(family["large"], delta={"path": str(broken), "mapping": "auto"})
+    with pytest.raises(LoadError, match="delta.mapping: .*does not exist|delta.mapping: .*not a vocabulary map"):
+        Fuser.from_pretrained(family["large"], delta={"path": other["delta"], "mapping": str(tmp_path / "no.safetensors")})
+    from logitfusion.vocab import build_map
+    wrong = build_map(other["tokenizer"], family["tokenizer"]).save(tmp_path / "wrong.safetensors")
+    with pytest.raises(LoadError, match="built for other tokenizers"):
+        Fuser.from_pretrained(family["large"], delta={"path": other["delta"], "mapping": str(wrong)})
+    f = Fuser.from_pretrained(family["large"])
+    with pytest.raises(Exception, match="needs a delta model"):
+        f.generate(["the cat"], solver="delta", max_new_tokens=2)

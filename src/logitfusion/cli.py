@@ -95,7 +95,7 @@ def _solver_from_flags(recipe, solver: Optional[str], alpha: list[float], grid: 
         spec = f"expert:{recipe.solver.expert}"
     grid_values = parse_grid(grid) if grid else recipe.solver.grid_values()
     return parse_method(spec, [e.name for e in recipe.experts], grid_values,
-                        strategy or recipe.solver.strategy, recipe.solver.a_max)
+                        strategy or recipe.solver.strategy, recipe.solver.a_max, recipe.delta_strength)
 
 
 def _trace_record(gen, tokenizer) -> list[dict]:
@@ -540,6 +540,58 @@ def merge(
     except _user_errors() as e:
         _fail(str(e))
     console.print(f"wrote {out} (base + {lam} x sum of {len(expert)} expert delta(s))")
+
+
+delta_app = typer.Typer(help="Cross-model control: train a tiny delta model beside a frozen template LLM (method.md §7).",
+                        no_args_is_help=True)
+app.add_typer(delta_app, name="delta")
+
+
+@delta_app.command("train")
+def delta_train(
+    template: str = typer.Option(..., "--template", help="The frozen template LLM (model directory). Its tokenizer becomes the delta's."),
+    delta: str = typer.Option(..., "--delta", help="Where the delta starts: a model directory with the template's tokenizer, or a spec for a fresh Llama, e.g. hidden=64,layers=2 (keys: hidden, layers, heads, kv_heads, intermediate, context). A fresh delta's lm_head is zero, so before training it changes nothing."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: the delta model (safetensors + tokenizer); load it with a recipe's `delta:` section. Checkpoints go to OUT/checkpoints."),
+    objective: str = typer.Option("sft", help="sft: learn --data. unlearn: gradient difference, ascend on --forget and descend on --retain."),
+    data: Optional[Path] = typer.Option(None, "--data", help='sft training JSONL: {"prompt": ..., "completion": ...} (loss on the completion) or {"text": ...} per line.'),
+    forget: Optional[Path] = typer.Option(None, "--forget", help="unlearn: JSONL of what to forget (same record forms as --data)."),
+    retain: Optional[Path] = typer.Option(None, "--retain", help="unlearn: JSONL of what to keep; each batch pairs forget examples with as many retain ones. Without it: gradient ascent on --forget alone."),
+    prompt_template: str = typer.Option("{prompt}", help="Prompt template for prompt/completion records: {prompt} is replaced by each prompt. Use the same one as the delta's `template` in the recipe."),
+    epochs: float = typer.Option(3.0, help="Passes over the data (ignored when --max-steps is given)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps (overrides --epochs)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (linear decay); default 5e-4."),
+    batch_size: int = typer.Option(8, help="Examples per device per step (unlearn: forget examples, plus as many retain ones)."),
+    grad_accum: int = typer.Option(1, help="Gradient accumulation steps."),
+    max_length: int = typer.Option(512, help="Truncate each example to this many tokens."),
+    seed: int = typer.Option(0, help="Seed for the fresh delta's initialisation and the data order."),
+    save_steps: int = typer.Option(100, help="Save a resumable checkpoint every N steps (the last two are kept)."),
+    warmup_ratio: float = typer.Option(0.0, help="Fraction of the steps spent warming the learning rate up from 0."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a different model or stale checkpoints already in --out."),
+):
+    """Train a delta model: loss = cross-entropy of log_softmax(z_template) + z_delta, only the delta
+    learns. Rerunning the same command resumes from the last checkpoint; a finished run is not redone."""
+    from .delta import DeltaConfig, train_delta
+    cfg = DeltaConfig(template=template, delta=delta, out=str(out), objective=objective,
+                      data=str(data) if data else None, forget=str(forget) if forget else None,
+                      retain=str(retain) if retain else None, prompt_template=prompt_template, epochs=epochs,
+                      max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                      max_length=max_length, seed=seed, save_steps=save_steps, warmup_ratio=warmup_ratio,
+                      weight_decay=weight_decay, overwrite=overwrite)
+    start = time.perf_counter()
+    try:
+        res = train_delta(cfg)
+    except _user_errors() as e:
+        _fail(str(e))
+    if res.skipped:
+        console.print(f"{out} already holds this finished run ({res.global_step} steps); nothing to do "
+                      "(--overwrite to train again)")
+        return
+    if res.resumed_from:
+        console.print(f"resumed from {res.resumed_from}")
+    loss = f"{res.train_loss:.4f}" if res.train_loss is not None else "n/a"
+    console.print(f"wrote delta model {out} ({objective}, {res.global_step} steps, mean training loss {loss}, "
+                  f"{time.perf_counter() - start:.1f} s)")
 
 zoo_app = typer.Typer(help="The bundled tiny model family, trained by the project on a synthetic world.",
                       no_args_is_help=True)

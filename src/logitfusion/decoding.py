@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .models import Member, ModelSet
 from .fusion import fuse
-from .solvers import Choice, Solver
+from .solvers import Choice, Solver, SolverError
 
 TOP_TOKENS = 5  # tokens per model shown in a trace
 
@@ -110,6 +110,50 @@ class Seq:
                           self.steps if self.trace else None)
 
 
+# ---------------------------------------------------------------- members with another tokenizer
+
+@dataclass
+class Row:
+    """One row of a cross-vocabulary member: its own token ids, kept in step with the user's text."""
+
+    prompt: list[int]  # the templated prompt in the member's tokens
+    ids: list[int]  # everything it has read so far (prompt + the generation, in its tokens)
+    user: list[int] = field(default_factory=list)  # the generated tokens, in the user's (large) vocabulary
+
+
+class Retokenizer:
+    """Keeps a member with another tokenizer (a delta model, or a cross-vocabulary small side)
+    reading the same text as the user model (method.md §8). When the user model emits a token
+    with an exact counterpart, the member reads that token: its ids and cache simply grow by
+    one. Otherwise the generation is decoded to text and re-tokenised with the member's
+    tokenizer after its own prompt, and its cache is rebuilt from those ids."""
+
+    def __init__(self, member: Member, user_tokenizer):
+        from .vocab import BYTE, EXACT, SPECIAL
+        self.tokenizer, self.user_tokenizer, self.map = member.tokenizer, user_tokenizer, member.vocab_map
+        self.index = self.map.index.tolist()
+        self.exact = [k in (SPECIAL, BYTE, EXACT) for k in self.map.kinds.tolist()]
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    def follow(self, row: Row, token: int) -> bool:
+        """Append user token `token` to the row. True when its ids grew by exactly that one token
+        (the cache can be extended), False when they were re-tokenised (rebuild the cache)."""
+        row.user.append(token)
+        if self.exact[token]:
+            row.ids = row.ids + [self.index[token]]
+            return True
+        text = self.user_tokenizer.decode(row.user)
+        row.ids = row.prompt + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return False
+
+    def encode(self, context: str | Sequence[int]) -> list[int]:
+        """Token ids of the user's context (text, or user token ids) in the member's vocabulary."""
+        if not isinstance(context, str):
+            context = self.user_tokenizer.decode(list(context))
+        return self.tokenizer(context)["input_ids"]
+
+
 # ---------------------------------------------------------------- one model's context and cache
 
 class Context:
@@ -122,16 +166,21 @@ class Context:
     """
 
     def __init__(self, members: list[Member], ids: Tensor, mask: Tensor, length: int, vocab: int,
-                 use_cache: bool, cache=None):
+                 use_cache: bool, cache=None, retok: Retokenizer | None = None):
         self.members, self.vocab, self.use_cache = members, vocab, use_cache
         self.ids, self.mask, self.length, self.cache = ids, mask, length, cache
         self.model = members[0].model
+        # Cross-vocabulary members: logits are mapped into the user's vocabulary, and each row
+        # (G * B of them, like ids) tracks its own token ids.
+        self.retok, self.rows = retok, None
+        self._index = retok.map.index.to(ids.device) if retok is not None else None
 
     @classmethod
     def prefill(cls, members: list[Member], prompts: list[list[list[int]]], room: int, vocab: int, pad_id: int,
-                use_cache: bool, keep: int = 1) -> tuple["Context", Tensor]:
+                use_cache: bool, keep: int = 1, retok: Retokenizer | None = None) -> tuple["Context", Tensor]:
         """prompts[g][i]: token ids of sequence i for member g. Returns the context and the logits
-        of the last position [G, B, V] (or of the last `keep` positions, [G, B, keep, V])."""
+        of the last position [G, B, V] (or of the last `keep` positions, [G, B, keep, V]); V is the
+        user's vocabulary (a cross-vocabulary member's logits are mapped into it)."""
         from transformers import DynamicCache
         rows = [p for per_member in prompts for p in per_member]
         device, width = members[0].device, max(len(p) for p in rows)
@@ -141,7 +190,9 @@ class Context:
             ids[i, width - len(p):width] = torch.tensor(p, device=device)
             mask[i, width - len(p):width] = 1
         cache = DynamicCache(config=members[0].model.config) if use_cache else None
-        ctx = cls(members, ids, mask, width, vocab, use_cache, cache)
+        ctx = cls(members, ids, mask, width, vocab, use_cache, cache, retok)
+        if retok is not None:
+            ctx.rows = [Row(list(p), list(p)) for p in rows]
         return ctx, ctx._forward(0, keep)
 
     @property
@@ -159,11 +210,15 @@ class Context:
         out = self.model(input_ids=self.ids[:, start: self.length], attention_mask=mask, position_ids=positions,
                          past_key_values=self.cache, use_cache=self.use_cache, logits_to_keep=keep, **adapters)
         logits = out.logits[:, -keep:, : self.vocab]  # padded embedding rows dropped
+        if self.retok is not None:  # into the user's vocabulary: a gather, 0 where unmapped
+            logits = logits.index_select(-1, self._index.clamp_min(0)).masked_fill(self._index < 0, 0)
         logits = logits.view(len(self.members), self.seqs, keep, -1)
         return logits[:, :, 0] if keep == 1 else logits
 
     def step(self, tokens: Tensor) -> Tensor:
         """Append tokens [B] (one per sequence, the same for every member) -> logits [G, B, V]."""
+        if self.retok is not None:
+            return self._follow(tokens)
         self.ensure_room(1)  # only short after rows joined with a larger budget, or speculation
         self.ids[:, self.length] = tokens.to(self.ids.device).repeat(len(self.members))
         self.mask[:, self.length] = 1
@@ -171,8 +226,33 @@ class Context:
         # With a cache only the new token is run; without, the whole sequence is recomputed.
         return self._forward(self.length - 1 if self.use_cache else 0)
 
+    def _follow(self, tokens: Tensor) -> Tensor:
+        """A cross-vocabulary step: every row reads the user token in its own tokens. When all rows
+        just grew by one token, that is one cached step; when any row was re-tokenised, every row
+        is prefilled again from its ids (rows are independent, so results do not depend on
+        batching; the member is small and re-tokenisation is the exception)."""
+        user = tokens.tolist() * len(self.members)
+        extended = [self.retok.follow(row, t) for row, t in zip(self.rows, user)]
+        if all(extended):
+            self.ensure_room(1)
+            self.ids[:, self.length] = torch.tensor([row.ids[-1] for row in self.rows], device=self.ids.device)
+            self.mask[:, self.length] = 1
+            self.length += 1
+            return self._forward(self.length - 1 if self.use_cache else 0)
+        rows, n = self.rows, self.seqs
+        room = max(self.ids.shape[1] - self.length, 1)
+        ctx, logits = Context.prefill(self.members, [[r.ids for r in rows[g * n:(g + 1) * n]]
+                                                     for g in range(len(self.members))],
+                                      room, self.vocab, self.retok.pad_id, self.use_cache,
+                                      retok=self.retok)
+        self.ids, self.mask, self.length, self.cache = ctx.ids, ctx.mask, ctx.length, ctx.cache
+        self.rows = rows  # keep their generation history (prefill starts new rows)
+        return logits
+
     def extend(self, tokens: Tensor) -> Tensor:
         """Append k tokens per sequence ([B, k]) in one forward -> logits [G, B, k, V]."""
+        if self.retok is not None:
+            raise NotImplementedError("speculative drafts are not run on cross-vocabulary members")
         k = tokens.shape[1]
         self.ensure_room(k)
         self.ids[:, self.length: self.length + k] = tokens.to(self.ids.device).repeat(len(self.members), 1)
@@ -230,6 +310,9 @@ class Context:
         order = torch.cat([torch.cat([torch.arange(g * n, (g + 1) * n), groups * n + torch.arange(g * m, (g + 1) * m)])
                            for g in range(groups)]).to(self.ids.device)
         self.ids, self.mask = torch.cat([self.ids, other.ids])[order], torch.cat([self.mask, other.mask])[order]
+        if self.rows is not None:
+            both = self.rows + other.rows
+            self.rows = [both[i] for i in order.tolist()]
         for mine, theirs in zip(self._layers(), other._layers()):
             mine.keys = torch.cat([mine.keys, theirs.keys])[order]
             mine.values = torch.cat([mine.values, theirs.values])[order]
@@ -239,6 +322,8 @@ class Context:
         seqs = seqs.to(self.ids.device)
         rows = torch.cat([g * self.seqs + seqs for g in range(len(self.members))])
         self.ids, self.mask = self.ids[rows], self.mask[rows]
+        if self.rows is not None:
+            self.rows = [self.rows[i] for i in rows.tolist()]
         used = self.mask[:, : self.length].any(0).nonzero()
         start = int(used[0]) if len(used) else 0
         self.ids, self.mask, self.length = self.ids[:, start:], self.mask[:, start:], self.length - start
@@ -291,9 +376,9 @@ def render(template: str, prompt: str) -> str:
 
 
 def encode_prompts(models: ModelSet, member: Member, prompts: Sequence[str]) -> list[list[int]]:
-    out = []
+    out, tok = [], member.tokenizer or models.tokenizer
     for i, prompt in enumerate(prompts):
-        ids = models.tokenizer(render(member.template, prompt))["input_ids"]
+        ids = tok(render(member.template, prompt))["input_ids"]
         if not ids:
             raise DecodingError(f"prompt {i} is empty for {member.role} after templating; give some text")
         if member.context is not None and len(ids) >= member.context:
@@ -304,10 +389,12 @@ def encode_prompts(models: ModelSet, member: Member, prompts: Sequence[str]) -> 
 
 
 def members_for(models: ModelSet, solver: Solver) -> list[Member]:
-    """The models a solver reads, in the order large, small, experts."""
+    """The models a solver reads, in the order large, small, experts, delta."""
     idx = range(len(models.experts)) if solver.experts is None else solver.experts
+    if solver.uses_delta and models.delta is None:
+        raise SolverError("method 'delta' needs a delta model: add a `delta: {path: ...}` section to the recipe")
     return ([models.large] if solver.uses_large else []) + ([models.small] if solver.uses_small else []) \
-        + [models.experts[i] for i in idx]
+        + [models.experts[i] for i in idx] + ([models.delta] if solver.uses_delta else [])
 
 
 def validate_prompts(models: ModelSet, prompts: Sequence[str], solver: Solver) -> dict[str, list[list[int]]]:
@@ -339,6 +426,8 @@ class Batch:
         for m in self.members:
             groups.setdefault(id(m.model) if share_forwards else id(m), []).append(m)
         self.groups = list(groups.values())
+        # Members with their own tokenizer follow the user's text through a Retokenizer.
+        self.retoks = [Retokenizer(g[0], models.tokenizer) if g[0].foreign else None for g in self.groups]
         self.device = self.members[0].device  # where fusion happens
         tok = models.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -368,8 +457,11 @@ class Batch:
         joining = bool(self.seqs)
         with torch.no_grad():
             for g, group in enumerate(self.groups):
+                retok = self.retoks[g]
                 ctx, logits = Context.prefill(group, [encoded[m.role] for m in group], room,
-                                              self.models.vocab_size, self.pad_id, self.use_cache)
+                                              group[0].vocab or self.models.vocab_size,
+                                              retok.pad_id if retok else self.pad_id, self.use_cache,
+                                              retok=retok)
                 if joining:
                     self.contexts[g].merge(ctx)
                 else:
@@ -479,7 +571,8 @@ class Batch:
     def _can_speculate(self) -> bool:
         large_alone = any(ctx.members == [self.models.large] for ctx in self.contexts)
         return (self.speculate > 1 and self.solver.uses_large and self.solver.uses_small and large_alone
-                and len(self.members) > 2 and all(s.params.temperature == 0 for s in self.seqs))
+                and len(self.members) > 2 and all(s.params.temperature == 0 for s in self.seqs)
+                and not any(m.foreign for m in self.members))  # drafts are not re-tokenised
 
     def _speculative_round(self) -> list[tuple[Seq, int]]:
         """The small side drafts k tokens, the large model checks all k in one forward.

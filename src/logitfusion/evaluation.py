@@ -36,7 +36,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised by the CLI test with lm-eval hidden
     raise ImportError("logitfusion's evaluation needs lm-evaluation-harness: pip install lm-eval") from e
 
-from .decoding import Context, members_for, render
+from .decoding import Context, Retokenizer, Row, members_for, render
 from .fuser import Fuser
 from .models import Member, ModelSet
 from .recipe import Recipe
@@ -81,12 +81,16 @@ def prefix_token_id(tokenizer) -> int:
 
 def context_ids(models: ModelSet, member: Member, context: str | Sequence[int]) -> list[int]:
     """A model's context tokens: text goes through the model's own prompt template (as in
-    decoding); token ids are used as they are (no template)."""
+    decoding); token ids are used as they are (no template). A member with its own tokenizer
+    reads token contexts as their decoded text."""
+    tok = member.tokenizer or models.tokenizer
     if isinstance(context, str):
-        ids = models.tokenizer(render(member.template, context))["input_ids"]
+        ids = tok(render(member.template, context))["input_ids"]
+    elif member.foreign:
+        ids = tok(models.tokenizer.decode(list(context)))["input_ids"]
     else:
         ids = list(context)
-    return ids or [prefix_token_id(models.tokenizer)]
+    return ids or [prefix_token_id(tok)]
 
 
 def _fit(ids: list[int], n_cont: int, member: Member) -> list[int]:
@@ -105,6 +109,33 @@ def _forward_last(member: Member, rows: list[list[int]], keep: int, vocab: int, 
     `keep` positions, [B, keep, V]."""
     _, logits = Context.prefill([member], [rows], 0, vocab, pad_id, use_cache=False, keep=keep)
     return logits[0] if keep > 1 else logits[0][:, None]
+
+
+def _foreign_positions(member: Member, retok: Retokenizer, rows: list[tuple[list[int], list[int]]]) -> list[Tensor]:
+    """Teacher forcing for a member with its own tokenizer: rows are (its context ids, the
+    continuation in user tokens). Its ids at each position follow the decoding rule (extend on
+    an exact token, else re-tokenise), so the ids of successive positions form runs that extend
+    one another; each run is one forward row whose last positions give the logits. Returns per
+    row the mapped logits [len(continuation), V_user]."""
+    runs, owner = [], []  # (ids, positions it gives), row it belongs to
+    for r, (prompt, cont) in enumerate(rows):
+        row = Row(list(prompt), list(prompt))
+        runs.append([list(row.ids), 1])
+        owner.append(r)
+        for t in cont[:-1]:
+            if retok.follow(row, t):
+                runs[-1] = [list(row.ids), runs[-1][1] + 1]
+            else:
+                runs.append([list(row.ids), 1])
+                owner.append(r)
+    keep = max(n for _, n in runs)
+    _, logits = Context.prefill([member], [[ids for ids, _ in runs]], 0, member.vocab, retok.pad_id,
+                                use_cache=False, keep=keep, retok=retok)
+    logits = logits[0] if keep > 1 else logits[0][:, None]  # [runs, keep, V_user]
+    out: list[list[Tensor]] = [[] for _ in rows]
+    for (_, n), r, z in zip(runs, owner, logits):
+        out[r].append(z[keep - n:])
+    return [torch.cat(parts) for parts in out]
 
 
 def solve_positions(solver: Solver, z: list[Tensor]) -> Choice:
@@ -142,10 +173,11 @@ def fused_logprobs(models: ModelSet, solver: Solver, contexts: Sequence[str | Se
     device = members[0].device
     tok = models.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else prefix_token_id(tok)
-    by_template: dict[str, list[list[int]]] = {}  # models sharing a template share its tokens
+    by_template: dict[tuple, list[list[int]]] = {}  # models sharing a template and tokenizer share its tokens
+    key = lambda m: (m.template, id(m.tokenizer))  # noqa: E731
     for m in members:
-        if m.template not in by_template:
-            by_template[m.template] = [context_ids(models, m, c) for c in contexts]
+        if key(m) not in by_template:
+            by_template[key(m)] = [context_ids(models, m, c) for c in contexts]
     longest = [max(len(ids[i]) for ids in by_template.values()) + len(continuations[i]) for i in range(len(contexts))]
     order = sorted(range(len(contexts)), key=lambda i: -longest[i])
     out: list[Scored | None] = [None] * len(contexts)
@@ -155,7 +187,11 @@ def fused_logprobs(models: ModelSet, solver: Solver, contexts: Sequence[str | Se
         keep = max(len(c) for c in conts)
         z = []
         for m in members:
-            rows = [_fit(by_template[m.template][i], len(c), m) + c[:-1] for i, c in zip(batch, conts)]
+            if m.foreign:
+                pairs = [(_fit(by_template[key(m)][i], len(c), m), c) for i, c in zip(batch, conts)]
+                z.append(torch.cat(_foreign_positions(m, Retokenizer(m, tok), pairs)).to(device))
+                continue
+            rows = [_fit(by_template[key(m)][i], len(c), m) + c[:-1] for i, c in zip(batch, conts)]
             logits = _forward_last(m, rows, keep, models.vocab_size, pad_id).to(device)
             z.append(torch.cat([logits[b, keep - len(c):] for b, c in enumerate(conts)]))  # [N, V]
         choice = solve_positions(solver, z)
@@ -253,7 +289,8 @@ class FusedLM(LM):
         s = self.fuser.recipe.solver
         self.solver = parse_method(spec.replace("+", ","), self.fuser.expert_names,
                                    grid if grid is not None else s.grid_values(), self.strategy or s.strategy,
-                                   self.a_max if self.a_max is not None else s.a_max)
+                                   self.a_max if self.a_max is not None else s.a_max,
+                                   self.fuser.recipe.delta_strength)
         return self.solver
 
     def _recipe_spec(self) -> str:

@@ -26,18 +26,24 @@ class Fuser:
         solver = recipe.build_solver()  # fail on a bad solver before loading any weights
         dump = lambda spec: spec.model_dump() if spec else None  # noqa: E731
         models = load_model_set(dump(recipe.large), dump(recipe.small),
-                                [e.model_dump() for e in recipe.experts], recipe.load_options())
+                                [e.model_dump() for e in recipe.experts], recipe.load_options(),
+                                delta=dump(recipe.delta))
         return cls(models, solver, recipe)
 
     @classmethod
     def from_pretrained(cls, large: str, small: str | None = None, experts: dict[str, str] | None = None,
-                        solver: dict | None = None, load: dict | None = None, **generation) -> "Fuser":
-        """Without a recipe file: Fuser.from_pretrained("L", "S", {"math": "E"}, solver={"kind": "static"})."""
+                        solver: dict | None = None, load: dict | None = None, delta: str | dict | None = None,
+                        mapping: str | None = None, **generation) -> "Fuser":
+        """Without a recipe file: Fuser.from_pretrained("L", "S", {"math": "E"}, solver={"kind": "static"}).
+        delta: a delta model path (or a recipe `delta` section as a dict); mapping: the small side's
+        `mapping` (auto or a map file) for cross-vocabulary fusion."""
+        default = {"kind": "dynamic"} if experts else {"kind": "delta" if delta else "large"}
         data = {"large": {"path": large}, "experts": [{"name": n, "path": p} for n, p in (experts or {}).items()],
-                "solver": solver or ({"kind": "dynamic"} if experts else {"kind": "large"}),
-                "load": load or {}, "generation": generation}
+                "solver": solver or default, "load": load or {}, "generation": generation}
         if small:
-            data["small"] = {"path": small}
+            data["small"] = {"path": small} | ({"mapping": mapping} if mapping else {})
+        if delta:
+            data["delta"] = {"path": delta} if isinstance(delta, str) else dict(delta)
         return cls.from_recipe(data)
 
     @property
@@ -48,7 +54,7 @@ class Fuser:
         """A solver from a short spec ("large", "expert:NAME", "static:1.0", "dynamic:joint")."""
         s = self.recipe.solver
         return parse_method(spec, self.expert_names, grid if grid is not None else s.grid_values(),
-                            strategy or s.strategy, s.a_max)
+                            strategy or s.strategy, s.a_max, self.recipe.delta_strength)
 
     def sampling(self, **overrides) -> SamplingParams:
         defaults = self.recipe.generation.model_dump(exclude={"speculate"})

@@ -33,6 +33,7 @@ class LoadOptions:
     device_map: str | dict | None = None  # accelerate sharding, e.g. "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False  # allow pickled .bin weights (unsafe: can run code)
+    vocab_cache: str | None = None  # folder for PM-MinED maps built by `mapping: auto` (None: not saved)
 
     def torch_dtype(self):
         if self.dtype == "auto":
@@ -51,6 +52,15 @@ class Member:
     adapter: str | None = None  # adapter name inside a PeftModel; "__base__" = adapters off
     template: str = "{prompt}"
     context: int | None = None  # max positions, when the config says
+    # Cross-vocabulary members (another tokenizer than the large model's): their own tokenizer,
+    # the PM-MinED map from the large model's vocabulary onto theirs, and their vocabulary size.
+    tokenizer: Any = None
+    vocab_map: Any = None
+    vocab: int | None = None
+
+    @property
+    def foreign(self) -> bool:
+        return self.vocab_map is not None
 
     @property
     def device(self) -> torch.device:
@@ -69,6 +79,7 @@ class ModelSet:
     small: Member | None = None
     experts: list[Member] = field(default_factory=list)
     vocab_size: int = 0  # logits are sliced to this (tokenizer length; padded rows dropped)
+    delta: Member | None = None  # cross-model control: a delta model for the large (user) model
 
     @property
     def expert_names(self) -> list[str]:
@@ -160,7 +171,32 @@ def check_same_vocabulary(tokenizers: dict[str, Any], show: int = 5) -> None:
             f"{ref_name} and {name} have different vocabularies ({len(ref)} vs {len(other)} tokens, "
             f"{len(diffs)} ids differ; first: {'; '.join(diffs[:show])}). Dynamic fusion needs the "
             "same token -> id map in every model: use a small model from the large model's family, "
-            "or map between vocabularies with cross-vocabulary fusion (`logitfusion vocab map`).")
+            "or, when the small base and its experts share a tokenizer that differs from the large "
+            "model's, enable cross-vocabulary fusion with `mapping: auto` on the recipe's `small` "
+            "(a PM-MinED map) or `mapping: FILE` from `logitfusion vocab map`.")
+
+
+def same_vocabulary(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab()
+
+
+def resolve_map(user_tok, member_tok, mapping: str, role: str, opts: LoadOptions):
+    """The PM-MinED map from the user (large) model's vocabulary onto a member's: built (and cached
+    in opts.vocab_cache when set) for "auto", else read from a file made by `logitfusion vocab map`,
+    which must belong to these two tokenizers."""
+    from .vocab import VocabError, VocabMap, build_or_load, from_hf
+    try:
+        user, member = from_hf(user_tok, "large"), from_hf(member_tok, role)
+        if mapping == "auto":
+            return build_or_load(user, member, opts.vocab_cache)
+        vmap = VocabMap.load(mapping)
+    except VocabError as e:
+        raise LoadError(f"{role}.mapping: {e}") from None
+    if not vmap.matches(user, member):
+        raise LoadError(f"{role}.mapping: {mapping!r} was built for other tokenizers (or another version of the "
+                        f"rules); rebuild it with `logitfusion vocab map --from LARGE --to {role.upper()} --out "
+                        f"{mapping}`, or write `mapping: auto`")
+    return vmap
 
 
 ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
@@ -182,11 +218,15 @@ def _logit_rows(model: nn.Module) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def load_model_set(large: dict, small: dict | None, experts: list[dict], opts: LoadOptions) -> ModelSet:
+def load_model_set(large: dict, small: dict | None, experts: list[dict], opts: LoadOptions,
+                   delta: dict | None = None) -> ModelSet:
     """Load every model of a fusion. Each spec: {"path", "template"} (+ "name" for experts).
 
     LoRA adapters among the experts are attached to the one loaded small base (PEFT
-    multi-adapter), not loaded as separate copies.
+    multi-adapter), not loaded as separate copies. `small` may carry "mapping" ("auto" or a map
+    file): then the small base and experts (one shared tokenizer) may differ from the large
+    model's vocabulary, and their logits are mapped into it. `delta` ({"path", "template",
+    "mapping"}) is a cross-model-control delta model for the large (user) model.
     """
     roles = {"large": large} | ({"small": small} if small else {})
     if experts and not small:
@@ -204,8 +244,16 @@ def load_model_set(large: dict, small: dict | None, experts: list[dict], opts: L
         has_tok = any((Path(e["path"]) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
         if has_tok:  # an adapter or expert without tokenizer files inherits the small base's
             tokenizers[f"expert:{e['name']}"] = load_tokenizer(e["path"], f"expert:{e['name']}", opts)
-    check_same_vocabulary(tokenizers)
     tokenizer = tokenizers["large"]
+    side = {r: t for r, t in tokenizers.items() if r != "large"}
+    small_map = None
+    if small and small.get("mapping") and not same_vocabulary(tokenizer, tokenizers["small"]):
+        check_same_vocabulary(side)  # the small base and its experts still share one vocabulary
+        small_map = resolve_map(tokenizer, tokenizers["small"], small["mapping"], "small", opts)
+    else:
+        check_same_vocabulary(tokenizers)
+    foreign = dict(tokenizer=tokenizers["small"], vocab_map=small_map,
+                   vocab=len(tokenizers["small"])) if small_map is not None else {}
 
     large_model = load_causal_lm(large["path"], "large", opts)
     members = {"large": Member("large", large_model, None, large.get("template", "{prompt}"),
@@ -215,24 +263,47 @@ def load_model_set(large: dict, small: dict | None, experts: list[dict], opts: L
     peft_small = _attach_adapters(small_model, adapters, opts) if adapters else None
     if small:
         members["small"] = Member("small", peft_small or small_model, "__base__" if peft_small else None,
-                                  small.get("template", "{prompt}"), _context_of(small_model))
+                                  small.get("template", "{prompt}"), _context_of(small_model), **foreign)
     expert_members = []
     for e, kind in zip(experts, expert_kinds):
         role = f"expert:{e['name']}"
         if kind == "adapter":
             expert_members.append(Member(role, peft_small, e["name"], e.get("template", "{prompt}"),
-                                         _context_of(small_model)))
+                                         _context_of(small_model), **foreign))
         else:
             m = load_causal_lm(e["path"], role, opts)
             check_expert_architecture(small_model, m, role)
-            expert_members.append(Member(role, m, None, e.get("template", "{prompt}"), _context_of(m)))
+            expert_members.append(Member(role, m, None, e.get("template", "{prompt}"), _context_of(m), **foreign))
+    delta_member = _load_delta(delta, tokenizer, opts) if delta else None
 
     vocab_size = len(tokenizer)
-    for member in [members["large"], members.get("small"), *expert_members]:
-        if member is not None and _logit_rows(member.model) < vocab_size:
+    for member in [members["large"], members.get("small"), *expert_members, delta_member]:
+        need = (member.vocab or vocab_size) if member is not None else 0
+        if member is not None and _logit_rows(member.model) < need:
             raise LoadError(f"{member.role}: the model outputs {_logit_rows(member.model)} logits but the "
-                            f"tokenizer has {vocab_size} tokens; tokenizer and weights do not belong together")
-    return ModelSet(tokenizer, members["large"], members.get("small"), expert_members, vocab_size)
+                            f"tokenizer has {need} tokens; tokenizer and weights do not belong together")
+    return ModelSet(tokenizer, members["large"], members.get("small"), expert_members, vocab_size, delta_member)
+
+
+def _load_delta(spec: dict, user_tok, opts: LoadOptions) -> Member:
+    """The delta model of cross-model control. Its own tokenizer decides: the user's vocabulary
+    (used as is), or another one, which needs `mapping` (auto or a map file)."""
+    if model_kind(spec["path"], "delta") == "adapter":
+        raise LoadError(f"delta: {spec_path(spec)!r} is a PEFT adapter; a delta model must be a full model "
+                        "directory (as `logitfusion delta train` writes)")
+    tok = load_tokenizer(spec["path"], "delta", opts)
+    vmap = None
+    if not same_vocabulary(tok, user_tok):
+        if not spec.get("mapping"):
+            raise VocabularyMismatchError(
+                f"delta: its vocabulary ({len(tok)} tokens) is not the large (user) model's ({len(user_tok)} "
+                "tokens), and no mapping is given. Set `mapping: auto` in the recipe's `delta` section to map "
+                "the vocabularies (PM-MinED, cached with load.vocab_cache), or `mapping: FILE` from "
+                "`logitfusion vocab map --from LARGE --to DELTA --out FILE`.")
+        vmap = resolve_map(user_tok, tok, spec["mapping"], "delta", opts)
+    model = load_causal_lm(spec["path"], "delta", opts)
+    extra = dict(tokenizer=tok, vocab_map=vmap, vocab=len(tok)) if vmap is not None else {}
+    return Member("delta", model, None, spec.get("template", "{prompt}"), _context_of(model), **extra)
 
 
 def spec_path(spec: dict) -> str:

@@ -4,7 +4,8 @@ Written as YAML, TOML or JSON, or built in Python; the same recipe drives genera
 evaluation and the server. Relative paths are resolved against the recipe file's folder.
 
     large: {path: models/large, template: "Few-shot examples...\\n{prompt}"}
-    small: {path: models/small}
+    small: {path: models/small}       # + mapping: auto when its tokenizer differs from large's
+    delta: {path: deltas/instruct, strength: 1.0}   # cross-model control (+ mapping: auto)
     experts:
       - {name: math, path: experts/math}
       - {name: qa, path: experts/qa-lora}      # a PEFT LoRA adapter of the small base
@@ -16,6 +17,7 @@ evaluation and the server. Relative paths are resolved against the recipe file's
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -24,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .models import LoadOptions
-from .solvers import Alone, Dynamic, SolverError, Static, Solver, check_grid, make_grid
+from .solvers import Alone, Delta, Dynamic, SolverError, Static, Solver, check_grid, make_grid
 
 
 class RecipeError(ValueError):
@@ -51,6 +53,37 @@ class ExpertSpec(ModelSpec):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
 
 
+class MappedSpec(ModelSpec):
+    """A model that may have another tokenizer than the large model's. mapping: none (the
+    vocabularies must match), "auto" (build a PM-MinED map, method.md §8) or a map file written by
+    `logitfusion vocab map --from LARGE --to THIS`."""
+
+    mapping: str | None = None
+
+    @field_validator("mapping")
+    @classmethod
+    def _mapping(cls, v: str | None) -> str | None:
+        if v is not None and v.strip().lower() in ("", "none", "off", "false"):
+            return None
+        if v is not None and not (v == "auto" or v.endswith(".safetensors")):
+            raise ValueError(f"mapping {v!r}: write auto, or the path of a .safetensors map from "
+                             "`logitfusion vocab map`, or leave it out (vocabularies must match)")
+        return v
+
+
+class DeltaSpec(MappedSpec):
+    """Cross-model control: a delta model added to the large (user) model's log-probs."""
+
+    strength: float = 1.0
+
+    @field_validator("strength")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("strength must be a finite number (1 = as trained)")
+        return v
+
+
 class GridSpec(_Strict):
     start: float = 0.0
     stop: float = 2.0
@@ -61,7 +94,7 @@ class GridSpec(_Strict):
 
 
 class SolverSpec(_Strict):
-    kind: Literal["dynamic", "static", "large", "expert"] = "dynamic"
+    kind: Literal["dynamic", "static", "large", "expert", "delta"] = "dynamic"
     weights: list[float] = [1.0]  # static: one per expert, or one for all
     grid: GridSpec | list[float] = GridSpec()
     strategy: Literal["fast", "joint"] = "fast"
@@ -87,6 +120,7 @@ class LoadSpec(_Strict):
     device_map: str | dict | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    vocab_cache: str | None = None  # folder for maps built by `mapping: auto` (default: not saved)
 
 
 class GenerationSpec(_Strict):
@@ -101,8 +135,9 @@ class GenerationSpec(_Strict):
 
 class Recipe(_Strict):
     large: ModelSpec
-    small: ModelSpec | None = None
+    small: MappedSpec | None = None  # small.mapping also covers the experts (one shared tokenizer)
     experts: list[ExpertSpec] = []
+    delta: DeltaSpec | None = None
     ceiling: ModelSpec | None = None  # a fine-tuned large model, for gap-closed figures
     solver: SolverSpec = SolverSpec()
     load: LoadSpec = LoadSpec()
@@ -111,7 +146,10 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _check(self):
         if "solver" not in self.model_fields_set and not self.experts:
-            self.solver = SolverSpec(kind="large")  # nothing to fuse: the large model alone
+            # nothing to fuse: the delta model on the large one, else the large model alone
+            self.solver = SolverSpec(kind="delta" if self.delta else "large")
+        if self.solver.kind == "delta" and self.delta is None:
+            raise ValueError("solver kind 'delta' needs a `delta` section: {path: DELTA_MODEL, strength: 1.0}")
         if self.experts and self.small is None:
             raise ValueError("experts need the small base model they were fine-tuned from: add `small`")
         names = [e.name for e in self.experts]
@@ -163,9 +201,14 @@ class Recipe(_Strict):
 
     def resolve_paths(self, base: Path) -> "Recipe":
         r = self.model_copy(deep=True)
-        for spec in [r.large, r.small, r.ceiling, *r.experts]:
+        for spec in [r.large, r.small, r.ceiling, r.delta, *r.experts]:
             if spec is not None and not Path(spec.path).is_absolute():
                 spec.path = str((base / spec.path).resolve())
+        for spec in [r.small, r.delta]:
+            if spec is not None and spec.mapping not in (None, "auto") and not Path(spec.mapping).is_absolute():
+                spec.mapping = str((base / spec.mapping).resolve())
+        if r.load.vocab_cache and not Path(r.load.vocab_cache).is_absolute():
+            r.load.vocab_cache = str((base / r.load.vocab_cache).resolve())
         return r
 
     def save(self, path: str | Path) -> None:
@@ -189,9 +232,16 @@ class Recipe(_Strict):
                 return Dynamic(s.grid_values(), strategy=s.strategy, a_max=s.a_max)
             if s.kind == "large":
                 return Alone("large")
+            if s.kind == "delta":
+                return Delta(self.delta.strength)
             return Alone("expert", [e.name for e in self.experts].index(s.expert))
         except SolverError as e:
             raise RecipeError(f"solver: {e}") from None
+
+    @property
+    def delta_strength(self) -> float | None:
+        """The delta's strength for method specs ("delta" without a value), None without a delta."""
+        return self.delta.strength if self.delta else None
 
     def load_options(self) -> LoadOptions:
         return LoadOptions(**self.load.model_dump())

@@ -125,6 +125,7 @@ class Solver:
     uses_large = True
     uses_small = True
     experts: tuple[int, ...] | None = None  # indices of experts read; None = all
+    uses_delta = False  # reads the delta model (cross-model control), listed after the experts
 
     def __call__(self, z_large: Tensor | None, z_small: Tensor | None,
                  z_experts: Tensor | None) -> Choice:
@@ -246,14 +247,44 @@ class Alone(Solver):
         return Choice((z_large if self.member == "large" else z_experts[:, 0]).float())
 
 
+@dataclass
+class Delta(Solver):
+    """Cross-model control (method.md §7): decode from log_softmax(z_user) + a * z_delta, where the
+    user model is the recipe's `large` and z_delta is already in the user's vocabulary (mapped,
+    0 where unmapped, when the delta has another tokenizer)."""
+
+    strength: float = 1.0
+    name: str = "delta"
+    uses_small = False
+    experts = ()
+    uses_delta = True
+
+    def check(self, n_experts: int) -> None:
+        if not math.isfinite(self.strength):
+            raise SolverError(f"delta strength must be finite, got {self.strength}")
+
+    def on(self, z: Sequence[Tensor]) -> Choice:
+        z_user, z_delta = z
+        return Choice(z_user.float().log_softmax(-1) + self.strength * z_delta.float())
+
+
 def parse_method(spec: str, expert_names: Sequence[str], grid: Sequence[float] | None = None,
-                 strategy: str | None = None, a_max: float | None = None) -> Solver:
+                 strategy: str | None = None, a_max: float | None = None,
+                 delta_strength: float | None = None) -> Solver:
     """A solver from a short spec, as used by the CLI and evaluation:
 
     "large" | "expert" (the first expert) | "expert:NAME" | "static" (a = 1) | "static:0.5" |
-    "static:0.5,1.0" (one per expert) | "dynamic" | "dynamic:fast" | "dynamic:joint"
+    "static:0.5,1.0" (one per expert) | "dynamic" | "dynamic:fast" | "dynamic:joint" |
+    "delta" (the recipe's strength, `delta_strength`, else 1) | "delta:0.5"
     """
     kind, _, arg = spec.strip().partition(":")
+    if kind == "delta":
+        try:
+            solver = Delta(float(arg) if arg else (1.0 if delta_strength is None else delta_strength))
+        except ValueError:
+            raise SolverError(f"bad strength in {spec!r}; write e.g. delta or delta:0.5") from None
+        solver.check(len(expert_names))
+        return solver
     if kind == "large" and not arg:
         return Alone("large")
     if kind == "expert":
@@ -277,7 +308,8 @@ def parse_method(spec: str, expert_names: Sequence[str], grid: Sequence[float] |
         solver = Dynamic(strategy=strategy, a_max=a_max, **kwargs)
         solver.check(len(expert_names))
         return solver
-    raise SolverError(f"unknown method {spec!r}; use large, expert[:NAME], static[:a,...], dynamic[:fast|joint]")
+    raise SolverError(f"unknown method {spec!r}; use large, expert[:NAME], static[:a,...], dynamic[:fast|joint], "
+                      "delta[:a]")
 
 
 def parse_grid(text: str) -> list[float]:
