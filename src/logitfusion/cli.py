@@ -118,7 +118,7 @@ def generate(
     large: Optional[str] = typer.Option(None, help="Large model directory (instead of a recipe)."),
     small: Optional[str] = typer.Option(None, help="Small base model directory (instead of a recipe)."),
     expert: list[str] = typer.Option([], help="Expert as NAME=PATH: a full model or a LoRA adapter of the small base. Repeat for several."),
-    solver: Optional[str] = typer.Option(None, help="Override the recipe's solver: dynamic, dynamic:joint, static, static:A[,A...], large (large model alone), expert[:NAME] (an expert alone)."),
+    solver: Optional[str] = typer.Option(None, help="Override the recipe's solver: dynamic, dynamic:joint, static, static:A[,A...], large (large model alone), expert[:NAME] (an expert alone), delta[:A] (the recipe's delta model at strength A)."),
     alpha: list[float] = typer.Option([], help="Static fusion weight(s): one for all experts or one per expert (repeat). Implies --solver static. Proxy-tuning is --alpha 1."),
     grid: Optional[str] = typer.Option(None, help="Weight grid of the dynamic solver: start:stop:step (e.g. 0:2:0.1, the default) or explicit values 0,0.5,1."),
     strategy: Optional[str] = typer.Option(None, help="Several experts, dynamic solver: 'fast' (one expert per step, as in the paper) or 'joint' (all weights together; never a worse objective)."),
@@ -334,7 +334,7 @@ def serve(
 def eval_(
     recipe: Path = typer.Option(..., "--recipe", "-r", help="Fusion recipe (YAML, TOML or JSON). Its `ceiling` (a fine-tuned large model), if any, is evaluated too, as method 'ceiling'."),
     tasks: str = typer.Option(..., "--tasks", "-t", help="Comma-separated lm-eval tasks: any lm-eval task name, ours (toy_sums, toy_sums_mc, toy_knowledge_ppl, gsm8k_local, truthfulqa_mc1_local, truthfulqa_mc2_local, triviaqa_local, mmlu_local, cnn_dailymail_local, cnn_dailymail_rouge), or a task YAML file."),
-    methods: str = typer.Option("large,expert,static:1.0,dynamic", "--methods", "-m", help="Comma-separated methods: large, expert[:NAME], static[:A] (several weights: static:0.5+1.5), dynamic, dynamic:joint."),
+    methods: str = typer.Option("large,expert,static:1.0,dynamic", "--methods", "-m", help="Comma-separated methods: large, expert[:NAME], static[:A] (several weights: static:0.5+1.5), dynamic, dynamic:joint, delta[:A] (a recipe with a `delta` section)."),
     limit: Optional[float] = typer.Option(None, help="Examples per task: a count, or a fraction below 1 (for quick checks)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL file: one line per (method, task), written as each finishes. A rerun skips the pairs already there."),
     data_dir: Optional[Path] = typer.Option(None, envvar="LOGITFUSION_DATA_DIR", help="Folder with local dataset copies for the *_local tasks (gsm8k_test.jsonl, truthfulqa.jsonl, ...; see docs/evaluation.md). Also read from $LOGITFUSION_DATA_DIR."),
@@ -380,7 +380,7 @@ def eval_(
                     raise UsageError(f"method 'ceiling' needs `ceiling: {{path: ...}}` in {recipe}")
                 continue
             parse_method(m.replace("+", ","), [e.name for e in r.experts], grid_values,
-                         strategy or r.solver.strategy, r.solver.a_max)
+                         strategy or r.solver.strategy, r.solver.a_max, r.delta_strength)
         if r.ceiling is not None and "ceiling" not in method_list:
             method_list.append("ceiling")
         method_list = [m for m in method_list if m != "ceiling"] + (["ceiling"] if "ceiling" in method_list else [])
