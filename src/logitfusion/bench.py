@@ -105,6 +105,7 @@ def run(root: str | Path, out_dir: str | Path, tasks: list[str] | None = None, l
     root, out_dir = Path(root), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "paper.jsonl"
+    writer = RecordWriter(results, key="key")  # drops a line cut short by a crash before we read
     records = {}
     if results.exists():
         for line in results.read_text().splitlines():
@@ -114,7 +115,6 @@ def run(root: str | Path, out_dir: str | Path, tasks: list[str] | None = None, l
     todo = [c for c in cells(root, tasks) if c.key not in records and (not tables or c.table in tables)]
     manager = ev.task_manager([TASK_NAMES[t] for t in {c.task for c in todo}],
                               metadata={"data_dir": str(root / "data")}) if todo else None
-    writer = RecordWriter(results, key="key")
     by_recipe: dict[str, list[Cell]] = {}
     for c in todo:
         by_recipe.setdefault(c.recipe, []).append(c)

@@ -43,10 +43,11 @@ class Size:
 class ZooConfig:
     seed: int = 0
     vocab_size: int = 1024
+    vocab_size_alt: int = 1200  # the second (SentencePiece-style BPE) tokenizer of `models/large-alt`
     large: Size = field(default_factory=lambda: Size(192, 4, 6, 512))
     small: Size = field(default_factory=lambda: Size(64, 2, 4, 192))
     context: int = 512
-    pretrain_epochs: float = 24.0
+    pretrain_epochs: float = 30.0
     pretrain_lr: float = 2e-3
     pretrain_batch: int = 32
     finetune_epochs: float = 6.0
@@ -71,6 +72,25 @@ def build_tokenizer(texts: list[str], out_dir: Path, vocab_size: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     # BOS on every encoded text (as Llama tokenizers do), so prompts and training rows agree.
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def build_metaspace_tokenizer(texts: list[str], out_dir: Path, vocab_size: int):
+    """A SentencePiece-style BPE (`▁` word marker, Llama-2 style) of another size on the same prose:
+    the zoo's second vocabulary, for cross-vocabulary fusion and delta models (method.md §8)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False)
+    tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
                                                        special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
@@ -149,8 +169,16 @@ def plan(root: Path, cfg: ZooConfig, ceilings: bool = True) -> list[Step]:
         init_model(init / "large", tok, cfg.large, cfg.context, cfg.seed + 1)
         init_model(init / "small", tok, cfg.small, cfg.context, cfg.seed + 2)
 
-    steps += [Step("data", world_files, True), Step("init", tokenizer_and_init, False)]
-    for name in ("large", "small"):
+    def alt_init():
+        if (init / "large-alt" / "config.json").exists():
+            return
+        texts = [json.loads(line)["text"] for line in (data / "pretraining.jsonl").read_text().splitlines()]
+        tok = build_metaspace_tokenizer(texts, root / "tokenizer-alt", cfg.vocab_size_alt)
+        init_model(init / "large-alt", tok, cfg.large, cfg.context, cfg.seed + 3)
+
+    steps += [Step("data", world_files, True), Step("init", tokenizer_and_init, False),
+              Step("init-alt", alt_init, False)]
+    for name in ("large", "small", "large-alt"):
         steps.append(Step(f"models/{name}", lambda n=name: _finetune(
             init / n, data / "pretraining.jsonl", models / n, lr=cfg.pretrain_lr, epochs=cfg.pretrain_epochs,
             batch=cfg.pretrain_batch, seed=cfg.seed), True))
@@ -198,6 +226,8 @@ def build(root: str | Path, cfg: ZooConfig | None = None, ceilings: bool = True,
         result = step.run()
         seconds = time.perf_counter() - t0
         if not getattr(result, "skipped", False) and seconds > 1:
+            # re-read: two builds of disjoint steps (--only) may share the folder
+            timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
             timings[step.name] = round(seconds, 1)
             timings_file.write_text(json.dumps(timings, indent=1))
         log(f"[zoo] {step.name} done in {seconds:.0f}s")
@@ -227,7 +257,20 @@ def install(root: str | Path, dest: str | Path = BUNDLED) -> int:
             total += src.stat().st_size
     if (root / "timings.json").exists():
         shutil.copy2(root / "timings.json", dest / "timings.json")
+    write_golden(dest)
     return total
+
+
+def write_golden(dest: Path, n_tokens: int = 12) -> None:
+    """Token ids of short greedy generations on the shipped models (tests/test_zoo.py checks them),
+    so any change that moves the zoo's outputs is seen."""
+    from .fuser import Fuser
+    prompts = [json.loads(line)["prompt"] for line in (dest / "data" / "math" / "test.jsonl").read_text().splitlines()[:2]]
+    fuser = Fuser.from_pretrained(str(dest / "models" / "large"), str(dest / "models" / "small"),
+                                  {"math": str(dest / "experts" / "math")})
+    ids = {m: [g.token_ids for g in fuser.generate(prompts, solver=m, max_new_tokens=n_tokens)]
+           for m in ("large", "expert", "static:1.0", "dynamic")}
+    (dest / "golden.json").write_text(json.dumps({"prompts": prompts, "max_new_tokens": n_tokens, "ids": ids}))
 
 
 def describe(root: str | Path) -> list[dict]:
