@@ -343,3 +343,48 @@ def test_server_serves_a_delta_recipe(delta_recipe):
                                               extra_body={"fusion": {"solver": "large"}})
     assert got.choices[0].text == want
     assert alone.choices[0].text == fuser.generate(["the cat sells"], solver="large", max_new_tokens=6)[0].text
+
+
+def test_delta_training_resumes_from_its_last_checkpoint(family, task_data, tmp_path):
+    """A run cut short after its checkpoint at step 2 (here: what it wrote later removed) resumes
+    there and ends with the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+    cfg = dict(template=family["large"], delta="hidden=16,layers=1,heads=2", data=str(task_data["train"]),
+               max_steps=3, lr=5e-3, batch_size=4, save_steps=2)
+    whole = train_delta(DeltaConfig(**cfg, out=str(tmp_path / "whole")))
+    cut = tmp_path / "cut"
+    train_delta(DeltaConfig(**cfg, out=str(cut)))
+    import shutil
+    (cut / "delta.json").unlink()
+    (cut / "model.safetensors").unlink()
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-3")
+    resumed = train_delta(DeltaConfig(**cfg, out=str(cut)))
+    assert resumed.resumed_from and resumed.resumed_from.endswith("checkpoint-2")
+    assert resumed.global_step == whole.global_step == 3
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"solver": {"kind": "delta"}}, "solver kind 'delta' needs a `delta` section"),
+    ({"delta": {"path": "D", "mapping": "nearest"}}, "field `delta.mapping`: mapping 'nearest': write auto"),
+    ({"delta": {"path": "D", "strength": float("nan")}}, "field `delta.strength`: strength must be a finite number"),
+    ({"delta": {"path": "D", "strenght": 1}}, "field `delta.strenght`: unknown field"),
+    ({"delta": {"strength": 1}}, "field `delta.path`: required field is missing"),
+    ({"small": {"path": "S", "mapping": 3}}, "field `small.mapping`"),
+])
+def test_recipe_delta_section_errors_name_the_field(data, message):
+    from logitfusion.recipe import Recipe, RecipeError
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Recipe.from_dict({"large": {"path": "L"}} | data)
+
+
+def test_recipe_delta_defaults_and_relative_paths(tmp_path):
+    from logitfusion.recipe import Recipe
+    r = Recipe.from_dict({"large": {"path": "L"}, "delta": {"path": "D", "mapping": "maps/m.safetensors"},
+                          "load": {"vocab_cache": "cache"}}, base_dir=tmp_path)
+    assert r.solver.kind == "delta" and r.build_solver().strength == 1.0 and r.delta_strength == 1.0
+    assert r.delta.path == str(tmp_path / "D") and r.delta.mapping == str(tmp_path / "maps" / "m.safetensors")
+    assert r.load.vocab_cache == str(tmp_path / "cache")
+    assert Recipe.from_dict({"large": {"path": "L"}, "delta": {"path": "D", "mapping": "auto"}}).delta.mapping == "auto"
