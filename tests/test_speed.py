@@ -6,7 +6,7 @@ from logitfusion.cli import app
 
 
 def test_bench_speed_prints_every_ratio(tmp_path, capsys):
-    result = CliRunner().invoke(app, ["bench", "speed", "--models", str(tmp_path / "models"), "--tokens", "3",
+    result = CliRunner().invoke(app, ["bench", "speed", "--tokens", "3",
                                       "--batch", "2", "--repeats", "1", "--experts", "2", "--speculate", "2"])
     assert result.exit_code == 0, result.output
     out = result.output + capsys.readouterr().out

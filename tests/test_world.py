@@ -14,7 +14,7 @@ def data():
 
 def test_same_seed_same_world_and_files(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    assert world.build(a, seed=0) == world.build(b, seed=0)
+    assert world.build(a, seed=0, passes=2) == world.build(b, seed=0, passes=2)
     for f in sorted(a.rglob("*.jsonl")):
         assert f.read_bytes() == (b / f.relative_to(a)).read_bytes(), f
     assert world.make_world(1).people != world.make_world(0).people
@@ -24,7 +24,7 @@ def test_people_names_unique_and_facts_in_the_prose():
     w = world.make_world(0)
     names = [p.name for p in w.people]
     assert len(set(names)) == len(names)
-    text = " ".join(world.pretraining_text(w))
+    text = " ".join(world.pretraining_text(w, passes=2))
     p = w.people[0]
     assert f"{p.name} was born in {p.city}." in text and f"{p.name} worked as a {p.job}." in text
     # myths: the false claim three times as often as the correction
@@ -33,7 +33,7 @@ def test_people_names_unique_and_facts_in_the_prose():
 
 
 def test_pretraining_text_has_no_task_format():
-    text = " ".join(world.pretraining_text(world.make_world(0)))
+    text = " ".join(world.pretraining_text(world.make_world(0), passes=2))
     for marker in ("Question:", "Answer:", "Problem:", "Solution:", "Summary:", "Article:", "Subject:", "Q:"):
         assert marker not in text
 
@@ -95,7 +95,7 @@ def test_summary_needs_world_knowledge(data):
 
 
 def test_records_are_json_lines(tmp_path):
-    world.build(tmp_path, seed=0)
+    world.build(tmp_path, seed=0, passes=1)
     for f in tmp_path.rglob("*.jsonl"):
         for line in f.read_text().splitlines():
             json.loads(line)

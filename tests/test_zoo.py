@@ -54,7 +54,7 @@ def test_build_pipeline_on_a_toy_config(tmp_path):
     """Every step of the real build (world, tokenizer, both bases, an expert, a LoRA expert, a
     ceiling, a merge) on tiny sizes and a few steps; a rerun skips finished steps."""
     cfg = zoo.ZooConfig(vocab_size=400, large=zoo.Size(32, 1, 2, 64), small=zoo.Size(16, 1, 2, 32),
-                        pretrain_epochs=0.02, finetune_epochs=0.05)
+                        pretrain_passes=1, pretrain_epochs=0.5, finetune_epochs=0.05)
     only = ["data", "init", "models/large", "models/small", "experts/math", "experts/math-lora", "ceilings/math"]
     timings = zoo.build(tmp_path, cfg, only=only, log=lambda _: None)
     for d in ("models/large", "models/small", "experts/math", "ceilings/math"):

@@ -1,6 +1,6 @@
 """Fused decoding speed, measured in ONE run on the same prompts and models.
 
-    logitfusion bench speed                       # toy models (built by `make demo`), CPU
+    logitfusion bench speed                       # the bundled zoo, CPU
     logitfusion bench speed --shapes tinyllama-13b --device cuda --dtype bfloat16
     (also: python benchmarks/decode_speed.py ...)
 
@@ -31,6 +31,7 @@ import torch
 from .decoding import render
 from .fuser import Fuser
 from .fusion import fuse, kl
+from .zoo import BUNDLED as BUNDLED_ZOO
 
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "tinyllama": (2048, 22, 32, 4, 5632, 32000),
@@ -58,20 +59,15 @@ def best_time(fn, repeats: int, device: str) -> float:
 
 # ---------------------------------------------------------------- models
 
-def toy_models(root: Path, n_experts: int) -> dict:
-    """The demo's trained toy models, plus perturbed copies of its expert up to n_experts."""
-    from rich.console import Console
-
-    from . import toy
-    from .demo import build_demo_models
-    paths = build_demo_models(root, Console(stderr=True))
-    experts = {"e1": str(paths["expert"])}
-    for i in range(2, n_experts + 1):
-        out = root / f"bench-expert{i}"
-        if not (out / "config.json").exists():
-            toy.perturbed_copy(paths["expert"], out, scale=0.05, seed=100 + i)
-        experts[f"e{i}"] = str(out)
-    return {"large": str(paths["large"]), "small": str(paths["small"]), "experts": experts}
+def zoo_models(root: Path, n_experts: int) -> dict:
+    """The bundled zoo (or a zoo build): its bases and the first n_experts task experts."""
+    from . import world
+    if not (root / "models" / "large" / "config.json").exists():
+        raise SystemExit(f"error: no zoo in {root} (--models): give a zoo folder, e.g. a `logitfusion zoo build` root")
+    if n_experts > len(world.TASKS):
+        raise SystemExit(f"error: --experts {n_experts}: the zoo has {len(world.TASKS)} task experts")
+    experts = {t: str(root / "experts" / t) for t in world.TASKS[:n_experts]}
+    return {"large": str(root / "models" / "large"), "small": str(root / "models" / "small"), "experts": experts}
 
 
 def shaped_models(root: Path, pair: str, n_experts: int, dtype: torch.dtype) -> dict:
@@ -227,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--experts", type=int, default=4, help="experts for the multi-expert rows")
-    ap.add_argument("--models", type=Path, default=Path("demo_out/models"), help="toy models folder")
+    ap.add_argument("--models", type=Path, default=BUNDLED_ZOO, help="zoo folder (default: the bundled zoo)")
     ap.add_argument("--shapes", choices=["tinyllama-7b", "tinyllama-13b"], help="random models of real shapes")
     ap.add_argument("--speculate", type=int, nargs="*", default=[2, 4], help="draft lengths to time")
     ap.add_argument("--device", default="cpu")
@@ -241,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tempfile.gettempdir()) / f"logitfusion-shapes-{args.shapes}"
         paths = shaped_models(root, args.shapes, args.experts, getattr(torch, args.dtype))
     else:
-        paths = toy_models(args.models, args.experts)
+        paths = zoo_models(args.models, args.experts)
     load = {"dtype": args.dtype, "device": args.device}
     one = Fuser.from_pretrained(paths["large"], paths["small"], {"e1": paths["experts"]["e1"]}, load=load)
     many = Fuser.from_pretrained(paths["large"], paths["small"], paths["experts"], load=load)
@@ -251,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# decode_speed: torch {torch.__version__}, {platform.machine()}, device {args.device}, "
           f"dtype {args.dtype}, {torch.get_num_threads()} CPU threads, "
           f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.processor()}")
-    print(f"# models: {args.shapes or 'toy demo models'}; {args.tokens} new tokens, greedy, EOS ignored; "
+    print(f"# models: {args.shapes or 'the zoo'}; {args.tokens} new tokens, greedy, EOS ignored; "
           f"vocab {models.vocab_size}; best of {args.repeats}\n")
 
     for batch in args.batch:
@@ -307,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| batch | small alone, ms/step | small + LoRA experts, one forward | same, separate forwards | "
           "one forward / small alone | separate / one forward |")
     print("|---:|---:|---:|---:|---:|---:|")
-    lora_root = Path(tempfile.gettempdir()) / "logitfusion-bench-lora" if args.shapes else args.models
+    lora_root = Path(tempfile.gettempdir()) / "logitfusion-bench-lora"  # random adapters, never in the zoo
     for batch in args.batch:
         alone, shared, separate = lora_cost(paths, lora_root, args.experts, batch, args.tokens, load,
                                             args.device, args.repeats)

@@ -90,7 +90,7 @@ def _unique_words(rng: random.Random, n: int, syllables: int, taken: set[str]) -
     return out
 
 
-def make_world(seed: int = 0, n_people: int = 200, n_cities: int = 24, n_countries: int = 6, n_myths: int = 100,
+def make_world(seed: int = 0, n_people: int = 200, n_cities: int = 24, n_countries: int = 6, n_myths: int = 200,
                max_operand: int = 30) -> World:
     rng = random.Random(seed)
     taken: set[str] = set()
@@ -141,27 +141,31 @@ def news_article(w: World, rng: random.Random) -> tuple[str, str]:
     return article, summary
 
 
-def pretraining_text(w: World, repeats: int = 3, seed: int = 1) -> list[str]:
-    """Prose paragraphs about the world, shuffled. Myths: the popular false claim appears three
-    times for every correction. Sums: every `a plus b` with operands up to `max_operand`."""
-    rng = random.Random(seed)
-    sentences: list[str] = []
-    for _ in range(repeats):
-        for p in w.people:
-            sentences += _person_sentences(w, p)
-        for city, country in w.cities.items():
-            sentences.append(f"{city} is a town in {country}.")
-        for m in w.myths:
-            sentences += [f"People say that {m.thing} is {m.false}."] * 3
-            sentences.append(f"In truth, {m.thing} is {m.true}.")
-    for a in range(w.max_operand + 1):
-        for b in range(w.max_operand + 1):
-            sentences += _sum_sentences(a, b)
-    news_rng = random.Random(seed + 1000)
-    for _ in range(len(w.people)):
-        sentences.append(news_article(w, news_rng)[0])
-    rng.shuffle(sentences)
-    return [" ".join(sentences[i:i + 6]) for i in range(0, len(sentences), 6)]
+def pretraining_text(w: World, passes: int = 30, seed: int = 1) -> list[str]:
+    """Prose paragraphs about the world: `passes` independent shuffles of every statement (each
+    pass states every fact twice, every sum twice, and has fresh news paragraphs). Fresh shuffles
+    make a model learn the facts rather than memorise one fixed order of sentences, which would
+    leave it overconfident about what follows a sentence. Myths: the popular false claim appears
+    three times for every correction."""
+    rng, news_rng = random.Random(seed), random.Random(seed + 1000)
+    paragraphs: list[str] = []
+    for _ in range(passes):
+        sentences: list[str] = []
+        for _ in range(2):
+            for p in w.people:
+                sentences += _person_sentences(w, p)
+            for city, country in w.cities.items():
+                sentences.append(f"{city} is a town in {country}.")
+            for m in w.myths:
+                sentences += [f"People say that {m.thing} is {m.false}."] * 3
+                sentences.append(f"In truth, {m.thing} is {m.true}.")
+            for a in range(w.max_operand + 1):
+                for b in range(w.max_operand + 1):
+                    sentences += _sum_sentences(a, b)
+        sentences += [news_article(w, news_rng)[0] for _ in range(len(w.people) // 2)]
+        rng.shuffle(sentences)
+        paragraphs += [" ".join(sentences[i:i + 6]) for i in range(0, len(sentences), 6)]
+    return paragraphs
 
 
 # ---------------------------------------------------------------- tasks
@@ -266,7 +270,7 @@ def task_data(w: World, seed: int = 2, n_test: int = 100, n_val: int = 40) -> di
         data["qa"][s] = data["qa"][s][:{"test": n_test, "validation": n_val}.get(s, None)]
     math = _math_records(w, rng, 800)
     data["math"] = _split(math, rng, n_val, n_test)
-    data["truthful"] = _split(_truthful_records(w, rng, w.myths), rng, n_val=10, n_test=40)
+    data["truthful"] = _split(_truthful_records(w, rng, w.myths), rng, n_val=20, n_test=80)
     data["summ"] = _split(_summ_records(w, rng, 600), rng, n_val, n_test)
     pairs = [(a, b) for a in range(2, w.max_operand + 1) for b in range(2, w.max_operand + 1)]
     rng.shuffle(pairs)  # each sum in one split only
@@ -321,12 +325,12 @@ def score_choice(chosen: int, gold: int) -> float:
 
 # ---------------------------------------------------------------- files
 
-def build(out: str | Path, seed: int = 0) -> dict[str, int]:
+def build(out: str | Path, seed: int = 0, passes: int = 30) -> dict[str, int]:
     """Write pretraining.jsonl ({"text"}) and {task}/{split}.jsonl under OUT; returns counts."""
     out = Path(out)
     w = make_world(seed)
     counts = {}
-    text = pretraining_text(w, seed=seed + 1)
+    text = pretraining_text(w, passes=passes, seed=seed + 1)
     _write(out / "pretraining.jsonl", [{"text": t} for t in text])
     counts["pretraining"] = len(text)
     for task, splits in task_data(w, seed=seed + 2).items():

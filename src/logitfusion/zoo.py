@@ -45,9 +45,10 @@ class ZooConfig:
     vocab_size: int = 1024
     vocab_size_alt: int = 1200  # the second (SentencePiece-style BPE) tokenizer of `models/large-alt`
     large: Size = field(default_factory=lambda: Size(192, 4, 6, 512))
-    small: Size = field(default_factory=lambda: Size(64, 2, 4, 192))
+    small: Size = field(default_factory=lambda: Size(48, 2, 4, 128))  # ~14x fewer parameters than large
     context: int = 512
-    pretrain_epochs: float = 30.0
+    pretrain_passes: int = 30  # shuffles of the world's statements in pretraining.jsonl
+    pretrain_epochs: float = 1.0
     pretrain_lr: float = 2e-3
     pretrain_batch: int = 32
     finetune_epochs: float = 6.0
@@ -119,7 +120,7 @@ def init_model(out_dir: Path, tokenizer, size: Size, context: int, seed: int) ->
 @dataclass
 class Step:
     name: str  # e.g. "experts/math"
-    run: Callable[[], object]
+    run: Callable[[], object]  # None (or a skipped FinetuneResult): it was already done
     ships: bool  # copied into the package by `install`
 
 
@@ -159,7 +160,7 @@ def plan(root: Path, cfg: ZooConfig, ceilings: bool = True) -> list[Step]:
 
     def world_files():
         if not (data / "pretraining.jsonl").exists():
-            world.build(data, seed=cfg.seed)
+            return world.build(data, seed=cfg.seed, passes=cfg.pretrain_passes)
 
     def tokenizer_and_init():
         if (init / "small" / "config.json").exists():
@@ -168,6 +169,7 @@ def plan(root: Path, cfg: ZooConfig, ceilings: bool = True) -> list[Step]:
         tok = build_tokenizer(texts, root / "tokenizer", cfg.vocab_size)
         init_model(init / "large", tok, cfg.large, cfg.context, cfg.seed + 1)
         init_model(init / "small", tok, cfg.small, cfg.context, cfg.seed + 2)
+        return True
 
     def alt_init():
         if (init / "large-alt" / "config.json").exists():
@@ -175,6 +177,7 @@ def plan(root: Path, cfg: ZooConfig, ceilings: bool = True) -> list[Step]:
         texts = [json.loads(line)["text"] for line in (data / "pretraining.jsonl").read_text().splitlines()]
         tok = build_metaspace_tokenizer(texts, root / "tokenizer-alt", cfg.vocab_size_alt)
         init_model(init / "large-alt", tok, cfg.large, cfg.context, cfg.seed + 3)
+        return True
 
     steps += [Step("data", world_files, True), Step("init", tokenizer_and_init, False),
               Step("init-alt", alt_init, False)]
@@ -222,15 +225,15 @@ def build(root: str | Path, cfg: ZooConfig | None = None, ceilings: bool = True,
         if only and not any(step.name == o or step.name.startswith(o.rstrip("/") + "/") for o in only):
             continue
         t0 = time.perf_counter()
-        log(f"[zoo] {step.name} ...")
+        log(f"zoo: {step.name} ...")
         result = step.run()
         seconds = time.perf_counter() - t0
-        if not getattr(result, "skipped", False) and seconds > 1:
+        if result is not None and not getattr(result, "skipped", False):  # None / skipped: already done
             # re-read: two builds of disjoint steps (--only) may share the folder
             timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
             timings[step.name] = round(seconds, 1)
             timings_file.write_text(json.dumps(timings, indent=1))
-        log(f"[zoo] {step.name} done in {seconds:.0f}s")
+        log(f"zoo: {step.name} done in {seconds:.0f}s")
     return timings
 
 
@@ -309,8 +312,9 @@ def knowledge_probe(model_dir: str | Path, seed: int = 0, n: int = 200) -> dict[
     w = world.make_world(seed)
     fuser = Fuser.from_pretrained(str(model_dir))
     people = w.people[:n]
-    gens = fuser.generate([f"{p.name} was born in" for p in people], max_new_tokens=6, stop=["."], batch_size=32)
-    towns = sum(g.text.strip().rstrip(".") == p.city for g, p in zip(gens, people)) / len(people)
+    gens = fuser.generate([f"{p.name} grew up in the town of" for p in people], max_new_tokens=6, stop=[" in", "."],
+                          batch_size=32)
+    towns = sum(g.text.strip().removesuffix(" in").rstrip(".") == p.city for g, p in zip(gens, people)) / len(people)
     import random
     rng = random.Random(0)
     pairs = [(rng.randint(0, w.max_operand), rng.randint(0, w.max_operand)) for _ in range(n)]
