@@ -681,5 +681,40 @@ def bench_paper(
     console.print(f"wrote {out / 'paper.md'}")
 
 
+@bench_app.command("cmc")
+def bench_cmc(
+    root: Path = typer.Option(ZOO_ROOT, envvar="LOGITFUSION_ZOO_ROOT", help="A zoo build folder with models/large, models/small and models/large-alt; missing deltas are trained first."),
+    out: Path = typer.Option(Path("docs/results"), "--out", "-o", help="Folder for cmc.jsonl (one line per cell, resumable) and cmc.md."),
+    limit: int = typer.Option(100, help="Test examples per zoo task and per forget/retain/heldout set."),
+    batch_size: int = typer.Option(16, help="Requests decoded or scored together."),
+    train: bool = typer.Option(True, help="Train deltas/instruct and deltas/unlearn when missing (--no-train: fail instead)."),
+):
+    """Cross-model control on the zoo: the instruct delta's task gain and the unlearn delta's
+    forget/retain accuracy, plugged into the template, models/small and models/large-alt (another
+    tokenizer, mapping: auto), plus the mapping between the zoo's tokenizers. Rerun to resume."""
+    import sys
+
+    from . import cmc_bench
+    if limit < 1:
+        _fail(f"--limit must be >= 1, got {limit}")
+    start = time.perf_counter()
+    with _progress() as bar:
+        job = bar.add_task("bench cmc", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(job, total=total, completed=done, description=what)
+
+        try:
+            records = cmc_bench.run(root, out, limit=limit, batch_size=batch_size, train=train, progress=progress,
+                                    log=console.print)
+        except cmc_bench.CmcBenchError as e:
+            _fail(str(e))
+    command = "logitfusion bench cmc " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "logitfusion bench cmc"
+    text = cmc_bench.report(records, root, command=command, seconds=time.perf_counter() - start)
+    (out / "cmc.md").write_text(text)
+    typer.echo(text)
+    console.print(f"wrote {out / 'cmc.md'}")
+
+
 if __name__ == "__main__":
     app()
