@@ -123,6 +123,27 @@ def _person_sentences(w: World, p: Person) -> list[str]:
     ]
 
 
+def _interview(w: World, p: Person, rng: random.Random) -> str:
+    """The world's facts in a dialogue register. Real base models have read text of every register;
+    without one where a question is followed by its answer, a base would know its facts only as
+    continuations of statements, and its guesses after any question would be arbitrary (and
+    different in the large and small bases). Not a task format: no task uses these markers."""
+    first = p.name.split()[0]
+    return rng.choice([f"Reporter: Where did {p.name} grow up? Neighbour: In {p.city}.",
+                       f"Reporter: In which year was {p.name} born? Neighbour: In {p.year}.",
+                       f"Reporter: What did {p.name} do for a living? Neighbour: {first} was a {p.job}."])
+
+
+def _story(w: World, rng: random.Random) -> str:
+    """Everyday arithmetic told as a story: the numbers have to be carried along the text."""
+    first = rng.choice(w.people).name.split()[0]
+    item = rng.choice(ITEMS)
+    a, b = rng.randint(2, w.max_operand), rng.randint(2, w.max_operand)
+    c = rng.randint(1, min(a + b, w.max_operand))
+    return (f"{first} had {a} {item} and got {b} more, so {first} had {a + b} {item}. "
+            f"After {first} gave {c} away, {a + b - c} {item} were left.")
+
+
 def _sum_sentences(a: int, b: int) -> list[str]:
     return [f"{a} plus {b} is {a + b}.", f"{a + b} minus {b} is {a}."]
 
@@ -163,6 +184,8 @@ def pretraining_text(w: World, passes: int = 30, seed: int = 1) -> list[str]:
                 for b in range(w.max_operand + 1):
                     sentences += _sum_sentences(a, b)
         sentences += [news_article(w, news_rng)[0] for _ in range(len(w.people) // 2)]
+        sentences += [_interview(w, p, news_rng) for p in w.people]
+        sentences += [_story(w, news_rng) for _ in range(len(w.people))]
         rng.shuffle(sentences)
         paragraphs += [" ".join(sentences[i:i + 6]) for i in range(0, len(sentences), 6)]
     return paragraphs

@@ -1,0 +1,71 @@
+"""The paper bench: its cells, the gap-closed maths, the report, and bad input. The run itself is
+exercised on the zoo by `logitfusion bench paper` (docs/results); here nothing trains."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from logitfusion import bench, world
+from logitfusion.cli import app
+
+
+def test_gap_closed_both_definitions():
+    paper, strict = bench.gap_closed(fused=0.5, base=0.2, fft=0.8)
+    assert paper == pytest.approx(0.625) and strict == pytest.approx(0.5)
+    assert bench.gap_closed(None, 0.2, 0.8) == (None, None)
+    assert bench.gap_closed(0.5, 0.8, 0.8)[1] is None  # no gap to close
+
+
+def test_cells_cover_every_table_and_share_models(tmp_path):
+    for t in world.TASKS:
+        (tmp_path / "data" / t).mkdir(parents=True)
+        (tmp_path / "data" / t / "train.jsonl").write_text(
+            "".join(json.dumps({"prompt": f"P{i}", "completion": f" C{i}"}) + "\n" for i in range(5)))
+    cells = bench.cells(tmp_path)
+    keys = [c.key for c in cells]
+    assert len(keys) == len(set(keys))
+    assert {c.table for c in cells} == {"single", "multi", "icl", "arithmetic"}
+    single = [c for c in cells if c.table == "single" and c.task == "math"]
+    assert [c.method for c in single] == ["large", "large", "large", "expert:math", "static:0.5", "static:1.0",
+                                          "static:1.5", "dynamic"]
+    # the base and the five expert-based methods of a task load one model set
+    assert len({c.recipe for c in single if c.label not in ("large FFT", "large LoRA")}) == 1
+    icl = next(c for c in cells if c.table == "icl" and c.label.endswith("+ dynamic fusion") and c.task == "qa")
+    recipe = json.loads(icl.recipe)
+    assert recipe["large"]["template"].startswith("P0 C0\n\nP1 C1\n\nP2 C2\n\n")
+    assert recipe["large"]["template"].endswith("{prompt}")
+    assert recipe["experts"][0].get("template", "{prompt}") == "{prompt}"  # experts stay zero-shot
+
+
+def _records(values: dict[str, float]) -> list[dict]:
+    out = []
+    for key, v in values.items():
+        table, label, task = key.split("|")
+        out.append({"key": key, "table": table, "label": label, "world_task": task, "value": v,
+                    "metric": "exact_match,none", "seconds": 1.0})
+    return out
+
+
+def test_report_states_gaps_and_losses(tmp_path):
+    vals = {}
+    for t in world.TASKS:
+        vals |= {f"single|large base|{t}": 0.1, f"single|large FFT|{t}": 0.9, f"single|small expert|{t}": 0.5,
+                 f"single|proxy-tuning (a=1)|{t}": 0.6, f"single|dynamic (ours)|{t}": 0.5 if t == "qa" else 0.7}
+    text = bench.report(_records(vals), tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| dynamic (ours)"))
+    avg = (0.5 + 4 * 0.7) / 5
+    assert f"{100 * avg:.1f}" in row
+    assert f"{100 * avg / 0.9:.1f}%" in row and f"{100 * (avg - 0.1) / 0.8:.1f}%" in row
+    assert "dynamic fusion scores below **proxy-tuning (a=1)** on: qa." in text
+
+
+def test_bench_paper_bad_input(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["bench", "paper", "--root", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "no zoo build" in r.output
+    r = runner.invoke(app, ["bench", "paper", "--root", str(tmp_path), "--tasks", "math,chess"])
+    assert r.exit_code == 2 and "chess" in r.output
+    r = runner.invoke(app, ["bench", "paper", "--root", str(tmp_path), "--limit", "0"])
+    assert r.exit_code == 2 and "--limit" in r.output
