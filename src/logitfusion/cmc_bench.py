@@ -414,6 +414,10 @@ def report(records_list: list[dict], root: Path, command: str = "") -> str:
              for s in ("forget", "retain", "heldout")}
         lines += ["", f"Questions per set: forget {n['forget']}, retain {n['retain']}, heldout {n['heldout']}.", ""]
         lines += _unlearn_verdicts(records, targets)
+        # What "forgotten" looks like: gradient ascent leaves no plausible wrong answer, it derails.
+        shown = [(t, records.get(f"unlearn|{t}|unlearn|forget", {}).get("examples", [])[:1]) for t in targets]
+        lines += [f"- after, on a forget prompt ({t}): `{ex[0][0]}` -> `{ex[0][2].strip()}` (fact: {ex[0][1]})"
+                  for t, ex in shown if ex] + [""]
 
     if "mapping" in records:
         m = records["mapping"]
