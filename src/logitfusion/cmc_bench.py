@@ -357,7 +357,7 @@ def report(records_list: list[dict], root: Path, command: str = "") -> str:
     lines += [f"- **{t}** (`{dict((a, b) for a, b, _ in TARGETS)[t]}`): {about[t]}" for t in targets]
     lines += ["", "`models/small` is a *smaller* model with the template's vocabulary, not another large model: the "
               "zoo has one large model per tokenizer, so the same-vocabulary transfer is measured on the small "
-              "base (48x2 vs the template's 192x4).", ""]
+              f"base ({_shape(root / 'models' / 'small')} vs the template's {_shape(root / 'models' / 'large')}).", ""]
     sizes = []
     for d in ("instruct", "unlearn"):
         f = root / "deltas" / d / "model.safetensors"
@@ -448,6 +448,15 @@ def report(records_list: list[dict], root: Path, command: str = "") -> str:
         lines.append(f"- run {r['key'].split('|')[1]}: {r['seconds'] / 60:.1f} minutes ({r['cells']} cells{trained}; "
                      "cells already in cmc.jsonl are not re-run)")
     return "\n".join(lines) + "\n"
+
+
+def _shape(model: Path) -> str:
+    """"hidden x layers" from a model's config.json ("?" when it is not there)."""
+    f = model / "config.json"
+    if not f.exists():
+        return "?"
+    c = json.loads(f.read_text())
+    return f"hidden {c['hidden_size']} x {c['num_hidden_layers']} layers"
 
 
 def _unlearn_verdicts(records: dict[str, dict], targets: list[str]) -> list[str]:
