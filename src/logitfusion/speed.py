@@ -66,7 +66,7 @@ def zoo_models(root: Path, n_experts: int) -> dict:
         raise SystemExit(f"error: no zoo in {root} (--models): give a zoo folder, e.g. a `logitfusion zoo build` root")
     if n_experts > len(world.TASKS):
         raise SystemExit(f"error: --experts {n_experts}: the zoo has {len(world.TASKS)} task experts")
-    experts = {t: str(root / "experts" / t) for t in world.TASKS[:n_experts]}
+    experts = {f"e{i + 1}": str(root / "experts" / t) for i, t in enumerate(world.TASKS[:n_experts])}
     return {"large": str(root / "models" / "large"), "small": str(root / "models" / "small"), "experts": experts}
 
 

@@ -244,6 +244,8 @@ def install(root: str | Path, dest: str | Path = BUNDLED) -> int:
     total = 0
     for sub in ("models", "experts"):
         for model in sorted((root / sub).iterdir()):
+            if not ((model / "config.json").exists() or (model / "adapter_config.json").exists()):
+                continue  # still training
             target = dest / sub / model.name
             shutil.rmtree(target, ignore_errors=True)
             target.mkdir(parents=True)
