@@ -196,7 +196,7 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
-def report(records_list: list[dict], root: Path, seconds: float | None = None, command: str = "") -> str:
+def report(records_list: list[dict], root: Path, command: str = "") -> str:
     records = {r["key"]: r for r in records_list}
     tasks = [t for t in world.TASKS if any(r.get("world_task") == t for r in records_list)]
     seen = [t for t in world.SEEN_TASKS if t in tasks]
@@ -242,9 +242,10 @@ def report(records_list: list[dict], root: Path, seconds: float | None = None, c
     lines += ["## Weights over decoding steps", "", "![single expert](weights_single.png)", "",
               "![four experts](weights_multi.png)", ""]
     if command:
-        lines += ["## Reproduce", "", "    " + command, ""]
-        if seconds is not None:
-            lines += [f"This run took {seconds / 60:.1f} minutes (cells already in paper.jsonl are not re-run).", ""]
+        total = sum(r.get("seconds", 0) for r in records_list)
+        lines += ["## Reproduce", "", "    " + command, "",
+                  f"Evaluating the {len(records_list)} cells took {total / 60:.1f} minutes in all (sum of the "
+                  "`seconds` of paper.jsonl; a rerun skips cells already there). Training times are above.", ""]
     return "\n".join(lines)
 
 
@@ -270,8 +271,10 @@ def efficiency(records: dict[str, dict], root: Path, tasks: list[str]) -> list[s
         s, f, lo = (timings.get(k) for k in (f"experts/{t}", f"ceilings/{t}", f"ceilings/{t}-lora"))
         ratio = f"{f / s:.1f}x" if s and f else "-"
         lines.append(f"| {t} | {s or '-'} | {f or '-'} | {lo or '-'} | {ratio} |")
-    lines += ["", "Inference: seconds to evaluate each method on all test sets (single-task table; lm-eval "
-              "wall time, one process):", "", "| method | seconds | / large base |", "|---|---|---|"]
+    lines += ["", "Inference: seconds to evaluate each method on all test sets (single-task table, lm-eval wall "
+              "time in one process). Generation stops at the end of the answer, so a method that rambles "
+              "(the large base) also pays for its longer outputs; per-token speed is `logitfusion bench speed` "
+              "(docs/performance.md).", "", "| method | seconds | / large base |", "|---|---|---|"]
     labels = ["large base", "large FFT", "small expert", "proxy-tuning (a=1)", "dynamic (ours)"]
     total = {lab: sum(records.get(f"single|{lab}|{t}", {}).get("seconds", 0) for t in tasks) for lab in labels}
     for lab in labels:

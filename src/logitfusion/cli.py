@@ -652,7 +652,6 @@ def bench_paper(
     import sys
 
     from . import bench, world, zoo
-    start = time.perf_counter()
     task_list = [t.strip() for t in tasks.split(",")] if tasks else list(world.TASKS)
     table_list = [t.strip() for t in tables.split(",")] if tables else None
     bad = [t for t in task_list if t not in world.TASKS] + \
@@ -675,7 +674,7 @@ def bench_paper(
                             progress=progress)
     bench.weights_plots(root, out)
     command = "logitfusion bench paper " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "logitfusion bench paper"
-    text = bench.report(records, root, seconds=time.perf_counter() - start, command=command)
+    text = bench.report(records, root, command=command)
     (out / "paper.md").write_text(text)
     typer.echo(text)
     console.print(f"wrote {out / 'paper.md'}")
