@@ -1,10 +1,14 @@
 """The bundled tiny model family ("the zoo"), trained by the project itself on the synthetic world
 (world.py), so that everything runs offline on a laptop CPU.
 
-Members (Llama architecture, one shared tokenizer):
+Members (Llama architecture; one byte-level BPE tokenizer but for `large-alt`):
 - `large`, `small`: bases pretrained on the world's prose only (no task formats);
+- `large-alt`: a large base with a second, SentencePiece-style tokenizer (cross-vocabulary paths);
 - `experts/{task}`: `small` fully fine-tuned on one task; `experts/{task}-lora`: LoRA adapters;
-  `experts/multitask`: `small` fine-tuned on the four seen tasks together;
+  `experts/multitask`: `small` fine-tuned on the four seen tasks together; `experts/merged`:
+  task arithmetic over the four seen-task experts;
+- `deltas/instruct`, `deltas/unlearn`: cross-model control delta models (cmc_bench.py) trained
+  beside `large`;
 - ceilings, rebuilt on demand rather than shipped: `ceilings/{task}` (large full fine-tune),
   `ceilings/{task}-lora`, `ceilings/multitask`.
 
@@ -238,11 +242,13 @@ def build(root: str | Path, cfg: ZooConfig | None = None, ceilings: bool = True,
 
 
 def install(root: str | Path, dest: str | Path = BUNDLED) -> int:
-    """Copy what ships (bases, experts, task data, timings) from a build into `dest`, without
-    checkpoints; returns the bytes written."""
+    """Copy what ships (bases incl. large-alt, experts, delta models, task data, timings) from a
+    build into `dest`, without checkpoints; returns the bytes written."""
     root, dest = Path(root), Path(dest)
     total = 0
-    for sub in ("models", "experts"):
+    for sub in ("models", "experts", "deltas"):
+        if not (root / sub).is_dir():
+            continue
         for model in sorted((root / sub).iterdir()):
             if not ((model / "config.json").exists() or (model / "adapter_config.json").exists()):
                 continue  # still training
@@ -250,7 +256,7 @@ def install(root: str | Path, dest: str | Path = BUNDLED) -> int:
             shutil.rmtree(target, ignore_errors=True)
             target.mkdir(parents=True)
             for f in model.iterdir():
-                if f.is_file():
+                if f.is_file() and f.suffix != ".md":  # PEFT's generated model card is not needed
                     shutil.copy2(f, target / f.name)
                     total += f.stat().st_size
     shutil.rmtree(dest / "data", ignore_errors=True)
@@ -282,14 +288,14 @@ def describe(root: str | Path) -> list[dict]:
     """Name, kind (model / LoRA adapter), parameter count and size of every model under ROOT."""
     from safetensors import safe_open
     rows = []
-    for sub in ("models", "experts", "ceilings"):
+    for sub in ("models", "experts", "deltas", "ceilings"):
         folder = Path(root) / sub
         if not folder.is_dir():
             continue
         for model in sorted(p for p in folder.iterdir() if p.is_dir()):
             files = list(model.glob("*.safetensors"))
-            if not files:
-                continue
+            if not files or not ((model / "config.json").exists() or (model / "adapter_config.json").exists()):
+                continue  # not a model (e.g. a cache of vocabulary maps)
             n = 0
             for f in files:
                 with safe_open(str(f), "pt") as st:
