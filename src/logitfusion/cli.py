@@ -476,6 +476,24 @@ def vocab_map(
     console.print(f"wrote {out} (mapping and saving took {seconds:.2f} s)")
 
 
+def _train(run, out: Path, what: str) -> None:
+    """Run a resumable training job (finetune, delta train) and say what it did."""
+    start = time.perf_counter()
+    try:
+        res = run()
+    except _user_errors() as e:
+        _fail(str(e))
+    if res.skipped:
+        console.print(f"{out} already holds this finished run ({res.global_step} steps); nothing to do "
+                      "(--overwrite to train again)")
+        return
+    if res.resumed_from:
+        console.print(f"resumed from {res.resumed_from}")
+    loss = f"{res.train_loss:.4f}" if res.train_loss is not None else "n/a"
+    console.print(f"wrote {what} {out} ({res.global_step} steps, mean training loss {loss}, "
+                  f"{time.perf_counter() - start:.1f} s)")
+
+
 @app.command()
 def finetune(
     base: str = typer.Option(..., "--base", help="The small base model directory to fine-tune (the fusion's `small`)."),
@@ -508,20 +526,7 @@ def finetune(
                          max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                          max_length=max_length, seed=seed, save_steps=save_steps, warmup_ratio=warmup_ratio,
                          weight_decay=weight_decay, dtype=dtype, overwrite=overwrite)
-    start = time.perf_counter()
-    try:
-        res = run_finetune(cfg)
-    except _user_errors() as e:
-        _fail(str(e))
-    if res.skipped:
-        console.print(f"{out} already holds this finished run ({res.global_step} steps); nothing to do "
-                      "(--overwrite to train again)")
-        return
-    if res.resumed_from:
-        console.print(f"resumed from {res.resumed_from}")
-    loss = f"{res.train_loss:.4f}" if res.train_loss is not None else "n/a"
-    console.print(f"wrote {'LoRA adapter' if lora else 'model'} {out} ({res.global_step} steps, "
-                  f"mean training loss {loss}, {time.perf_counter() - start:.1f} s)")
+    _train(lambda: run_finetune(cfg), out, "LoRA adapter" if lora else "model")
 
 
 @app.command()
@@ -578,20 +583,7 @@ def delta_train(
                       max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                       max_length=max_length, seed=seed, save_steps=save_steps, warmup_ratio=warmup_ratio,
                       weight_decay=weight_decay, overwrite=overwrite)
-    start = time.perf_counter()
-    try:
-        res = train_delta(cfg)
-    except _user_errors() as e:
-        _fail(str(e))
-    if res.skipped:
-        console.print(f"{out} already holds this finished run ({res.global_step} steps); nothing to do "
-                      "(--overwrite to train again)")
-        return
-    if res.resumed_from:
-        console.print(f"resumed from {res.resumed_from}")
-    loss = f"{res.train_loss:.4f}" if res.train_loss is not None else "n/a"
-    console.print(f"wrote delta model {out} ({objective}, {res.global_step} steps, mean training loss {loss}, "
-                  f"{time.perf_counter() - start:.1f} s)")
+    _train(lambda: train_delta(cfg), out, f"delta model ({objective})")
 
 zoo_app = typer.Typer(help="The bundled tiny model family, trained by the project on a synthetic world.",
                       no_args_is_help=True)

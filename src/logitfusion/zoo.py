@@ -4,6 +4,7 @@
 Members (Llama architecture; one byte-level BPE tokenizer but for `large-alt`):
 - `large`, `small`: bases pretrained on the world's prose only (no task formats);
 - `large-alt`: a large base with a second, SentencePiece-style tokenizer (cross-vocabulary paths);
+- `large-b`: another large base (other shape and seed) on the first tokenizer (CMC transfer);
 - `experts/{task}`: `small` fully fine-tuned on one task; `experts/{task}-lora`: LoRA adapters;
   `experts/multitask`: `small` fine-tuned on the four seen tasks together; `experts/merged`:
   task arithmetic over the four seen-task experts;
@@ -50,6 +51,7 @@ class ZooConfig:
     vocab_size_alt: int = 1200  # the second (SentencePiece-style BPE) tokenizer of `models/large-alt`
     large: Size = field(default_factory=lambda: Size(192, 4, 6, 512))
     small: Size = field(default_factory=lambda: Size(48, 2, 4, 128))  # ~14x fewer parameters than large
+    large_b: Size = field(default_factory=lambda: Size(160, 5, 5, 448))  # models/large-b, same tokenizer
     context: int = 512
     pretrain_passes: int = 30  # shuffles of the world's statements in pretraining.jsonl
     pretrain_epochs: float = 1.0
@@ -65,37 +67,30 @@ class ZooConfig:
 
 # ---------------------------------------------------------------- building blocks
 
-def build_tokenizer(texts: list[str], out_dir: Path, vocab_size: int):
-    """Byte-level BPE trained on the world's prose (so no character is ever unknown)."""
+def build_tokenizer(texts: list[str], out_dir: Path, vocab_size: int, style: str = "byte-level"):
+    """A BPE tokenizer trained on the world's prose, saved as a transformers fast tokenizer.
+
+    style "byte-level" (GPT-2 style `Ġ` markers, never an unknown character) is the zoo's main
+    vocabulary; "metaspace" (SentencePiece / Llama-2 style `▁` markers) is the second one, for
+    cross-vocabulary fusion and delta models (method.md §8)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    if style == "byte-level":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    elif style == "metaspace":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet = []
+    else:
+        raise ValueError(f"tokenizer style {style!r}: use byte-level or metaspace")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=alphabet)
     tok.train_from_iterator(texts, trainer)
     # BOS on every encoded text (as Llama tokenizers do), so prompts and training rows agree.
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
-    fast.save_pretrained(str(out_dir))
-    return fast
-
-
-def build_metaspace_tokenizer(texts: list[str], out_dir: Path, vocab_size: int):
-    """A SentencePiece-style BPE (`▁` word marker, Llama-2 style) of another size on the same prose:
-    the zoo's second vocabulary, for cross-vocabulary fusion and delta models (method.md §8)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False)
-    tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
                                                        special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
@@ -179,13 +174,21 @@ def plan(root: Path, cfg: ZooConfig, ceilings: bool = True) -> list[Step]:
         if (init / "large-alt" / "config.json").exists():
             return
         texts = [json.loads(line)["text"] for line in (data / "pretraining.jsonl").read_text().splitlines()]
-        tok = build_metaspace_tokenizer(texts, root / "tokenizer-alt", cfg.vocab_size_alt)
+        tok = build_tokenizer(texts, root / "tokenizer-alt", cfg.vocab_size_alt, style="metaspace")
         init_model(init / "large-alt", tok, cfg.large, cfg.context, cfg.seed + 3)
         return True
 
+    def b_init():  # a second large base on the same tokenizer: where CMC deltas transfer to
+        if (init / "large-b" / "config.json").exists():
+            return None
+        from transformers import AutoTokenizer
+        init_model(init / "large-b", AutoTokenizer.from_pretrained(str(root / "tokenizer")), cfg.large_b,
+                   cfg.context, cfg.seed + 4)
+        return True
+
     steps += [Step("data", world_files, True), Step("init", tokenizer_and_init, False),
-              Step("init-alt", alt_init, False)]
-    for name in ("large", "small", "large-alt"):
+              Step("init-alt", alt_init, False), Step("init-b", b_init, False)]
+    for name in ("large", "small", "large-alt", "large-b"):
         steps.append(Step(f"models/{name}", lambda n=name: _finetune(
             init / n, data / "pretraining.jsonl", models / n, lr=cfg.pretrain_lr, epochs=cfg.pretrain_epochs,
             batch=cfg.pretrain_batch, seed=cfg.seed), True))
