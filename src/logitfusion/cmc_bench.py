@@ -30,6 +30,7 @@ TASKS = list(world.TASKS)
 TASK_NAMES = {t: f"zoo_{t}" for t in TASKS}
 # The models a delta is plugged into: (label, model dir under ROOT, what it is to the template).
 TARGETS = [("large", "models/large", "the template itself"),
+           ("large-b", "models/large-b", "another large base, same vocabulary (other shape and seed)"),
            ("small", "models/small", "a smaller model, same vocabulary"),
            ("large-alt", "models/large-alt", "same size, another tokenizer (mapping: auto)")]
 INSTRUCT_SPEC = "hidden=48,layers=2"
@@ -355,9 +356,9 @@ def report(records_list: list[dict], root: Path, command: str = "") -> str:
              "scores x100). The deltas were trained beside the frozen template `models/large` and are plugged, "
              "unchanged, into each model below:", ""]
     lines += [f"- **{t}** (`{dict((a, b) for a, b, _ in TARGETS)[t]}`): {about[t]}" for t in targets]
-    lines += ["", "`models/small` is a *smaller* model with the template's vocabulary, not another large model: the "
-              "zoo has one large model per tokenizer, so the same-vocabulary transfer is measured on the small "
-              f"base ({_shape(root / 'models' / 'small')} vs the template's {_shape(root / 'models' / 'large')}).", ""]
+    lines += ["", f"Shapes: template {_shape(root / 'models' / 'large')}"
+              + "".join(f", {t} {_shape(root / dict((a, b) for a, b, _ in TARGETS)[t])}" for t in targets
+                        if t != "large") + ".", ""]
     sizes = []
     for d in ("instruct", "unlearn"):
         f = root / "deltas" / d / "model.safetensors"
