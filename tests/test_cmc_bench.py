@@ -67,6 +67,8 @@ def toy_zoo(tmp_path_factory, family):
 
 def test_cells_need_the_other_vocabulary_model(toy_zoo):
     with pytest.raises(cmc_bench.CmcBenchError, match="zoo build .*--only models/large-alt"):
+        cmc_bench.cells(toy_zoo, targets=["large", "large-alt"])
+    with pytest.raises(cmc_bench.CmcBenchError, match="zoo build .*--only models/large-b"):
         cmc_bench.cells(toy_zoo)
     same = cmc_bench.cells(toy_zoo, tasks=["qa"], targets=["large", "small"])
     assert {c.target for c in same} == {"large", "small"}

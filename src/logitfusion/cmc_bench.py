@@ -190,8 +190,9 @@ def cells(root: str | Path, tasks: list[str] | None = None, targets: list[str] |
             continue
         model = root / path
         if not (model / "config.json").exists():
+            init = {"large-alt": "--only init-alt ", "large-b": "--only init-b "}.get(label, "")
             raise CmcBenchError(f"{model} is missing: build it with `logitfusion zoo build --root {root} "
-                                f"--only {path}`" + (" (after --only init-alt)" if label == "large-alt" else ""))
+                                f"{init}--only {path}`")
         mapping = None if _same_tokenizer(model, template) else "auto"
         instruct = recipe(model, deltas / "instruct", mapping=mapping, vocab_cache=cache)
         unlearn = recipe(model, deltas / "unlearn", mapping=mapping, vocab_cache=cache)
