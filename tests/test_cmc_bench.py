@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from logitfusion import cmc_bench, world
-from logitfusion.records import RecordWriter
+from logitfusion.records import RecordWriter, read_keyed
 
 
 def people(rows):
@@ -86,7 +86,7 @@ def test_cell_runner_end_to_end_on_toy_models(toy_zoo, family, tmp_path):
     records = cmc_bench.run_cells(todo, RecordWriter(path, key="key"), toy_zoo, limit=2, batch_size=2)
     assert [r["key"] for r in records] == [c.key for c in todo]
     assert all(0.0 <= r["value"] <= 1.0 and r["n"] == 2 for r in records)
-    on_disk = cmc_bench.read_records(path)  # written as they finished
+    on_disk = read_keyed(path)  # written as they finished
     assert set(on_disk) == {c.key for c in todo}
     # the unlearn cells really decoded (through Fuser.generate) the forget prompts
     forget = [json.loads(x) for x in (toy_zoo / "data" / "unlearn" / "forget.jsonl").read_text().splitlines()]

@@ -99,19 +99,14 @@ def run(root: str | Path, out_dir: str | Path, tasks: list[str] | None = None, l
     import logging
 
     from . import evaluation as ev
-    from .records import RecordWriter
+    from .records import RecordWriter, read_keyed
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     root, out_dir = Path(root), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "paper.jsonl"
     writer = RecordWriter(results, key="key")  # drops a line cut short by a crash before we read
-    records = {}
-    if results.exists():
-        for line in results.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                records[rec["key"]] = rec
+    records = read_keyed(results)
     todo = [c for c in cells(root, tasks) if c.key not in records and (not tables or c.table in tables)]
     manager = ev.task_manager([TASK_NAMES[t] for t in {c.task for c in todo}],
                               metadata={"data_dir": str(root / "data")}) if todo else None

@@ -278,21 +278,11 @@ def mapping_record(root: Path) -> dict:
     return out
 
 
-def read_records(path: Path) -> dict[str, dict]:
-    records = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                records[rec["key"]] = rec
-    return records
-
-
 def run(root: str | Path, out_dir: str | Path, limit: int | None = 100, batch_size: int = 16,
         tasks: list[str] | None = None, targets: list[str] | None = None, train: bool = True,
         progress: Callable | None = None, log: Callable = print) -> list[dict]:
     """Train what is missing (unless train=False), then evaluate every cell not yet in cmc.jsonl."""
-    from .records import RecordWriter
+    from .records import RecordWriter, read_keyed
 
     start = time.perf_counter()
     root, out_dir = Path(root), Path(out_dir)
@@ -308,7 +298,7 @@ def run(root: str | Path, out_dir: str | Path, limit: int | None = 100, batch_si
     for d in ("instruct", "unlearn"):
         if not (root / "deltas" / d / "delta.json").exists():
             raise CmcBenchError(f"{root / 'deltas' / d} is missing; run without --no-train to train it")
-    records = read_records(path)
+    records = read_keyed(path)
     if "mapping" not in records and (not targets or "large-alt" in targets):
         rec = mapping_record(root)
         writer.write([rec])

@@ -71,3 +71,12 @@ class RecordWriter:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
                 self.done.add(str(r[self.key]))
             f.flush()
+
+
+def read_keyed(path: str | Path, key: str = "key") -> dict[str, dict]:
+    """{record[key]: record} of a JSONL results file (empty when it does not exist yet). Open a
+    RecordWriter on the file first: it drops a last line cut short by a crash."""
+    p = Path(path)
+    if not p.exists():
+        return {}
+    return {rec[key]: rec for rec in (json.loads(line) for line in p.read_text().splitlines() if line.strip())}
