@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .models import LoadError, LoadOptions, load_causal_lm, load_tokenizer, model_kind
-from .training import (RUN_FILE, Collator, TrainingError, last_complete_checkpoint, load_dataset, prepare_out,
-                       read_jsonl, training_arguments)
+from .training import (RUN_FILE, Collator, TrainingError, check_schedule, last_complete_checkpoint, load_dataset,
+                       prepare_out, read_jsonl, training_arguments)
 
 MARKER = "delta.json"  # written last: its presence means the run finished
 SPEC_KEYS = {"hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
@@ -110,15 +110,7 @@ class DeltaConfig:
                 raise TrainingError("--objective unlearn reads --forget and --retain, not --data")
         elif self.forget or self.retain:
             raise TrainingError("--forget/--retain belong to --objective unlearn")
-        for name in ("batch_size", "grad_accum", "max_length", "save_steps"):
-            if getattr(self, name) <= 0:
-                raise TrainingError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise TrainingError(f"--max-steps must be > 0, got {self.max_steps}")
-        if self.epochs <= 0 or self.learning_rate <= 0:
-            raise TrainingError("--epochs and --lr must be > 0")
-        if not 0 <= self.warmup_ratio < 1:
-            raise TrainingError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        check_schedule(self)
         if "{prompt}" not in self.prompt_template:
             raise TrainingError(f"--prompt-template {self.prompt_template!r} has no {{prompt}} placeholder")
         if not is_model_dir(self.delta):

@@ -59,23 +59,31 @@ class FinetuneConfig:
         return self.lr if self.lr is not None else (1e-4 if self.lora else 2e-5)
 
     def check(self) -> None:
-        for name in ("lora_rank", "lora_alpha", "batch_size", "grad_accum", "max_length", "save_steps"):
+        for name in ("lora_rank", "lora_alpha"):
             if getattr(self, name) <= 0:
                 raise TrainingError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise TrainingError(f"--max-steps must be > 0, got {self.max_steps}")
-        if self.epochs <= 0:
-            raise TrainingError(f"--epochs must be > 0, got {self.epochs}")
-        if self.learning_rate <= 0:
-            raise TrainingError(f"--lr must be > 0, got {self.learning_rate}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise TrainingError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        check_schedule(self)
         if "{prompt}" not in self.template:
             raise TrainingError(f"--template {self.template!r} has no {{prompt}} placeholder")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise TrainingError(f"--dtype {self.dtype!r}: use float32, bfloat16 or float16")
         if not [t for t in self.lora_targets.split(",") if t.strip()]:
             raise TrainingError("--lora-targets is empty; give module names, e.g. q_proj,v_proj")
+
+
+def check_schedule(cfg) -> None:
+    """The optimisation settings every training command shares (finetune, delta train)."""
+    for name in ("batch_size", "grad_accum", "max_length", "save_steps"):
+        if getattr(cfg, name) <= 0:
+            raise TrainingError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    if cfg.max_steps is not None and cfg.max_steps <= 0:
+        raise TrainingError(f"--max-steps must be > 0, got {cfg.max_steps}")
+    if cfg.epochs <= 0:
+        raise TrainingError(f"--epochs must be > 0, got {cfg.epochs}")
+    if cfg.learning_rate <= 0:
+        raise TrainingError(f"--lr must be > 0, got {cfg.learning_rate}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise TrainingError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
 
 
 # ---------------------------------------------------------------- data
