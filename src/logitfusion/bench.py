@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import world
+from .records import reproduce_command
 
 TASK_NAMES = {t: f"zoo_{t}" for t in world.TASKS}
 SHOTS = 3  # in-context examples of the ICL table
@@ -238,7 +239,7 @@ def report(records_list: list[dict], root: Path, command: str = "") -> str:
               "![four experts](weights_multi.png)", ""]
     if command:
         total = sum(r.get("seconds", 0) for r in records_list)
-        lines += ["## Reproduce", "", "    " + command, "",
+        lines += ["## Reproduce", "", *reproduce_command(command, root),
                   f"Evaluating the {len(records_list)} cells took {total / 60:.1f} minutes in all (sum of the "
                   "`seconds` of paper.jsonl; a rerun skips cells already there). Training times are above.", ""]
     return "\n".join(lines)

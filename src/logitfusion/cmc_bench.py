@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import world
+from .records import reproduce_command
 
 TASKS = list(world.TASKS)
 TASK_NAMES = {t: f"zoo_{t}" for t in TASKS}
@@ -432,7 +433,8 @@ def report(records_list: list[dict], root: Path, command: str = "") -> str:
         lines.append("")
 
     total = sum(r.get("seconds", 0) for r in records_list if r.get("kind") in ("task", "unlearn"))
-    lines += ["## Reproduce", "", "    " + (command or "logitfusion bench cmc --root ZOO --out docs/results"), "",
+    lines += ["## Reproduce", "", *reproduce_command(command or f"logitfusion bench cmc --root {root} --out docs/results",
+                                                     root),
               f"Evaluation time summed over all cells: {total / 60:.1f} minutes (one process, CPU)."]
     runs = sorted((r for r in records_list if r.get("kind") == "run"), key=lambda r: int(r["key"].split("|")[1]))
     for r in runs:

@@ -73,6 +73,14 @@ class RecordWriter:
             f.flush()
 
 
+def reproduce_command(command: str, root) -> list[str]:
+    """A bench report's command with its zoo build folder written as ROOT, and where that came from:
+    the folder is the reporter's, a reader builds their own."""
+    return ["    " + command.replace(str(root), "ROOT"), "",
+            f"ROOT is a zoo build folder (`logitfusion zoo build --root ROOT`, about 50 minutes on 2 CPU "
+            f"cores; this report's was {root}).", ""]
+
+
 def read_keyed(path: str | Path, key: str = "key") -> dict[str, dict]:
     """{record[key]: record} of a JSONL results file (empty when it does not exist yet). Open a
     RecordWriter on the file first: it drops a last line cut short by a crash."""
