@@ -306,6 +306,9 @@ def test_cli_generate_and_eval_take_a_delta_recipe(delta_recipe, tmp_path):
     r = CliRunner().invoke(app, ["generate", "-r", str(delta_recipe), "-p", "the cat sells"])
     assert r.exit_code == 0, r.output
     assert ref.text in r.output
+    r = CliRunner().invoke(app, ["recipe", "check", str(delta_recipe), "--load"])
+    assert r.exit_code == 0, r.output
+    assert "delta mapped onto the large model's vocabulary" in r.output and "vocabularies match" not in r.output
     out = tmp_path / "eval.jsonl"
     r = CliRunner().invoke(app, ["eval", "-r", str(delta_recipe), "--tasks", "toy_sums_mc", "--methods", "large,delta",
                                  "--limit", "2", "-o", str(out)])

@@ -137,7 +137,7 @@ def generate(
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model directories to run (off by default)."),
     allow_pickle: bool = typer.Option(False, help="Allow pickled .bin weights, which can run code when loaded (safetensors only by default)."),
     no_cache: bool = typer.Option(False, help="Recompute every step without KV caches (slow; for checking)."),
-    speculate: Optional[int] = typer.Option(None, help="Speculative fused decoding with drafts of K tokens (greedy only): the small models draft, the large model checks K tokens per forward. Output is identical to plain decoding."),
+    speculate: Optional[int] = typer.Option(None, help="Speculative fused decoding with drafts of K tokens: the small models draft, the large model checks K tokens per forward. Greedy output is identical to plain decoding; sampled output follows exactly the same distribution (speculative sampling)."),
 ):
     """Generate with a fused model: from --prompt (printed) or --input/--output JSONL (resumable)."""
     from .fuser import Fuser
@@ -208,16 +208,20 @@ def recipe_check(path: Path = typer.Argument(..., help="Recipe file to validate.
                  load: bool = typer.Option(False, help="Also load every model and check vocabularies.")):
     """Validate a recipe (fields, paths, solver) and print it with paths resolved."""
     from .recipe import Recipe
+    loaded = ""
     try:
         r = Recipe.from_file(path)
         r.build_solver()
         if load:
             from .fuser import Fuser
-            Fuser.from_recipe(r)
+            models = Fuser.from_recipe(r).models
+            mapped = [m.role for m in [models.small, *models.experts, models.delta] if m is not None and m.foreign]
+            loaded = (f" (models loaded; {', '.join(mapped)} mapped onto the large model's vocabulary)" if mapped
+                      else " (models loaded, vocabularies match)")
     except _user_errors() as e:
         _fail(str(e))
     typer.echo(json.dumps(r.model_dump(exclude_none=True), indent=2))
-    console.print("[green]recipe OK[/]" + (" (models loaded, vocabularies match)" if load else ""))
+    console.print("[green]recipe OK[/]" + loaded)
 
 
 @recipe_app.command("init")
