@@ -1,10 +1,13 @@
 """Every fast path against the plain path: shared LoRA forwards vs one forward per model,
 speculative fused decoding vs plain decoding. Token for token, no timing."""
 
+from collections import Counter
+
 import pytest
 import torch
 
 from logitfusion import Fuser, toy
+from logitfusion import decoding
 from logitfusion.decoding import Batch, SamplingParams, decode
 
 PROMPTS = ["Question: 3 plus 4? Answer:", "the cat sells", "a", "two dogs and three birds go to the river"]
@@ -113,8 +116,66 @@ def test_speculation_runs_the_large_model_less_often(fuser1):
     assert len(calls) < 24  # plain decoding: 1 prefill + 23 steps
 
 
-def test_sampling_falls_back_to_plain_steps(fuser1):
+# ---------------------------------------------------------------- speculative sampling
+
+def chi_square_p_value(counts: dict, probs: dict) -> tuple[float, int]:
+    """Pearson's test of observed counts against exact probabilities (cells expected fewer than 5
+    times pooled) -> (p-value, degrees of freedom)."""
+    n = sum(counts.values())
+    small = [key for key, p in probs.items() if n * p < 5]
+    cells = [(counts.get(key, 0), p) for key, p in probs.items() if key not in small]
+    cells.append((sum(counts.get(key, 0) for key in small) + sum(c for key, c in counts.items() if key not in probs),
+                  sum(probs[key] for key in small)))
+    cells = [(o, p) for o, p in cells if p > 0]
+    chi2 = sum((o - n * p) ** 2 / (n * p) for o, p in cells)
+    dof = len(cells) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2), torch.tensor(chi2 / 2))), dof
+
+
+def test_speculative_sampling_is_exact_in_distribution(fuser1, monkeypatch):
+    """Token 2 of speculative sampling comes from an accepted draft or from the residual of a
+    rejected one; either way it must follow the fused distribution exactly. Plain greedy decoding
+    traces the whole fused distribution at step 1 and, after the most likely first token a, at
+    step 2; 4000 speculative samples are compared to both by chi-square tests. (A draft kept
+    without the ratio test, or a rejection redrawn from p instead of the residual, fails them.)"""
+    monkeypatch.setattr(decoding, "TOP_TOKENS", 10_000)  # trace every token's probability
+    kw = dict(solver="dynamic", max_new_tokens=2, ignore_eos=True)
+    exact = fuser1.generate(PROMPTS[1], trace=True, **kw)[0]
+    first = dict(exact.trace[0].top["fused"])
+    a = exact.token_ids[0]
+    second = dict(exact.trace[1].top["fused"])
+
+    n = 4000
+    fast = fuser1.generate([PROMPTS[1]] * n, seed=1000, speculate=3, batch_size=n, temperature=1.0, **kw)
+    t1 = Counter(g.token_ids[0] for g in fast)
+    t2 = Counter(g.token_ids[1] for g in fast if g.token_ids[0] == a)
+    assert sum(t2.values()) > 500
+    for counts, probs in ((t1, first), (t2, second)):
+        p_value, dof = chi_square_p_value(counts, probs)
+        assert dof >= 10, "the test needs a spread-out fused distribution"
+        assert p_value > 1e-4, f"p = {p_value:.2g} on {dof} dof: speculative samples do not follow the fused distribution"
+
+
+def test_speculative_sampling_is_reproducible_and_batch_independent(fuser1):
+    kw = dict(solver="dynamic", max_new_tokens=12, temperature=0.9, speculate=3)
+    batched = fuser1.generate(PROMPTS[:2], seed=5, **kw)
+    again = fuser1.generate(PROMPTS[:2], seed=5, **kw)
+    alone = [fuser1.generate(p, seed=5 + i, **kw)[0] for i, p in enumerate(PROMPTS[:2])]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in again] == [g.token_ids for g in alone]
+    other = fuser1.generate(PROMPTS[:2], seed=6, **kw)
+    assert [g.token_ids for g in other] != [g.token_ids for g in batched]
+
+
+def test_greedy_rows_beside_sampled_rows_stay_exact(fuser1):
+    """A greedy request batched with sampled ones goes through the sampling test, and must still
+    emit exactly plain greedy decoding's tokens."""
     solver = fuser1.method("dynamic")
-    a = fuser1.generate(PROMPTS[:2], solver=solver, max_new_tokens=8, temperature=1.0, seed=3)
-    b = fuser1.generate(PROMPTS[:2], solver=solver, max_new_tokens=8, temperature=1.0, seed=3, speculate=4)
-    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    greedy = decode(fuser1.models, PROMPTS[:1], solver, SamplingParams(max_new_tokens=16))[0].token_ids
+    batch = Batch(fuser1.models, solver, speculate=4)
+    seqs = batch.add(PROMPTS[:1] * 3, [SamplingParams(max_new_tokens=16),
+                                       SamplingParams(max_new_tokens=16, temperature=1.0, seed=1),
+                                       SamplingParams(max_new_tokens=16, temperature=1.0, seed=2)])
+    while len(batch):
+        batch.step()
+    assert seqs[0].tokens == greedy
+    assert seqs[1].tokens != seqs[2].tokens

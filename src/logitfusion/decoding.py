@@ -92,6 +92,7 @@ class Seq:
     stop_at: int | None = None  # character offset of the stop string in the text
     budget: int = 0  # tokens it may still generate (max_new_tokens, capped by context)
     generator: torch.Generator | None = None
+    rejected_q: Tensor | None = None  # speculative sampling: the rejected draft's distribution [V]
 
     @property
     def done(self) -> bool:
@@ -334,28 +335,39 @@ class Context:
 # ---------------------------------------------------------------- token choice
 
 def pick_tokens(logits: Tensor, seqs: Sequence[Seq]) -> Tensor:
-    """Each row greedy or sampled with its own temperature / top-k / top-p. logits [B, V] -> [B].
-
-    Sampling draws each row's noise from that sequence's own generator (Gumbel-max), so a
-    sequence samples the same tokens whatever else is in the batch.
-    """
-    greedy = logits.argmax(-1)
+    """Each row greedy or sampled with its own temperature / top-k / top-p. logits [B, V] -> [B]."""
     if all(s.params.temperature == 0 for s in seqs):
-        return greedy
+        return logits.argmax(-1)
+    return sample(warp(logits, seqs), seqs)
+
+
+def warp(logits: Tensor, seqs: Sequence[Seq]) -> Tensor:
+    """The log-probabilities each row samples from: logits / temperature, then top-k and top-p
+    (the most likely token is always kept). Greedy rows put all mass on the argmax. [B, V] -> [B, V]"""
     device, vocab = logits.device, logits.shape[-1]
     temp = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=device)
     top_k = torch.tensor([s.params.top_k or vocab for s in seqs], device=device)
     top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
-    sorted_logits, order = (logits.float() / temp[:, None]).sort(-1, descending=True)
+    greedy = torch.tensor([s.params.temperature == 0 for s in seqs], device=device)
+    # Stable, so that among equal logits the first is kept, as argmax does for greedy rows.
+    sorted_logits, order = (logits.float() / temp[:, None]).sort(dim=-1, descending=True, stable=True)
     probs = sorted_logits.softmax(-1)
-    keep = torch.arange(vocab, device=device)[None] < top_k[:, None]
-    keep &= (probs.cumsum(-1) - probs) < top_p[:, None]  # the top token is always kept
+    rank = torch.arange(vocab, device=device)[None]
+    keep = (rank < top_k[:, None]) & ((probs.cumsum(-1) - probs) < top_p[:, None])
+    keep &= ~greedy[:, None] | (rank == 0)
+    logp = sorted_logits.masked_fill(~keep, -math.inf).log_softmax(-1)
+    return torch.empty_like(logp).scatter_(-1, order, logp)
+
+
+def sample(logp: Tensor, seqs: Sequence[Seq]) -> Tensor:
+    """One token per row from log-probabilities [B, V] -> [B] (Gumbel-max). Each row's noise comes
+    from its sequence's own generator, so a sequence samples the same tokens whatever else is in
+    the batch; greedy rows (no generator) take the argmax."""
+    vocab = logp.shape[-1]
     noise = torch.stack([torch.rand(vocab, generator=s.generator) if s.generator is not None
-                         else torch.full((vocab,), 0.5) for s in seqs]).to(device)
+                         else torch.full((vocab,), 0.5) for s in seqs]).to(logp.device)
     gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
-    sampled = order.gather(-1, (sorted_logits.masked_fill(~keep, -math.inf) + gumbel).argmax(-1, keepdim=True))
-    is_greedy = torch.tensor([s.params.temperature == 0 for s in seqs], device=device)
-    return torch.where(is_greedy, greedy, sampled[:, 0])
+    return (logp + gumbel).argmax(-1)
 
 
 def seeds_for(seed: int | Sequence[int] | None, n: int) -> list[int]:
@@ -571,31 +583,41 @@ class Batch:
     def _can_speculate(self) -> bool:
         large_alone = any(ctx.members == [self.models.large] for ctx in self.contexts)
         return (self.speculate > 1 and self.solver.uses_large and self.solver.uses_small and large_alone
-                and len(self.members) > 2 and all(s.params.temperature == 0 for s in self.seqs)
+                and len(self.members) > 2
                 and not any(m.foreign for m in self.members))  # drafts are not re-tokenised
 
     def _speculative_round(self) -> list[tuple[Seq, int]]:
         """The small side drafts k tokens, the large model checks all k in one forward.
 
         d_0 is the exact fused token. The small models then run k single steps (fed d_0..d_{k-1})
-        and propose d_j = argmax(z_S + a (z_t - z_S)) with this round's weights a, i.e. the fusion
+        and propose d_j from z_S + a (z_t - z_S) with this round's weights a, i.e. the fusion
         with the small base standing in for the large model. One large forward over d_0..d_{k-1}
-        gives z_L at k positions; weights are solved per position and f_j is the fused choice at
-        position j. d_1..d_m are accepted while d_j == f_j, so every emitted token equals what
-        plain fused decoding would emit. Fed but rejected drafts become masked holes in every
-        context (position ids skip them), so rows may accept different counts with no cache crop.
+        gives z_L at k positions; weights are solved per position, giving the fused distribution
+        p_j at every position j. Fed but rejected drafts become masked holes in every context
+        (position ids skip them), so rows may accept different counts with no cache crop.
+
+        Greedy rows draft the argmax and accept d_j while it is the fused argmax, so they emit
+        exactly what plain fused decoding emits. Sampled rows draw d_j from the warped draft
+        distribution q_j and keep it with probability min(1, p_j(d_j) / q_j(d_j)) (speculative
+        sampling, Leviathan et al. 2023); the first rejected draft's q_j is kept, and the next
+        round draws its d_0 from max(0, p_j - q_j), renormalised. Every emitted token is thus
+        distributed exactly as in plain fused sampling (not the same tokens for a seed: the
+        random draws differ).
         """
         k, batch = self.speculate, len(self.seqs)
         large = self.models.large
         large_ctx = next(c for c in self.contexts if c.members == [large])
         draft_ctxs = [c for c in self.contexts if c is not large_ctx]
         small_roles = [m.role for m in self.members if m is not large]
+        sampling = any(s.params.temperature > 0 for s in self.seqs)
         for ctx in self.contexts:
             ctx.ensure_room(k)
         start = large_ctx.length
 
         choice0 = self._solve(self.logits)
-        drafts = [choice0.logits.argmax(-1)]  # [B] each
+        drafts = [sample(self._residual(warp(choice0.logits, self.seqs)), self.seqs) if sampling
+                  else choice0.logits.argmax(-1)]  # [B] each
+        draft_logq = []  # sampling: log q_j of the drafts d_1..d_{k-1}, [B, V] each
         small_side = [{r: self.logits[r] for r in small_roles}]  # logits at positions 0..k
         for j in range(k):
             small_side.append({m.role: z for ctx in draft_ctxs
@@ -604,18 +626,30 @@ class Batch:
                 z = small_side[-1]
                 z_s = z[self.models.small.role]
                 z_e = torch.stack([z[m.role] for m in self.members[2:]], 1)
-                drafts.append(fuse(z_s, z_s, z_e, choice0.weights).argmax(-1))
+                z_draft = fuse(z_s, z_s, z_e, choice0.weights)
+                if sampling:
+                    draft_logq.append(warp(z_draft, self.seqs))
+                    drafts.append(sample(draft_logq[-1], self.seqs))
+                else:
+                    drafts.append(z_draft.argmax(-1))
         d = torch.stack(drafts, 1)  # [B, k]
         z_large = large_ctx.extend(d)[0].to(self.device)  # [B, k, V]: position j + 1 after d_j
 
-        # Fused choice at positions 1..k for every row, solved as one [B * k] batch.
+        # The fused distribution at positions 1..k for every row, solved as one [B * k] batch.
         side = {r: torch.stack([small_side[j + 1][r] for j in range(k)], 1) for r in small_roles}  # [B, k, V]
         later = {large.role: z_large.reshape(batch * k, -1)}
         later.update({r: z.reshape(batch * k, -1) for r, z in side.items()})
         choice = self._solve(later)
         fused = choice.logits.argmax(-1)  # [B * k]
-        f = fused.view(batch, k)
-        accepted = (f[:, : k - 1] == d[:, 1:]).long().cumprod(-1).sum(-1)  # [B]: m
+        if sampling:
+            logp = warp(choice.logits, [s for s in self.seqs for _ in range(k)]).view(batch, k, -1)
+            accepted = self._accept(d, logp, torch.stack(draft_logq, 1))
+            # The token emitted at position j is the draft d_{j+1} (the last position only ever
+            # gives the next round's logits).
+            fused = torch.cat([d[:, 1:], fused.view(batch, k)[:, -1:]], 1).reshape(-1)
+        else:
+            f = fused.view(batch, k)
+            accepted = (f[:, : k - 1] == d[:, 1:]).long().cumprod(-1).sum(-1)  # [B]: m
         for ctx in self.contexts:
             ctx.mask_holes(start, accepted)
 
@@ -638,6 +672,34 @@ class Batch:
         self.logits.update({r: z[rows, accepted] for r, z in side.items()})
         self._drop_done()
         return emitted
+
+    def _accept(self, d: Tensor, logp: Tensor, logq: Tensor) -> Tensor:
+        """Speculative sampling's test. d [B, k] drafts; logp [B, k, V] the fused (warped)
+        distribution at positions 1..k; logq [B, k - 1, V] the draft distributions of d_1..d_{k-1}.
+        Returns the accepted count m [B]; a row that rejected d_{m+1} keeps q_{m+1} for `_residual`."""
+        k = d.shape[1]
+        drafted = d[:, 1:, None]  # [B, k - 1, 1]
+        ratio = (logp[:, :-1].gather(-1, drafted) - logq.gather(-1, drafted))[..., 0].exp()  # [B, k - 1]
+        # Greedy rows: ratio is 1 (the draft is the fused argmax) or 0, and u = 0 keeps exactly those.
+        u = torch.stack([torch.rand(k - 1, generator=s.generator) if s.generator is not None
+                         else torch.zeros(k - 1) for s in self.seqs]).to(ratio.device)
+        accepted = (u < ratio).long().cumprod(-1).sum(-1)  # [B]
+        for i, (seq, m) in enumerate(zip(self.seqs, accepted.tolist())):
+            seq.rejected_q = logq[i, m].exp() if m < k - 1 and seq.generator is not None else None
+        return accepted
+
+    def _residual(self, logp: Tensor) -> Tensor:
+        """Rows whose last draft was rejected draw from max(0, p - q), renormalised, where q is the
+        rejected draft's distribution: with the accepted drafts this makes every token exactly
+        p-distributed. logp [B, V] -> [B, V]."""
+        for i, seq in enumerate(self.seqs):
+            if seq.rejected_q is None:
+                continue
+            rest = (logp[i].exp() - seq.rejected_q).clamp_min(0)
+            if rest.sum() > 0:  # 0 only when p == q, where no draft is ever rejected
+                logp[i] = (rest / rest.sum()).log()
+            seq.rejected_q = None
+        return logp
 
 
 def _find_stop(tok, seq: Seq) -> int | None:

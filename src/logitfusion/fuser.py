@@ -70,8 +70,9 @@ class Fuser:
         """Generate a continuation of every prompt. Unset options come from the recipe.
 
         `seed`: an int gives prompt i the seed `seed + i`; a list gives one seed per prompt.
-        `speculate`: draft length k of speculative fused decoding (greedy only; the output is
-        identical to plain decoding, the large model runs once per up to k tokens).
+        `speculate`: draft length k of speculative fused decoding (the large model runs once per
+        up to k tokens). Greedy output is identical to plain decoding; sampled output has exactly
+        plain sampling's distribution, though not the same tokens for a seed.
         """
         if isinstance(prompts, str):
             prompts = [prompts]

@@ -130,7 +130,7 @@ class GenerationSpec(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
     stop: list[Annotated[str, Field(min_length=1)]] = []
-    speculate: int = Field(0, ge=0, le=16)  # draft length of speculative fused decoding (greedy)
+    speculate: int = Field(0, ge=0, le=16)  # draft length of speculative fused decoding (0 = off)
 
 
 class Recipe(_Strict):
