@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .models import Member, ModelSet
+from .stacking import shared_stack
 from .fusion import fuse
 from .solvers import Choice, Solver, SolverError
 
@@ -167,10 +168,11 @@ class Context:
     """
 
     def __init__(self, members: list[Member], ids: Tensor, mask: Tensor, length: int, vocab: int,
-                 use_cache: bool, cache=None, retok: Retokenizer | None = None):
+                 use_cache: bool, cache=None, retok: Retokenizer | None = None, module=None):
         self.members, self.vocab, self.use_cache = members, vocab, use_cache
         self.ids, self.mask, self.length, self.cache = ids, mask, length, cache
-        self.model = members[0].model
+        # The module to run: the members' shared one, or full-weight copies stacked (stacking.py).
+        self.model = module if module is not None else members[0].model
         # Cross-vocabulary members: logits are mapped into the user's vocabulary, and each row
         # (G * B of them, like ids) tracks its own token ids.
         self.retok, self.rows = retok, None
@@ -178,7 +180,8 @@ class Context:
 
     @classmethod
     def prefill(cls, members: list[Member], prompts: list[list[list[int]]], room: int, vocab: int, pad_id: int,
-                use_cache: bool, keep: int = 1, retok: Retokenizer | None = None) -> tuple["Context", Tensor]:
+                use_cache: bool, keep: int = 1, retok: Retokenizer | None = None,
+                module=None) -> tuple["Context", Tensor]:
         """prompts[g][i]: token ids of sequence i for member g. Returns the context and the logits
         of the last position [G, B, V] (or of the last `keep` positions, [G, B, keep, V]); V is the
         user's vocabulary (a cross-vocabulary member's logits are mapped into it)."""
@@ -191,7 +194,7 @@ class Context:
             ids[i, width - len(p):width] = torch.tensor(p, device=device)
             mask[i, width - len(p):width] = 1
         cache = DynamicCache(config=members[0].model.config) if use_cache else None
-        ctx = cls(members, ids, mask, width, vocab, use_cache, cache, retok)
+        ctx = cls(members, ids, mask, width, vocab, use_cache, cache, retok, module)
         if retok is not None:
             ctx.rows = [Row(list(p), list(p)) for p in rows]
         return ctx, ctx._forward(0, keep)
@@ -432,12 +435,17 @@ class Batch:
         self.models, self.solver, self.use_cache = models, solver, use_cache
         self.speculate = speculate  # draft length k; 0 or 1 = plain decoding (greedy fusion only)
         self.members = members_for(models, solver)
-        # Members on one module (the small base and its LoRA experts) run as one forward, unless
-        # share_forwards is off (then every model runs alone; used to check both agree).
-        groups: dict[int, list[Member]] = {}
+        # Members on one module (the small base and its LoRA experts) run as one forward, and so do
+        # full-weight copies of the small model (the small base, full experts) on one module with
+        # their weights stacked; unless share_forwards is off (then every model runs alone; used to
+        # check both agree).
+        stack, stacked = shared_stack(models, self.members) if share_forwards else (None, [])
+        groups: dict[int | str, list[Member]] = {}
         for m in self.members:
-            groups.setdefault(id(m.model) if share_forwards else id(m), []).append(m)
+            key = "stack" if any(m is s for s in stacked) else id(m.model) if share_forwards else id(m)
+            groups.setdefault(key, []).append(m)
         self.groups = list(groups.values())
+        self.modules = [stack if key == "stack" else g[0].model for key, g in groups.items()]
         # Members with their own tokenizer follow the user's text through a Retokenizer.
         self.retoks = [Retokenizer(g[0], models.tokenizer) if g[0].foreign else None for g in self.groups]
         self.device = self.members[0].device  # where fusion happens
@@ -473,7 +481,7 @@ class Batch:
                 ctx, logits = Context.prefill(group, [encoded[m.role] for m in group], room,
                                               group[0].vocab or self.models.vocab_size,
                                               retok.pad_id if retok else self.pad_id, self.use_cache,
-                                              retok=retok)
+                                              retok=retok, module=self.modules[g])
                 if joining:
                     self.contexts[g].merge(ctx)
                 else:

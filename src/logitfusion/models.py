@@ -80,6 +80,8 @@ class ModelSet:
     experts: list[Member] = field(default_factory=list)
     vocab_size: int = 0  # logits are sliced to this (tokenizer length; padded rows dropped)
     delta: Member | None = None  # cross-model control: a delta model for the large (user) model
+    # Stacked-weight modules of full-weight members (stacking.shared_stack), built on first use.
+    stacks: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def expert_names(self) -> list[str]:

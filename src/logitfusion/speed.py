@@ -12,6 +12,8 @@ For each batch size, greedy decoding of exactly N tokens (EOS ignored) with:
   - a naive reference loop written the obvious way (one HF forward per model per step without
     reusing buffers, the grid evaluated in a Python loop, per-step concatenation);
 and prints tokens/s with ratios: fused / large alone, fused / component floor, naive / ours.
+Then the per-step cost of the small base with its experts as one forward (LoRA adapters: one
+mixed-adapter batch; full fine-tunes: stacked weights) against one forward per model.
 Speed does not depend on trained weights, so `--shapes` builds random-initialised models of
 real shapes (TinyLlama-1.1B small + Llama-2-7B/13B large) for GPU measurements.
 Best of --repeats timed runs after one warm-up.
@@ -214,6 +216,39 @@ def lora_cost(paths: dict, root: Path, n_experts: int, batch: int, n_tokens: int
     return per_step([[models.small]]), per_step([group]), per_step([[m] for m in group])
 
 
+def full_cost(models, batch: int, n_tokens: int, device: str, repeats: int) -> tuple[float, float, float] | None:
+    """Per-step time of: the small base alone; small + its full-weight experts as ONE forward on
+    stacked weights; the same as separate forwards. Returns the three times (None: not stackable)."""
+    from .decoding import Context
+    from .stacking import shared_stack
+    tok = models.tokenizer
+    group = [models.small, *models.experts]
+    stack, stacked = shared_stack(models, group)
+    if not stacked:
+        return None
+    ids = [tok(f"Question: {i % 12} plus {(5 * i) % 12}? Answer:")["input_ids"] for i in range(batch)]
+
+    def per_step(groups) -> float:  # groups: (members, module to run)
+        def run():
+            ctxs = [Context.prefill(g, [ids] * len(g), n_tokens, models.vocab_size, tok.pad_token_id or 0, True,
+                                    module=module) for g, module in groups]
+            nxt = ctxs[0][1][0].argmax(-1)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n_tokens):
+                for ctx, _ in ctxs:
+                    ctx.step(nxt)
+            sync(device)
+            return (time.perf_counter() - t0) / n_tokens
+
+        with torch.no_grad():
+            run()
+            return min(run() for _ in range(repeats))
+
+    return (per_step([([models.small], None)]), per_step([(group, stack)]),
+            per_step([([m], None) for m in group]))
+
+
 # ---------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> None:
@@ -307,6 +342,19 @@ def main(argv: list[str] | None = None) -> None:
     for batch in args.batch:
         alone, shared, separate = lora_cost(paths, lora_root, args.experts, batch, args.tokens, load,
                                             args.device, args.repeats)
+        print(f"| {batch} | {alone * 1e3:.2f} | {shared * 1e3:.2f} | {separate * 1e3:.2f} | "
+              f"{shared / alone:.2f}x | {separate / shared:.2f}x |")
+    print()
+    print(f"## experts that are full fine-tunes of the small base ({args.experts} experts, weights stacked)\n")
+    print("| batch | small alone, ms/step | small + full experts, stacked forward | same, separate forwards | "
+          "stacked / small alone | separate / stacked |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for batch in args.batch:
+        times = full_cost(models, batch, args.tokens, args.device, args.repeats)
+        if times is None:
+            print(f"| {batch} | the small base and its experts cannot be stacked (not full models of one config) |")
+            continue
+        alone, shared, separate = times
         print(f"| {batch} | {alone * 1e3:.2f} | {shared * 1e3:.2f} | {separate * 1e3:.2f} | "
               f"{shared / alone:.2f}x | {separate / shared:.2f}x |")
     print()

@@ -1,0 +1,256 @@
+"""Full-weight copies of one architecture (the small base and its fully fine-tuned experts) run as
+ONE batched forward on stacked weights.
+
+`stack_models(models)` returns a module with the Hugging Face model's own forward whose batch is
+member-major, G groups of b rows (as `decoding.Context` lays rows out), and where the rows of
+group g use model g's weights: every Linear is one bmm over the groups, every Embedding one
+lookup in a [G * V, H] table, any other module with parameters (RMSNorm...) its own forward
+vmapped over the groups. Everything between (attention, rotary buffers, cache) is the original
+code on a batch of G * b rows. One forward instead of G means G times fewer kernel launches on a
+GPU and far less per-call overhead on a CPU.
+
+The originals' parameters become views into the stacked tensors, so weights are stored once and
+each original still runs alone. (Moving or casting an original afterwards, `.to(...)`, gives it
+new tensors of its own: the stack keeps the old ones.)
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .models import Member, ModelSet
+
+
+class StackError(ValueError):
+    """These models cannot share one stacked forward; the message says why."""
+
+
+# Config keys that do not change what the forward computes from explicit inputs.
+IGNORED_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "architectures", "_commit_hash",
+                       "dtype", "torch_dtype", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id"}
+
+
+def _rows_per_group(x: Tensor, groups: int) -> int:
+    if x.shape[0] % groups:
+        raise ValueError(f"a batch of {x.shape[0]} rows does not split into {groups} groups of stacked weights "
+                         "(rows must be member-major: G groups of equally many rows)")
+    return x.shape[0] // groups
+
+
+class StackedLinear(nn.Module):
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias  # [G, out, in], [G, out]
+
+    def extra_repr(self) -> str:
+        g, out, inp = self.weight.shape
+        return f"groups={g}, in_features={inp}, out_features={out}, bias={self.bias is not None}"
+
+    def forward(self, x: Tensor) -> Tensor:  # [G * b, ..., in] -> [G * b, ..., out]
+        g = self.weight.shape[0]
+        _rows_per_group(x, g)
+        xs, w = x.reshape(g, -1, x.shape[-1]), self.weight.transpose(1, 2)  # [G, b * ..., in], [G, in, out]
+        y = torch.bmm(xs, w) if self.bias is None else torch.baddbmm(self.bias[:, None], xs, w)
+        return y.view(*x.shape[:-1], -1)
+
+
+class StackedEmbedding(nn.Module):
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight  # [G, V, H]
+
+    def extra_repr(self) -> str:
+        return "groups={}, num_embeddings={}, embedding_dim={}".format(*self.weight.shape)
+
+    def forward(self, ids: Tensor) -> Tensor:  # [G * b, T] -> [G * b, T, H]
+        g, v = self.weight.shape[:2]
+        b = _rows_per_group(ids, g)
+        offset = torch.arange(g, device=ids.device).repeat_interleave(b) * v  # group g reads rows g*V..
+        return F.embedding(ids + offset.view(-1, *[1] * (ids.dim() - 1)), self.weight.flatten(0, 1))
+
+
+class StackedModule(nn.Module):
+    """Any other module with parameters: its own forward, vmapped over the groups. Tensor
+    arguments with the batch's leading dim are split per group; others are shared."""
+
+    def __init__(self, module: nn.Module, params: dict[str, nn.Parameter]):
+        super().__init__()
+        self.names = list(params)
+        self.stacked = nn.ParameterList(params.values())  # each [G, ...]
+        for name in self.names:  # the inner module only lends its code; its weights come from the stack
+            owner, _, leaf = name.rpartition(".")
+            delattr(module.get_submodule(owner), leaf)
+        self._inner = (module,)  # not registered: without its weights it neither prints nor moves
+
+    def extra_repr(self) -> str:
+        return f"{type(self._inner[0]).__name__}, groups={self.stacked[0].shape[0]}"
+
+    def forward(self, *args):
+        g = self.stacked[0].shape[0]
+        x = next(a for a in args if isinstance(a, Tensor))
+        b, n = _rows_per_group(x, g), x.shape[0]
+        split = [isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == n for a in args]
+        args = [a.reshape(g, b, *a.shape[1:]) if s else a for a, s in zip(args, split)]
+
+        def one(params, *xs):
+            return torch.func.functional_call(self._inner[0], dict(zip(self.names, params)), xs)
+
+        out = torch.func.vmap(one, in_dims=(0, *[0 if s else None for s in split]))(list(self.stacked), *args)
+        return out.flatten(0, 1) if isinstance(out, Tensor) else type(out)(t.flatten(0, 1) for t in out)
+
+
+class StackedRMSNorm(nn.Module):
+    """Llama-style RMSNorm (weight * x / rms(x)), without vmap's per-call overhead."""
+
+    def __init__(self, weight: nn.Parameter, eps: float):
+        super().__init__()
+        self.weight, self.eps = weight, eps  # [G, H]
+
+    def extra_repr(self) -> str:
+        return f"groups={self.weight.shape[0]}, {tuple(self.weight.shape[1:])}, eps={self.eps}"
+
+    def forward(self, x: Tensor) -> Tensor:  # [G * b, ..., H]
+        g = self.weight.shape[0]
+        b = _rows_per_group(x, g)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = h.to(x.dtype).reshape(g, b, *x.shape[1:])
+        w = self.weight.view(g, 1, *[1] * (x.dim() - 2), -1)
+        return (w * h).flatten(0, 1)
+
+
+def _is_llama_rmsnorm(m: nn.Module) -> bool:
+    """Modules whose forward is exactly LlamaRMSNorm's (Llama, Mistral, Qwen2/3 copy it verbatim;
+    Gemma's 1 + weight variant does not match and is vmapped instead)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    f, ref = type(m).forward, LlamaRMSNorm.forward
+    return (f is ref or (f.__code__.co_code == ref.__code__.co_code and f.__code__.co_names == ref.__code__.co_names
+                         and f.__code__.co_consts == ref.__code__.co_consts)) \
+        and hasattr(m, "variance_epsilon") and [n for n, _ in m.named_parameters()] == ["weight"]
+
+
+# ---------------------------------------------------------------- checks
+
+def _canonical_names(model: nn.Module) -> dict[str, str]:
+    """Every parameter name -> the first name of the same tensor (tied weights share one)."""
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _config_diff(a: nn.Module, b: nn.Module) -> list[str]:
+    ca = {k: v for k, v in a.config.to_dict().items() if k not in IGNORED_CONFIG_KEYS}
+    cb = {k: v for k, v in b.config.to_dict().items() if k not in IGNORED_CONFIG_KEYS}
+    return [f"{k}: {ca.get(k)!r} vs {cb.get(k)!r}" for k in sorted(ca.keys() | cb.keys()) if ca.get(k) != cb.get(k)]
+
+
+def check_stackable(models: list[nn.Module], names: list[str] | None = None) -> None:
+    """Raise StackError unless the models are plain (non-PEFT) modules of one class, config,
+    parameter layout, dtype and device."""
+    names = names or [f"model {i}" for i in range(len(models))]
+    if not models:
+        raise StackError("no models to stack")
+    if len({id(m) for m in models}) < len(models):
+        raise StackError("the same module appears twice; stack distinct models")
+    ref, ref_params = models[0], _canonical_names(models[0])
+    for name, m in zip(names, models):
+        if any(type(x).__module__.startswith("peft") for x in m.modules()):
+            raise StackError(f"{name} is a PEFT model; its adapters already share one forward with the base")
+        if getattr(m, "hf_device_map", None) and len(set(m.hf_device_map.values())) > 1:
+            raise StackError(f"{name} is sharded over several devices (device_map)")
+        if len({(p.device, p.dtype) for p in m.parameters()}) > 1:
+            raise StackError(f"{name} has parameters on several devices or of several dtypes")
+    for name, m in zip(names[1:], models[1:]):
+        if type(m) is not type(ref):
+            raise StackError(f"{name} is a {type(m).__name__}, {names[0]} a {type(ref).__name__}")
+        if diffs := _config_diff(ref, m):
+            raise StackError(f"{names[0]} and {name} have different configs ({'; '.join(diffs[:5])})")
+        params = _canonical_names(m)
+        if params != ref_params:
+            diff = sorted(set(params.items()) ^ set(ref_params.items()))
+            raise StackError(f"{names[0]} and {name} have different parameters (first: {diff[0]})")
+        theirs = dict(m.named_parameters())
+        for pname, p in ref.named_parameters():
+            q = theirs[pname]
+            if (p.shape, p.dtype, p.device) != (q.shape, q.dtype, q.device):
+                raise StackError(f"{pname}: {tuple(p.shape)} {p.dtype} on {p.device} in {names[0]} vs "
+                                 f"{tuple(q.shape)} {q.dtype} on {q.device} in {name}")
+
+
+# ---------------------------------------------------------------- building
+
+@torch.no_grad()
+def stack_models(models: list[nn.Module], names: list[str] | None = None) -> nn.Module:
+    """One module running all `models` in one forward: rows [model 0: b rows, model 1: b rows, ...].
+
+    Raises StackError (naming the difference) unless they share class, config and parameter
+    layout. Afterwards each original's parameters are views into the stacked weights.
+    """
+    check_stackable(models, names)
+    ref = models[0]
+    per_model = [dict(m.named_parameters()) for m in models]
+    stacked: dict[str, nn.Parameter] = {}  # canonical name -> [G, ...]; tied weights share one
+
+    def stack(name: str) -> nn.Parameter:
+        if name not in stacked:
+            stacked[name] = nn.Parameter(torch.stack([p[name] for p in per_model]), requires_grad=False)
+            # Weights stored once: each original now reads its slice of the stack (re-pointed at
+            # once, so the peak is one extra tensor, not a second copy of every model).
+            for g, params in enumerate(per_model):
+                params[name].data = stacked[name][g]
+        return stacked[name]
+
+    # A structural copy of the first model that shares (not copies) its tensors; every module
+    # with parameters of its own is then swapped for a stacked one.
+    shared = {id(t): t for t in [*ref.parameters(), *ref.buffers()]}
+    out = copy.deepcopy(ref, memo=dict(shared))
+    canonical = _canonical_names(ref)
+    done: list[str] = []
+    for path, module in list(out.named_modules()):
+        if not any(True for _ in module.parameters(recurse=False)) or any(path.startswith(d + ".") for d in done):
+            continue
+        prefix = f"{path}." if path else ""
+        params = {n: stack(canonical[prefix + n]) for n, _ in module.named_parameters(remove_duplicate=False)}
+        if type(module) is nn.Linear:
+            new = StackedLinear(params["weight"], params.get("bias"))
+        elif type(module) is nn.Embedding and module.max_norm is None:
+            new = StackedEmbedding(params["weight"])
+        elif _is_llama_rmsnorm(module):
+            new = StackedRMSNorm(params["weight"], module.variance_epsilon)
+        else:
+            if not path:
+                raise StackError(f"{type(module).__name__} has parameters of its own at the top level")
+            new = StackedModule(module, params)
+        parent, _, child = path.rpartition(".")
+        setattr(out.get_submodule(parent), child, new)
+        done.append(path)
+    return out
+
+
+# ---------------------------------------------------------------- decoding
+
+def stackable(member: Member) -> bool:
+    """The small base and full experts on the user's vocabulary (not the large model, not PEFT
+    adapter members, not cross-vocabulary members, which follow their own tokens)."""
+    return (member.role == "small" or member.role.startswith("expert:")) and member.adapter is None \
+        and not member.foreign
+
+
+def shared_stack(models: ModelSet, members: list[Member]) -> tuple[nn.Module | None, list[Member]]:
+    """(stacked module, the members it runs, in order) for the stackable ones among `members`, or
+    (None, []) when fewer than two or when they cannot be stacked. Built once per ModelSet and
+    member set (every `generate` call makes a new Batch); a refusal is remembered too."""
+    group = [m for m in members if stackable(m)]
+    if len(group) < 2:
+        return None, []
+    key = tuple((m.role, id(m.model)) for m in group)
+    if key not in models.stacks:
+        try:
+            models.stacks[key] = stack_models([m.model for m in group], [m.role for m in group])
+        except StackError:
+            models.stacks[key] = None  # an optimisation only: these members run separately
+    stack = models.stacks[key]
+    return (stack, group) if stack is not None else (None, [])
