@@ -523,17 +523,22 @@ class Batch:
     def _verdicts(self, logits: dict[str, Tensor], choice: Choice, tokens: Tensor) -> list[tuple]:
         """Per row: (token, first model with NaN/inf logits or None, is EOS, fused log-prob).
         Everything the host needs travels in one transfer."""
-        finite = torch.stack([logits[m.role].isfinite().all(-1) for m in self.members]
-                             + [choice.logits.isfinite().all(-1)], -1)  # [N, M + 1]
-        first_bad = torch.where(finite.all(-1), -1, (~finite).long().argmax(-1))
+        # Every solver's fused logits read every input at every token (0 * inf is NaN too), so
+        # one check of them finds any model's NaN/inf; which model it was is looked up only then.
+        fused_ok = choice.logits.isfinite().all(-1)  # [N]
         is_eos = (tokens[:, None] == self._eos).any(-1)
         if any(s.params.logprobs for s in self.seqs):
             logprob = choice.logits.float().log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
         else:  # not needed: skip a [N, V] log-softmax on every step
             logprob = torch.zeros_like(tokens, dtype=torch.float32)
-        host = torch.stack([tokens.double(), first_bad.double(), is_eos.double(), logprob.double()], -1).cpu()
-        roles = [m.role for m in self.members] + ["fused"]
-        return [(int(t), roles[int(b)] if b >= 0 else None, bool(e), float(lp)) for t, b, e, lp in host.tolist()]
+        host = torch.stack([tokens.double(), fused_ok.double(), is_eos.double(), logprob.double()], -1).cpu().tolist()
+        bad = {}
+        if not all(ok for _, ok, _, _ in host):
+            finite = torch.stack([logits[m.role].isfinite().all(-1) for m in self.members], -1)  # [N, M]
+            roles = [m.role for m in self.members]
+            bad = {i: next((r for r, ok in zip(roles, row) if not ok), "fused")
+                   for i, row in enumerate(finite.tolist()) if not host[i][1]}
+        return [(int(t), bad.get(i), bool(e), float(lp)) for i, (t, _, e, lp) in enumerate(host)]
 
     def _emit(self, seq: Seq, verdict: tuple, step: StepTrace | None) -> bool:
         """Append one token to a sequence and decide whether it finished. False if none appended."""
