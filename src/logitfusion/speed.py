@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .decoding import render
+from .decoding import SamplingParams, decode, render
 from .fuser import Fuser
 from .fusion import fuse, kl
 from .zoo import BUNDLED as BUNDLED_ZOO
@@ -152,6 +152,17 @@ def naive_dynamic(models, prompts: list[str], n_tokens: int, grid: list[float]) 
         for b, t in enumerate(tokens):
             out[b].append(t)
     return out
+
+
+def tokens_per_forward(fuser, run, tokens: int) -> float:
+    """Tokens emitted per forward of the large model (its prefill included) in one run."""
+    calls = []
+    handle = fuser.models.large.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return tokens / len(calls)
 
 
 def component_floor(models, prompts: list[str], n_tokens: int, members, device: str, repeats: int) -> float:
@@ -290,9 +301,13 @@ def main(argv: list[str] | None = None) -> None:
         enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(models.large.device)
         t = {}
 
-        def ours(fuser, method, speculate=0):
+        def ours(fuser, method, speculate=0, temperature=0.0):
             return lambda: fuser.generate(prompts, solver=method, max_new_tokens=args.tokens, ignore_eos=True,
-                                          batch_size=batch, speculate=speculate)
+                                          batch_size=batch, speculate=speculate, temperature=temperature, seed=0)
+
+        def unshared(fuser, method):  # every model its own forward: no stacking, no shared LoRA batch
+            params = SamplingParams(max_new_tokens=args.tokens, ignore_eos=True)
+            return lambda: decode(fuser.models, prompts, fuser.method(method), params, share_forwards=False)
 
         with torch.no_grad():
             t["HF generate, large alone"] = best_time(lambda: large.generate(
@@ -302,10 +317,16 @@ def main(argv: list[str] | None = None) -> None:
         t["ours, static a=0, 1 expert"] = best_time(ours(one, "static:0"), args.repeats, args.device)
         t["ours, proxy-tuning a=1"] = best_time(ours(one, "static:1"), args.repeats, args.device)
         t["ours, dynamic, 1 expert"] = best_time(ours(one, "dynamic"), args.repeats, args.device)
-        for k in args.speculate:
-            t[f"ours, dynamic, 1 expert, speculative k={k}"] = best_time(ours(one, "dynamic", k), args.repeats,
-                                                                         args.device)
+        per_forward = {}  # speculative rows: tokens emitted per large-model forward
+        for k, temperature in [(k, 0.0) for k in args.speculate] + [(max(args.speculate, default=0), 1.0)]:
+            if k < 2:
+                continue
+            label = f"ours, dynamic, 1 expert, speculative {'sampling (T=1) ' if temperature else ''}k={k}"
+            t[label] = best_time(ours(one, "dynamic", k, temperature), args.repeats, args.device)
+            per_forward[label] = tokens_per_forward(one, ours(one, "dynamic", k, temperature), batch * args.tokens)
         t[f"ours, dynamic fast, {args.experts} experts"] = best_time(ours(many, "dynamic:fast"), args.repeats, args.device)
+        t[f"ours, dynamic fast, {args.experts} experts, separate forwards"] = best_time(
+            unshared(many, "dynamic:fast"), args.repeats, args.device)
         t[f"ours, dynamic joint, {args.experts} experts"] = best_time(ours(many, "dynamic:joint"), args.repeats, args.device)
         floor1 = component_floor(one.models, prompts, args.tokens,
                                  [one.models.large, one.models.small, one.models.experts[0]], args.device, args.repeats)
@@ -333,7 +354,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"| naive reference loop, dynamic, {args.experts} experts | {batch * args.tokens / naive:.0f} | "
                   f"{naive / base:.2f}x | {naive / floor_many:.2f}x |")
             print(f"\nnaive / ours (dynamic fast, {args.experts} experts, batch {batch}): {naive / ours_fast:.1f}x")
-        print()
+        for label, n in per_forward.items():
+            print(f"\n{label}: {n:.2f} tokens per large-model forward (prefill included)", end="")
+        print("\n")
     print(f"## experts that are LoRA adapters of the small base ({args.experts} adapters, rank 8)\n")
     print("| batch | small alone, ms/step | small + LoRA experts, one forward | same, separate forwards | "
           "one forward / small alone | separate / one forward |")
