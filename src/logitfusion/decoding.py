@@ -349,17 +349,23 @@ def warp(logits: Tensor, seqs: Sequence[Seq]) -> Tensor:
     (the most likely token is always kept). Greedy rows put all mass on the argmax. [B, V] -> [B, V]"""
     device, vocab = logits.device, logits.shape[-1]
     temp = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=device)
-    top_k = torch.tensor([s.params.top_k or vocab for s in seqs], device=device)
-    top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
-    greedy = torch.tensor([s.params.temperature == 0 for s in seqs], device=device)
-    # Stable, so that among equal logits the first is kept, as argmax does for greedy rows.
-    sorted_logits, order = (logits.float() / temp[:, None]).sort(dim=-1, descending=True, stable=True)
-    probs = sorted_logits.softmax(-1)
-    rank = torch.arange(vocab, device=device)[None]
-    keep = (rank < top_k[:, None]) & ((probs.cumsum(-1) - probs) < top_p[:, None])
-    keep &= ~greedy[:, None] | (rank == 0)
-    logp = sorted_logits.masked_fill(~keep, -math.inf).log_softmax(-1)
-    return torch.empty_like(logp).scatter_(-1, order, logp)
+    scaled = logits.float() / temp[:, None]
+    if any(0 < s.params.top_k < vocab or s.params.top_p < 1 for s in seqs):  # a sort only when truncating
+        top_k = torch.tensor([s.params.top_k or vocab for s in seqs], device=device)
+        top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
+        sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
+        probs = sorted_logits.softmax(-1)
+        rank = torch.arange(vocab, device=device)[None]
+        keep = (rank < top_k[:, None]) & ((probs.cumsum(-1) - probs) < top_p[:, None])
+        logp = sorted_logits.masked_fill(~keep, -math.inf).log_softmax(-1)
+        logp = torch.empty_like(logp).scatter_(-1, order, logp)
+    else:
+        logp = scaled.log_softmax(-1)
+    if any(s.params.temperature == 0 for s in seqs):
+        greedy = torch.tensor([s.params.temperature == 0 for s in seqs], device=device)
+        argmax = torch.full_like(logp, -math.inf).scatter_(-1, logits.argmax(-1, keepdim=True), 0.0)
+        logp = torch.where(greedy[:, None], argmax, logp)
+    return logp
 
 
 def sample(logp: Tensor, seqs: Sequence[Seq]) -> Tensor:

@@ -33,6 +33,7 @@ import torch
 from .decoding import SamplingParams, decode, render
 from .fuser import Fuser
 from .fusion import fuse, kl
+from .solvers import Dynamic
 from .zoo import BUNDLED as BUNDLED_ZOO
 
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
@@ -154,8 +155,17 @@ def naive_dynamic(models, prompts: list[str], n_tokens: int, grid: list[float]) 
     return out
 
 
+def solver_cost(batch: int, vocab: int, n_experts: int, device: str, repeats: int) -> float:
+    """Seconds per step of the dynamic solver alone (fast path, 21-point grid) on random logits."""
+    gen = torch.Generator().manual_seed(0)
+    z = [(3 * torch.randn(batch, vocab, generator=gen)).to(device) for _ in range(2 + n_experts)]
+    solver = Dynamic()
+    return best_time(lambda: solver.on(z), repeats, device)
+
+
 def tokens_per_forward(fuser, run, tokens: int) -> float:
-    """Tokens emitted per forward of the large model (its prefill included) in one run."""
+    """Tokens each sequence gained per forward of the large model (its prefill included) in one run
+    where every sequence decodes `tokens` tokens."""
     calls = []
     handle = fuser.models.large.model.register_forward_hook(lambda *_: calls.append(1))
     try:
@@ -323,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             label = f"ours, dynamic, 1 expert, speculative {'sampling (T=1) ' if temperature else ''}k={k}"
             t[label] = best_time(ours(one, "dynamic", k, temperature), args.repeats, args.device)
-            per_forward[label] = tokens_per_forward(one, ours(one, "dynamic", k, temperature), batch * args.tokens)
+            per_forward[label] = tokens_per_forward(one, ours(one, "dynamic", k, temperature), args.tokens)
         t[f"ours, dynamic fast, {args.experts} experts"] = best_time(ours(many, "dynamic:fast"), args.repeats, args.device)
         t[f"ours, dynamic fast, {args.experts} experts, separate forwards"] = best_time(
             unshared(many, "dynamic:fast"), args.repeats, args.device)
@@ -355,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{naive / base:.2f}x | {naive / floor_many:.2f}x |")
             print(f"\nnaive / ours (dynamic fast, {args.experts} experts, batch {batch}): {naive / ours_fast:.1f}x")
         for label, n in per_forward.items():
-            print(f"\n{label}: {n:.2f} tokens per large-model forward (prefill included)", end="")
+            print(f"\n{label}: {n:.2f} tokens per sequence per large-model forward (prefill included)", end="")
         print("\n")
     print(f"## experts that are LoRA adapters of the small base ({args.experts} adapters, rank 8)\n")
     print("| batch | small alone, ms/step | small + LoRA experts, one forward | same, separate forwards | "
@@ -380,6 +390,15 @@ def main(argv: list[str] | None = None) -> None:
         alone, shared, separate = times
         print(f"| {batch} | {alone * 1e3:.2f} | {shared * 1e3:.2f} | {separate * 1e3:.2f} | "
               f"{shared / alone:.2f}x | {separate / shared:.2f}x |")
+    print()
+    print("## the weight solver alone (dynamic, fast path, 21-point grid, random logits)\n")
+    print(f"| batch | vocabulary | 1 expert, ms/step | {args.experts} experts, ms/step |")
+    print("|---:|---:|---:|---:|")
+    for batch in args.batch:
+        for vocab in sorted({models.vocab_size, 32000}):
+            one_ms, many_ms = (solver_cost(batch, vocab, n, args.device, 10 * args.repeats) * 1e3
+                               for n in (1, args.experts))
+            print(f"| {batch} | {vocab} | {one_ms:.2f} | {many_ms:.2f} |")
     print()
     if args.device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
