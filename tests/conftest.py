@@ -54,6 +54,13 @@ def fuser(family):
 
 
 @pytest.fixture(scope="session")
+def full_fuser(family):
+    """Large + small + two full experts: the small base and both experts run stacked."""
+    return Fuser.from_pretrained(family["large"], family["small"],
+                                 {"expert1": family["experts"]["expert1"], "expert2": family["experts"]["expert2"]})
+
+
+@pytest.fixture(scope="session")
 def fuser1(family):
     """Large + small + one full expert (proxy-tuning setting)."""
     return Fuser.from_pretrained(family["large"], family["small"], {"expert1": family["experts"]["expert1"]})
@@ -107,3 +114,24 @@ def reference_logits(hf_models, family_tokenizer):
 
 def family_root(family) -> Path:
     return Path(family["large"]).parent
+
+
+def _assert_same_generations(shared, separate):
+    """Two decodes of the same prompts agree token for token, and their traced top tokens and
+    probabilities too."""
+    assert [g.token_ids for g in shared] == [g.token_ids for g in separate]
+    for a, b in zip(shared, separate):
+        for sa, sb in zip(a.trace, b.trace):
+            for role in sa.top:
+                # The continuous joint solver turns 1e-7 input noise into slightly different
+                # weights, so the fused distribution gets a looser (but still tight) bound.
+                atol = 1e-3 if role == "fused" else 1e-5
+                assert [t for t, _ in sa.top[role]] == [t for t, _ in sb.top[role]]
+                assert torch.allclose(torch.tensor([p for _, p in sa.top[role]]),
+                                      torch.tensor([p for _, p in sb.top[role]]), atol=atol)
+
+
+@pytest.fixture(scope="session")
+def assert_same_generations():
+    """The check that a fast path (shared or stacked forwards) decodes as the plain path does."""
+    return _assert_same_generations

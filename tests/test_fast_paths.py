@@ -33,27 +33,21 @@ def test_small_base_and_lora_experts_share_one_forward(lora_fuser):
 
 
 @pytest.mark.parametrize("method", ["static:0.5,1,1.5", "dynamic", "dynamic:joint", "expert:lora2"])
-def test_shared_forwards_equal_separate_forwards(lora_fuser, method):
+def test_shared_forwards_equal_separate_forwards(lora_fuser, method, assert_same_generations):
     solver = lora_fuser.method(method)
     params = SamplingParams(max_new_tokens=10)
     shared = decode(lora_fuser.models, PROMPTS, solver, params, trace=True)
     separate = decode(lora_fuser.models, PROMPTS, solver, params, trace=True, share_forwards=False)
-    assert [g.token_ids for g in shared] == [g.token_ids for g in separate]
-    for a, b in zip(shared, separate):
-        for sa, sb in zip(a.trace, b.trace):
-            for role in sa.top:
-                # The continuous joint solver turns 1e-7 input noise into slightly different
-                # weights, so the fused distribution gets a looser (but still tight) bound.
-                atol = 1e-3 if role == "fused" else 1e-5
-                assert [t for t, _ in sa.top[role]] == [t for t, _ in sb.top[role]]
-                assert torch.allclose(torch.tensor([p for _, p in sa.top[role]]),
-                                      torch.tensor([p for _, p in sb.top[role]]), atol=atol)
+    assert_same_generations(shared, separate)
 
 
-def test_shared_forwards_when_rows_join_and_leave(lora_fuser):
-    solver = lora_fuser.method("dynamic")
-    alone = [decode(lora_fuser.models, [p], solver, SamplingParams(max_new_tokens=8))[0].token_ids for p in PROMPTS]
-    batch = Batch(lora_fuser.models, solver)
+@pytest.mark.parametrize("which", ["lora_fuser", "full_fuser"])  # a shared PEFT forward, stacked weights
+def test_shared_forwards_when_rows_join_and_leave(request, which):
+    fuser = request.getfixturevalue(which)
+    solver = fuser.method("dynamic")
+    alone = [decode(fuser.models, [p], solver, SamplingParams(max_new_tokens=8), share_forwards=False)[0].token_ids
+             for p in PROMPTS]
+    batch = Batch(fuser.models, solver)
     first = batch.add(PROMPTS[:1], [SamplingParams(max_new_tokens=8)])
     batch.step()
     later = batch.add(PROMPTS[1:3], [SamplingParams(max_new_tokens=3), SamplingParams(max_new_tokens=8)])

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from logitfusion import Fuser, stacking
+from logitfusion import stacking
 from logitfusion.decoding import Batch, Context, SamplingParams, decode
 from logitfusion.models import Member
 from logitfusion.stacking import StackError, stack_models
@@ -25,13 +25,6 @@ def tiny_llama(seed=0, **overrides):
     cfg = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2) | overrides
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
-
-
-@pytest.fixture(scope="module")
-def full_fuser(family):
-    """Large + small + two full experts: the small base and both experts run stacked."""
-    return Fuser.from_pretrained(family["large"], family["small"],
-                                 {"expert1": family["experts"]["expert1"], "expert2": family["experts"]["expert2"]})
 
 
 @torch.no_grad()
@@ -156,50 +149,20 @@ def test_refused_stack_falls_back_to_separate_forwards(full_fuser, family, monke
         Batch(dataclasses.replace(full_fuser.models, stacks={}), solver)
 
 
-def assert_same(shared, separate):
-    assert [g.token_ids for g in shared] == [g.token_ids for g in separate]
-    for a, b in zip(shared, separate):
-        for sa, sb in zip(a.trace, b.trace):
-            for role in sa.top:
-                # The continuous joint solver turns 1e-7 input noise into slightly different
-                # weights, so the fused distribution gets a looser (but still tight) bound.
-                atol = 1e-3 if role == "fused" else 1e-5
-                assert [t for t, _ in sa.top[role]] == [t for t, _ in sb.top[role]]
-                assert torch.allclose(torch.tensor([p for _, p in sa.top[role]]),
-                                      torch.tensor([p for _, p in sb.top[role]]), atol=atol)
+def stacked_and_separate(fuser, method):
+    solver, params = fuser.method(method), SamplingParams(max_new_tokens=10)
+    return (decode(fuser.models, PROMPTS, solver, params, trace=True),
+            decode(fuser.models, PROMPTS, solver, params, trace=True, share_forwards=False))
 
 
 @pytest.mark.parametrize("method", ["static:0.5,1.5", "dynamic", "dynamic:joint"])
-def test_stacked_forwards_equal_separate_forwards(full_fuser, method):
-    solver = full_fuser.method(method)
-    params = SamplingParams(max_new_tokens=10)
-    shared = decode(full_fuser.models, PROMPTS, solver, params, trace=True)
-    separate = decode(full_fuser.models, PROMPTS, solver, params, trace=True, share_forwards=False)
-    assert_same(shared, separate)
+def test_stacked_forwards_equal_separate_forwards(full_fuser, method, assert_same_generations):
+    assert_same_generations(*stacked_and_separate(full_fuser, method))
 
 
 @pytest.mark.parametrize("method", ["static:0.5,1,1.5", "dynamic"])
-def test_mixed_lora_and_stacked_experts_equal_separate_forwards(fuser, method):
-    solver = fuser.method(method)
-    params = SamplingParams(max_new_tokens=10)
-    shared = decode(fuser.models, PROMPTS, solver, params, trace=True)
-    separate = decode(fuser.models, PROMPTS, solver, params, trace=True, share_forwards=False)
-    assert_same(shared, separate)
-
-
-def test_stacked_forwards_when_rows_join_and_leave(full_fuser):
-    solver = full_fuser.method("dynamic")
-    alone = [decode(full_fuser.models, [p], solver, SamplingParams(max_new_tokens=8),
-                    share_forwards=False)[0].token_ids for p in PROMPTS]
-    batch = Batch(full_fuser.models, solver)
-    first = batch.add(PROMPTS[:1], [SamplingParams(max_new_tokens=8)])
-    batch.step()
-    later = batch.add(PROMPTS[1:3], [SamplingParams(max_new_tokens=3), SamplingParams(max_new_tokens=8)])
-    batch.step()
-    last = batch.add(PROMPTS[3:], [SamplingParams(max_new_tokens=8)])
-    while len(batch):
-        batch.step()
-    assert [s.tokens for s in first + later + last] == [alone[0], alone[1][:3], alone[2], alone[3]]
+def test_mixed_lora_and_stacked_experts_equal_separate_forwards(fuser, method, assert_same_generations):
+    assert_same_generations(*stacked_and_separate(fuser, method))
 
 
 @pytest.mark.parametrize("method", ["static:1", "dynamic"])

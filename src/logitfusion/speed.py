@@ -177,26 +177,32 @@ def tokens_per_forward(fuser, run, tokens: int) -> float:
 
 def component_floor(models, prompts: list[str], n_tokens: int, members, device: str, repeats: int) -> float:
     """Sum over models of the time of n_tokens cached single-token forwards, each model alone."""
+    return n_tokens * sum(step_time(models, prompts, [([m], None)], n_tokens, device, repeats) for m in members)
+
+
+def step_time(models, prompts: list[str], groups: list[tuple[list, object]], n_tokens: int, device: str,
+              repeats: int) -> float:
+    """Seconds per cached step of running `groups` (members, module to run or None) side by side,
+    every member on its own templated prompts."""
     from .decoding import Context
-    total = 0.0
     tok = models.tokenizer
-    for m in members:
-        ids = [tok(render(m.template, p))["input_ids"] for p in prompts]
 
-        def run():
-            ctx, logits = Context.prefill([m], [ids], n_tokens, models.vocab_size, tok.pad_token_id or 0, True)
-            nxt = logits[0].argmax(-1)
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(n_tokens):
+    def run():
+        ctxs = [Context.prefill(g, [[tok(render(m.template, p))["input_ids"] for p in prompts] for m in g],
+                                n_tokens, models.vocab_size, tok.pad_token_id or 0, True, module=module)
+                for g, module in groups]
+        nxt = ctxs[0][1][0].argmax(-1)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n_tokens):
+            for ctx, _ in ctxs:
                 ctx.step(nxt)
-            sync(device)
-            return time.perf_counter() - t0
+        sync(device)
+        return (time.perf_counter() - t0) / n_tokens
 
-        with torch.no_grad():
-            run()
-            total += min(run() for _ in range(repeats))
-    return total
+    with torch.no_grad():
+        run()
+        return min(run() for _ in range(repeats))
 
 
 def lora_cost(paths: dict, root: Path, n_experts: int, batch: int, n_tokens: int, load: dict, device: str,
@@ -204,70 +210,30 @@ def lora_cost(paths: dict, root: Path, n_experts: int, batch: int, n_tokens: int
     """Per-step time of: the small base alone; small + n LoRA experts as ONE forward (per-row
     adapters); the same as n + 1 separate forwards. Returns the three times."""
     from . import toy
-    from .decoding import Context
     adapters = {}
     for i in range(1, n_experts + 1):
         out = root / f"bench-lora{i}"
         if not (out / "adapter_config.json").exists():
             toy.lora_adapter(paths["small"], out, rank=8, seed=200 + i)
         adapters[f"lora{i}"] = str(out)
-    fuser = Fuser.from_pretrained(paths["large"], paths["small"], adapters, load=load)
-    models, tok = fuser.models, fuser.models.tokenizer
+    models = Fuser.from_pretrained(paths["large"], paths["small"], adapters, load=load).models
+    group = [models.small, *models.experts]  # one PEFT module: the shared forward needs no module of its own
     prompts = [f"Question: {i % 12} plus {(5 * i) % 12}? Answer:" for i in range(batch)]
-    ids = [tok(p)["input_ids"] for p in prompts]
-
-    def per_step(groups) -> float:
-        def run():
-            ctxs = [Context.prefill(g, [ids] * len(g), n_tokens, models.vocab_size, tok.pad_token_id or 0, True)
-                    for g in groups]
-            nxt = ctxs[0][1][0].argmax(-1)
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(n_tokens):
-                for ctx, _ in ctxs:
-                    ctx.step(nxt)
-            sync(device)
-            return (time.perf_counter() - t0) / n_tokens
-
-        with torch.no_grad():
-            run()
-            return min(run() for _ in range(repeats))
-
-    group = [models.small, *models.experts]
-    return per_step([[models.small]]), per_step([group]), per_step([[m] for m in group])
+    return tuple(step_time(models, prompts, groups, n_tokens, device, repeats)
+                 for groups in ([([models.small], None)], [(group, None)], [([m], None) for m in group]))
 
 
 def full_cost(models, batch: int, n_tokens: int, device: str, repeats: int) -> tuple[float, float, float] | None:
     """Per-step time of: the small base alone; small + its full-weight experts as ONE forward on
     stacked weights; the same as separate forwards. Returns the three times (None: not stackable)."""
-    from .decoding import Context
     from .stacking import shared_stack
-    tok = models.tokenizer
     group = [models.small, *models.experts]
     stack, stacked = shared_stack(models, group)
     if not stacked:
         return None
-    ids = [tok(f"Question: {i % 12} plus {(5 * i) % 12}? Answer:")["input_ids"] for i in range(batch)]
-
-    def per_step(groups) -> float:  # groups: (members, module to run)
-        def run():
-            ctxs = [Context.prefill(g, [ids] * len(g), n_tokens, models.vocab_size, tok.pad_token_id or 0, True,
-                                    module=module) for g, module in groups]
-            nxt = ctxs[0][1][0].argmax(-1)
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(n_tokens):
-                for ctx, _ in ctxs:
-                    ctx.step(nxt)
-            sync(device)
-            return (time.perf_counter() - t0) / n_tokens
-
-        with torch.no_grad():
-            run()
-            return min(run() for _ in range(repeats))
-
-    return (per_step([([models.small], None)]), per_step([(group, stack)]),
-            per_step([([m], None) for m in group]))
+    prompts = [f"Question: {i % 12} plus {(5 * i) % 12}? Answer:" for i in range(batch)]
+    return tuple(step_time(models, prompts, groups, n_tokens, device, repeats)
+                 for groups in ([([models.small], None)], [(group, stack)], [([m], None) for m in group]))
 
 
 # ---------------------------------------------------------------- main
