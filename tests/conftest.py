@@ -135,3 +135,20 @@ def _assert_same_generations(shared, separate):
 def assert_same_generations():
     """The check that a fast path (shared or stacked forwards) decodes as the plain path does."""
     return _assert_same_generations
+
+
+@torch.no_grad()
+def _run_steps(members, module, prompts, steps=3):
+    from logitfusion.decoding import Context
+    ctx, logits = Context.prefill(members, [prompts] * len(members), steps, 300, 0, True, module=module)
+    out = [logits]
+    for i in range(steps):
+        out.append(ctx.step(torch.tensor([5 + i + b for b in range(len(prompts))])))
+    return out
+
+
+@pytest.fixture(scope="session")
+def run_steps():
+    """run_steps(members, module, prompts, steps=3): prefill token-id prompts (left padded) on
+    `module` (None: the members' own), then `steps` cached steps; the logits of each, [G, B, V]."""
+    return _run_steps

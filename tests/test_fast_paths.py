@@ -28,6 +28,7 @@ def test_small_base_and_lora_experts_share_one_forward(lora_fuser):
     batch = Batch(lora_fuser.models, lora_fuser.method("dynamic"))
     groups = [[m.role for m in g] for g in batch.groups]
     assert groups == [["large"], ["small", "expert:lora1", "expert:lora2"], ["expert:expert1"]]
+    assert batch.modules[1] is not lora_fuser.models.small.model  # adapters stacked (stacking.stack_lora)
     separate = Batch(lora_fuser.models, lora_fuser.method("dynamic"), share_forwards=False)
     assert len(separate.groups) == 5
 

@@ -12,7 +12,8 @@ def test_bench_speed_prints_every_ratio(tmp_path, capsys):
     out = result.output + capsys.readouterr().out
     for row in ["HF generate, large alone", "ours, large alone", "ours, dynamic, 1 expert, speculative k=2",
                 "ours, dynamic joint, 2 experts", "component floor, large + small + 2 experts",
-                "naive / ours (dynamic fast, 2 experts, batch 2)", "small + LoRA experts, one forward",
+                "naive / ours (dynamic fast, 2 experts, batch 2)", "small + LoRA experts, stacked forward",
+                "same, PEFT mixed-adapter forward",
                 "ours, dynamic, 1 expert, speculative sampling (T=1) k=2", "tokens per sequence per large-model forward",
                 "ours, dynamic fast, 2 experts, separate forwards", "small + full experts, stacked forward",
                 "the weight solver alone"]:

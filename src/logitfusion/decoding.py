@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .models import Member, ModelSet
-from .stacking import shared_stack
+from .stacking import lora_stack, shared_stack
 from .fusion import fuse
 from .solvers import Choice, Solver, SolverError
 
@@ -163,15 +163,16 @@ class Context:
 
     For a batch of B sequences it holds one block of B rows per member that runs on this module:
     the small base and its LoRA experts share one module and so run as ONE forward, each row
-    with its own adapter (PEFT mixed-adapter batch). Buffers have room for `capacity` tokens;
-    steps write into them in place, and they are reallocated only when rows join or leave.
+    with its own adapter (stacked adapters, stacking.stack_lora, or PEFT's mixed-adapter batch).
+    Buffers have room for `capacity` tokens; steps write into them in place, and they are
+    reallocated only when rows join or leave.
     """
 
     def __init__(self, members: list[Member], ids: Tensor, mask: Tensor, length: int, vocab: int,
                  use_cache: bool, cache=None, retok: Retokenizer | None = None, module=None):
         self.members, self.vocab, self.use_cache = members, vocab, use_cache
         self.ids, self.mask, self.length, self.cache = ids, mask, length, cache
-        # The module to run: the members' shared one, or full-weight copies stacked (stacking.py).
+        # The module to run: the members' shared one, or their stacked weights or adapters (stacking.py).
         self.model = module if module is not None else members[0].model
         # Cross-vocabulary members: logits are mapped into the user's vocabulary, and each row
         # (G * B of them, like ids) tracks its own token ids.
@@ -209,7 +210,8 @@ class Context:
         mask = self.mask[:, : self.length]
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, start:]
         adapters = {}
-        if self.members[0].adapter is not None:
+        if self.members[0].adapter is not None and self.model is self.members[0].model:
+            # PEFT's mixed-adapter batch picks each row's adapter; a stacked-LoRA module knows its groups.
             adapters["adapter_names"] = [m.adapter for m in self.members for _ in range(self.seqs)]
         out = self.model(input_ids=self.ids[:, start: self.length], attention_mask=mask, position_ids=positions,
                          past_key_values=self.cache, use_cache=self.use_cache, logits_to_keep=keep, **adapters)
@@ -248,7 +250,7 @@ class Context:
         ctx, logits = Context.prefill(self.members, [[r.ids for r in rows[g * n:(g + 1) * n]]
                                                      for g in range(len(self.members))],
                                       room, self.vocab, self.retok.pad_id, self.use_cache,
-                                      retok=self.retok)
+                                      retok=self.retok, module=self.model)
         self.ids, self.mask, self.length, self.cache = ctx.ids, ctx.mask, ctx.length, ctx.cache
         self.rows = rows  # keep their generation history (prefill starts new rows)
         return logits
@@ -444,14 +446,16 @@ class Batch:
         # Members on one module (the small base and its LoRA experts) run as one forward, and so do
         # full-weight copies of the small model (the small base, full experts) on one module with
         # their weights stacked; unless share_forwards is off (then every model runs alone; used to
-        # check both agree).
+        # check both agree). A PEFT group runs its adapters stacked (bmm) rather than through PEFT's
+        # per-adapter loop, where they can be.
         stack, stacked = shared_stack(models, self.members) if share_forwards else (None, [])
         groups: dict[int | str, list[Member]] = {}
         for m in self.members:
             key = "stack" if any(m is s for s in stacked) else id(m.model) if share_forwards else id(m)
             groups.setdefault(key, []).append(m)
         self.groups = list(groups.values())
-        self.modules = [stack if key == "stack" else g[0].model for key, g in groups.items()]
+        self.modules = [stack if key == "stack" else lora_stack(models, g) if share_forwards and g[0].adapter
+                        else g[0].model for key, g in groups.items()]
         # Members with their own tokenizer follow the user's text through a Retokenizer.
         self.retoks = [Retokenizer(g[0], models.tokenizer) if g[0].foreign else None for g in self.groups]
         self.device = self.members[0].device  # where fusion happens

@@ -80,7 +80,8 @@ class ModelSet:
     experts: list[Member] = field(default_factory=list)
     vocab_size: int = 0  # logits are sliced to this (tokenizer length; padded rows dropped)
     delta: Member | None = None  # cross-model control: a delta model for the large (user) model
-    # Stacked-weight modules of full-weight members (stacking.shared_stack), built on first use.
+    # Stacked modules (stacking.shared_stack for full-weight members, stacking.lora_stack for a PEFT
+    # base and its LoRA adapters), built on first use.
     stacks: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property

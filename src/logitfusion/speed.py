@@ -12,8 +12,9 @@ For each batch size, greedy decoding of exactly N tokens (EOS ignored) with:
   - a naive reference loop written the obvious way (one HF forward per model per step without
     reusing buffers, the grid evaluated in a Python loop, per-step concatenation);
 and prints tokens/s with ratios: fused / large alone, fused / component floor, naive / ours.
-Then the per-step cost of the small base with its experts as one forward (LoRA adapters: one
-mixed-adapter batch; full fine-tunes: stacked weights) against one forward per model.
+Then the per-step cost of the small base with its experts as one forward (LoRA adapters: stacked
+A and B applied by bmm, and PEFT's mixed-adapter batch; full fine-tunes: stacked weights) against
+one forward per model.
 Speed does not depend on trained weights, so `--shapes` builds random-initialised models of
 real shapes (TinyLlama-1.1B small + Llama-2-7B/13B large) for GPU measurements.
 Best of --repeats timed runs after one warm-up.
@@ -206,9 +207,12 @@ def step_time(models, prompts: list[str], groups: list[tuple[list, object]], n_t
 
 
 def lora_cost(paths: dict, root: Path, n_experts: int, batch: int, n_tokens: int, load: dict, device: str,
-              repeats: int) -> tuple[float, float, float]:
-    """Per-step time of: the small base alone; small + n LoRA experts as ONE forward (per-row
-    adapters); the same as n + 1 separate forwards. Returns the three times."""
+              repeats: int) -> tuple[float, float, float, float]:
+    """Per-step time of: the small base alone (the plain model, no PEFT); small + n LoRA experts
+    as ONE forward with the adapters stacked (stacking.stack_lora, what decoding runs); the same
+    as ONE forward through PEFT's mixed-adapter batch (the fallback); the same as n + 1 separate
+    forwards. Returns the four times."""
+    from .stacking import lora_stack
     from . import toy
     adapters = {}
     for i in range(1, n_experts + 1):
@@ -217,10 +221,12 @@ def lora_cost(paths: dict, root: Path, n_experts: int, batch: int, n_tokens: int
             toy.lora_adapter(paths["small"], out, rank=8, seed=200 + i)
         adapters[f"lora{i}"] = str(out)
     models = Fuser.from_pretrained(paths["large"], paths["small"], adapters, load=load).models
-    group = [models.small, *models.experts]  # one PEFT module: the shared forward needs no module of its own
+    group = [models.small, *models.experts]  # one PEFT module
+    alone = lora_stack(models, [models.small])  # no adapter: the plain base model
     prompts = [f"Question: {i % 12} plus {(5 * i) % 12}? Answer:" for i in range(batch)]
     return tuple(step_time(models, prompts, groups, n_tokens, device, repeats)
-                 for groups in ([([models.small], None)], [(group, None)], [([m], None) for m in group]))
+                 for groups in ([([models.small], alone)], [(group, lora_stack(models, group))], [(group, None)],
+                                [([m], None) for m in group]))
 
 
 def full_cost(models, batch: int, n_tokens: int, device: str, repeats: int) -> tuple[float, float, float] | None:
@@ -334,15 +340,19 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n{label}: {n:.2f} tokens per sequence per large-model forward (prefill included)", end="")
         print("\n")
     print(f"## experts that are LoRA adapters of the small base ({args.experts} adapters, rank 8)\n")
-    print("| batch | small alone, ms/step | small + LoRA experts, one forward | same, separate forwards | "
-          "one forward / small alone | separate / one forward |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("small alone: the plain base model. Stacked: small + adapters as one forward, every adapter's A and B "
+          "stacked and applied by bmm (what decoding runs). PEFT mixed: one forward through PEFT's per-row "
+          "`adapter_names` (a loop over adapters in every LoRA layer; the fallback). Separate: one PEFT forward "
+          "per model.\n")
+    print("| batch | small alone, ms/step | small + LoRA experts, stacked forward | same, PEFT mixed-adapter forward | "
+          "same, separate forwards | stacked / small alone | PEFT mixed / small alone | separate / stacked |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     lora_root = Path(tempfile.gettempdir()) / "logitfusion-bench-lora"  # random adapters, never in the zoo
     for batch in args.batch:
-        alone, shared, separate = lora_cost(paths, lora_root, args.experts, batch, args.tokens, load,
-                                            args.device, args.repeats)
-        print(f"| {batch} | {alone * 1e3:.2f} | {shared * 1e3:.2f} | {separate * 1e3:.2f} | "
-              f"{shared / alone:.2f}x | {separate / shared:.2f}x |")
+        alone, stacked, mixed, separate = lora_cost(paths, lora_root, args.experts, batch, args.tokens, load,
+                                                    args.device, args.repeats)
+        print(f"| {batch} | {alone * 1e3:.2f} | {stacked * 1e3:.2f} | {mixed * 1e3:.2f} | {separate * 1e3:.2f} | "
+              f"{stacked / alone:.2f}x | {mixed / alone:.2f}x | {separate / stacked:.2f}x |")
     print()
     print(f"## experts that are full fine-tunes of the small base ({args.experts} experts, weights stacked)\n")
     print("| batch | small alone, ms/step | small + full experts, stacked forward | same, separate forwards | "

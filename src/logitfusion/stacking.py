@@ -12,6 +12,10 @@ GPU and far less per-call overhead on a CPU.
 The originals' parameters become views into the stacked tensors, so weights are stored once and
 each original still runs alone. (Moving or casting an original afterwards, `.to(...)`, gives it
 new tensors of its own: the stack keeps the old ones.)
+
+`stack_lora(peft_model, groups)` does the same for LoRA adapters of one base: the base weights are
+shared by every row, and each LoRA-targeted Linear adds group g's low-rank update with two bmm
+over the groups (adapters stacked, ranks zero-padded), instead of PEFT's loop over adapters.
 """
 
 from __future__ import annotations
@@ -230,6 +234,99 @@ def stack_models(models: list[nn.Module], names: list[str] | None = None) -> nn.
     return out
 
 
+# ---------------------------------------------------------------- LoRA adapters of one base
+
+class StackedLoRALinear(nn.Module):
+    """The shared base Linear for every row, plus group g's LoRA update on its rows:
+    y = base(x) + scale_g * (x_g A_g^T) B_g^T. Groups without this adapter (the base, or an
+    adapter that does not target this layer) have A_g = B_g = 0, so their rows are the base's."""
+
+    def __init__(self, base: nn.Linear, a: Tensor, b: Tensor):
+        super().__init__()
+        self.base = base  # the PEFT model's own base layer: its weights are shared, not copied
+        self.a = nn.Parameter(a, requires_grad=False)  # [G, r, in]; ranks zero-padded to the largest
+        self.b = nn.Parameter(b, requires_grad=False)  # [G, out, r]; scale_g folded in
+
+    def extra_repr(self) -> str:
+        g, r, inp = self.a.shape
+        return f"groups={g}, rank={r}, in_features={inp}, out_features={self.b.shape[1]}"
+
+    def forward(self, x: Tensor) -> Tensor:  # [G * b, ..., in] -> [G * b, ..., out]
+        g = self.a.shape[0]
+        _rows_per_group(x, g)
+        y = self.base(x)
+        # As PEFT does: the update is computed in the adapters' dtype, then added in the result's.
+        h = torch.bmm(x.reshape(g, -1, x.shape[-1]).to(self.a.dtype), self.a.transpose(1, 2))  # [G, b * ..., r]
+        if h.dtype == y.dtype:  # the add fused into the second matmul
+            return torch.baddbmm(y.reshape(g, -1, y.shape[-1]), h, self.b.transpose(1, 2)).view(y.shape)
+        return y + torch.bmm(h, self.b.transpose(1, 2)).to(y.dtype).view(y.shape)
+
+
+def _lora_check(path: str, layer: nn.Module, used: list[str]) -> None:
+    """Raise StackError unless `layer` applies the `used` adapters as plain LoRA on an nn.Linear
+    (what StackedLoRALinear computes exactly)."""
+    from peft.tuners.lora import Linear as LoraLinear
+    if type(layer) is not LoraLinear or type(layer.base_layer) is not nn.Linear:
+        raise StackError(f"{path}: LoRA on a {type(layer.get_base_layer()).__name__} ({type(layer).__name__}); "
+                         "only LoRA on plain nn.Linear layers is stacked")
+    if layer.merged or layer.disable_adapters:
+        raise StackError(f"{path}: adapters are merged into the base weights or disabled")
+    for name in used:
+        if layer.use_dora.get(name) or name in layer.lora_variant:
+            variant = "DoRA" if layer.use_dora.get(name) else type(layer.lora_variant[name]).__name__
+            raise StackError(f"adapter {name!r} is a LoRA variant ({variant}) on {path}; only plain LoRA is stacked")
+        if layer.lora_bias.get(name):
+            raise StackError(f"adapter {name!r} has a LoRA bias (lora_bias) on {path}")
+    kinds = {(layer.lora_A[n].weight.dtype, layer.lora_A[n].weight.device) for n in used}
+    if len(kinds) > 1:
+        raise StackError(f"{path}: the adapters' weights differ in dtype or device ({sorted(map(str, kinds))})")
+
+
+@torch.no_grad()
+def stack_lora(peft_model: nn.Module, groups: list[str]) -> nn.Module:
+    """The base model of a PEFT LoRA model running rows [group 0: b rows, group 1: b rows, ...] in
+    one forward, group g with adapter groups[g] ("__base__": none), each LoRA update as two bmm
+    over the groups instead of PEFT's loop over adapters (select rows, two matmuls, scatter).
+
+    A structural copy of the base model sharing its weights; only A and B are stacked (copied,
+    from the adapters as they are now). Raises StackError for what it does not compute exactly
+    as PEFT does (DoRA and other LoRA variants, lora_bias, LoRA on embeddings or other layer
+    types, modules_to_save, merged or disabled adapters)."""
+    from peft.tuners.lora import LoraLayer
+    model = peft_model.get_base_model()  # the HF model, LoRA layers injected in place
+    unknown = set(groups) - {"__base__"} - set(getattr(peft_model, "peft_config", {}))
+    if unknown:
+        raise StackError(f"no adapter named {', '.join(sorted(unknown))} in this PEFT model")
+    if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1:
+        raise StackError("the PEFT model is sharded over several devices (device_map)")
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    out = copy.deepcopy(model, memo=dict(shared))
+    for path, layer in list(out.named_modules()):
+        if not isinstance(layer, LoraLayer):
+            continue
+        used = [n for n in dict.fromkeys(groups) if n in layer.lora_A or n in layer.lora_embedding_A]
+        if not used:  # no group's adapter targets this layer: the plain base layer
+            new = layer.get_base_layer()
+        else:
+            _lora_check(path, layer, used)
+            ref, rank = layer.lora_A[used[0]].weight, max(layer.lora_A[n].weight.shape[0] for n in used)
+            a = ref.new_zeros(len(groups), rank, layer.base_layer.in_features)  # [G, r, in]
+            b = ref.new_zeros(len(groups), layer.base_layer.out_features, rank)  # [G, out, r]
+            for g, name in enumerate(groups):
+                if name in used:
+                    r = layer.lora_A[name].weight.shape[0]
+                    a[g, :r] = layer.lora_A[name].weight
+                    b[g, :, :r] = layer.lora_B[name].weight * layer.scaling[name]
+            new = StackedLoRALinear(layer.base_layer, a, b)
+        parent, _, child = path.rpartition(".")
+        setattr(out.get_submodule(parent), child, new)
+    # Anything else PEFT put in (modules_to_save, trainable tokens...) changes rows per adapter too.
+    left = [f"{p} ({type(m).__name__})" for p, m in out.named_modules() if type(m).__module__.startswith("peft")]
+    if left:
+        raise StackError(f"PEFT modules other than LoRA on Linear layers: {', '.join(left[:3])}")
+    return out
+
+
 # ---------------------------------------------------------------- decoding
 
 def stackable(member: Member) -> bool:
@@ -254,3 +351,18 @@ def shared_stack(models: ModelSet, members: list[Member]) -> tuple[nn.Module | N
             models.stacks[key] = None  # an optimisation only: these members run separately
     stack = models.stacks[key]
     return (stack, group) if stack is not None else (None, [])
+
+
+def lora_stack(models: ModelSet, members: list[Member]) -> nn.Module:
+    """The module to run `members` (all on one PEFT model: the small base "__base__" and its LoRA
+    experts) as one forward: their stacked-LoRA module (stack_lora), or the PEFT model itself
+    when that is refused (then PEFT's mixed-adapter batch picks each row's adapter). Built once
+    per ModelSet and adapter list; a refusal is remembered too."""
+    peft_model, adapters = members[0].model, [m.adapter for m in members]
+    key = ("lora", id(peft_model), tuple(adapters))
+    if key not in models.stacks:
+        try:
+            models.stacks[key] = stack_lora(peft_model, adapters)
+        except StackError:
+            models.stacks[key] = None  # an optimisation only
+    return models.stacks[key] if models.stacks[key] is not None else peft_model
