@@ -17,13 +17,11 @@ from torch import Tensor
 
 from .fusion import fuse, objective
 
-# Float32 elements of one [B, C, V] objective chunk. On a GPU (~128 MB) a 21-point grid at batch 8
-# and a 32k vocabulary (5.4M elements) is one chunk, i.e. one batched op; only product grids of
-# several experts are split, so memory stays bounded. On a CPU, chunks that stay in cache (2 MB)
-# are measured 3x faster at that size than one big op, which spends its time faulting in fresh
-# pages for its temporaries.
+# Float32 elements of one [B, C, V] objective chunk (~128 MB). A 21-point grid at batch 8 and a
+# 32k vocabulary is 5.4M elements: one chunk, i.e. one batched op. Only product grids of several
+# experts are split, so memory stays bounded. (Cache-sized chunks were measured on a CPU too:
+# slower than one op at every size tried, up to 3x at batch 1 with a 32k vocabulary.)
 MAX_CHUNK_ELEMENTS = 2**25
-CPU_CHUNK_ELEMENTS = 2**19
 
 
 class SolverError(ValueError):
@@ -70,14 +68,12 @@ def product_candidates(grid: Tensor, n_experts: int) -> Tensor:
 
 
 def grid_search(z_large: Tensor, z_small: Tensor, z_experts: Tensor, candidates: Tensor,
-                max_elements: int | None = None) -> tuple[Tensor, Tensor]:
+                max_elements: int = MAX_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
     """argmin_a J(a) over candidates [C, T], per sequence -> (weights [B, T], J [B]).
 
     Ties go to the earliest candidate (the smallest weights with a sorted grid).
     """
     batch, vocab = z_large.shape
-    if max_elements is None:
-        max_elements = CPU_CHUNK_ELEMENTS if z_large.device.type == "cpu" else MAX_CHUNK_ELEMENTS
     chunk = max(1, max_elements // (batch * vocab))
     best_j = torch.full((batch,), math.inf, device=z_large.device)
     best_a = torch.zeros(batch, candidates.shape[1], device=z_large.device)
