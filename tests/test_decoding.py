@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from logitfusion import toy
-from logitfusion.decoding import DecodingError, SamplingParams, decode
+from logitfusion.decoding import Batch, DecodingError, SamplingParams, decode
 from logitfusion.fuser import Fuser
 from logitfusion.solvers import Choice, Dynamic, Solver, Static, make_grid
 
@@ -161,6 +161,20 @@ def test_kv_cache_equals_no_cache(fuser, kind):
     cached = fuser.generate(PROMPTS, solver=solver, max_new_tokens=N, use_cache=True)
     uncached = fuser.generate(PROMPTS, solver=solver, max_new_tokens=N, use_cache=False)
     assert ids_of(cached) == ids_of(uncached)
+
+
+def test_kv_cache_writes_in_place_into_reserved_room(fuser1):
+    """Steps write each position into the room reserved at prefill: no copy of the whole cache
+    per step (DynamicLayer's torch.cat), and keys and values stay views of one buffer."""
+    batch = Batch(fuser1.models, fuser1.method("dynamic"))
+    batch.add(PROMPTS[:2], [SamplingParams(max_new_tokens=12)] * 2)
+    layer = batch.contexts[0].cache.layers[0]
+    assert type(layer).__name__ == "ReservedLayer"
+    batch.step()
+    buffer = layer.buffer[0].data_ptr()
+    for _ in range(8):
+        batch.step()
+        assert layer.buffer[0].data_ptr() == buffer and layer.keys.data_ptr() == buffer
 
 
 def test_batch_size_chunks_equal_one_batch(fuser):

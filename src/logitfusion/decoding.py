@@ -12,6 +12,7 @@ boundaries. `decode` is the whole loop for a fixed list of prompts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -158,6 +159,51 @@ class Retokenizer:
 
 # ---------------------------------------------------------------- one model's context and cache
 
+@functools.cache
+def _reserved_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """Keys and values live in a buffer with room for the whole context: a step writes its
+        position in place, where DynamicLayer's torch.cat copies the whole cache every step
+        (steps 1.2x faster at batch 8 over 400 tokens on the zoo, CPU; `bench speed`). They stay
+        views of that buffer; code that replaces them (rows joining or leaving) gets a new
+        buffer at the next update."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.buffer = capacity, None
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, t = (self.keys.shape[-2] if self.keys.dim() == 4 else 0), key_states.shape[-2]
+            k, v = self.buffer or (None, None)
+            if (k is None or self.keys.data_ptr() != k.data_ptr() or self.keys.shape[:-2] != k.shape[:-2]
+                    or n + t > k.shape[-2]):
+                shape = (*key_states.shape[:-2], max(self.capacity, 2 * (n + t)), key_states.shape[-1])
+                k, v = key_states.new_empty(shape), value_states.new_empty(shape)
+                if n:
+                    k[..., :n, :], v[..., :n, :] = self.keys, self.values
+                self.buffer = (k, v)
+            k[..., n:n + t, :], v[..., n:n + t, :] = key_states, value_states
+            self.keys, self.values = k[..., :n + t, :], v[..., :n + t, :]
+            return self.keys, self.values
+
+    return ReservedLayer
+
+
+def reserved_cache(config, capacity: int):
+    """A DynamicCache whose plain layers reserve room for `capacity` positions up front (see
+    ReservedLayer). Other layer kinds (sliding windows...) are left as transformers makes them."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    cache = DynamicCache(config=config)
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [_reserved_layer()(capacity) for _ in cache.layers]
+    return cache
+
+
 class Context:
     """Token buffers, attention mask and KV cache of one model module, left padded.
 
@@ -186,7 +232,6 @@ class Context:
         """prompts[g][i]: token ids of sequence i for member g. Returns the context and the logits
         of the last position [G, B, V] (or of the last `keep` positions, [G, B, keep, V]); V is the
         user's vocabulary (a cross-vocabulary member's logits are mapped into it)."""
-        from transformers import DynamicCache
         rows = [p for per_member in prompts for p in per_member]
         device, width = members[0].device, max(len(p) for p in rows)
         ids = torch.full((len(rows), width + room), pad_id, dtype=torch.long, device=device)
@@ -194,7 +239,7 @@ class Context:
         for i, p in enumerate(rows):
             ids[i, width - len(p):width] = torch.tensor(p, device=device)
             mask[i, width - len(p):width] = 1
-        cache = DynamicCache(config=members[0].model.config) if use_cache else None
+        cache = reserved_cache(members[0].model.config, width + room) if use_cache else None
         ctx = cls(members, ids, mask, width, vocab, use_cache, cache, retok, module)
         if retok is not None:
             ctx.rows = [Row(list(p), list(p)) for p in rows]
@@ -298,7 +343,7 @@ class Context:
         if self.cache is None:
             return []
         layers = self.cache.layers
-        if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        if any(type(layer).__name__ not in ("DynamicLayer", "ReservedLayer") for layer in layers):
             raise NotImplementedError("joining a running batch needs a plain dynamic KV cache "
                                       f"({self.members[0].role} uses {type(layers[0]).__name__})")
         return layers

@@ -164,6 +164,28 @@ def solver_cost(batch: int, vocab: int, n_experts: int, device: str, repeats: in
     return best_time(lambda: solver.on(z), repeats, device)
 
 
+def cache_cost(fuser, batch: int, n_tokens: int, device: str, repeats: int) -> dict[str, tuple[float, float]]:
+    """Seconds per step of large alone and dynamic fusion over n_tokens, with the KV cache the
+    loop uses (room reserved, written in place) and with transformers' DynamicCache (torch.cat
+    every step). {solver: (reserved, cat)}"""
+    from . import decoding
+    from transformers import DynamicCache
+    prompts = [f"Question: {i % 12} plus {(3 * i) % 12}? Answer:" for i in range(batch)]
+    reserved, out = decoding.reserved_cache, {}
+    for solver in ("large", "dynamic"):
+        run = lambda: fuser.generate(prompts, solver=solver, max_new_tokens=n_tokens, ignore_eos=True,  # noqa: E731
+                                     batch_size=batch)
+        times = {}
+        for name, make in (("reserved", reserved), ("cat", lambda config, capacity: DynamicCache(config=config))):
+            decoding.reserved_cache = make
+            try:
+                times[name] = best_time(run, repeats, device) / n_tokens
+            finally:
+                decoding.reserved_cache = reserved
+        out[solver] = (times["reserved"], times["cat"])
+    return out
+
+
 def tokens_per_forward(fuser, run, tokens: int) -> float:
     """Tokens each sequence gained per forward of the large model (its prefill included) in one run
     where every sequence decodes `tokens` tokens."""
@@ -254,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", type=Path, default=BUNDLED_ZOO, help="zoo folder (default: the bundled zoo)")
     ap.add_argument("--shapes", choices=["tinyllama-7b", "tinyllama-13b"], help="random models of real shapes")
     ap.add_argument("--speculate", type=int, nargs="*", default=[2, 4], help="draft lengths to time")
+    ap.add_argument("--long-tokens", type=int, default=400,
+                    help="new tokens for the KV-cache table (reserved room vs torch.cat)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True,
@@ -366,6 +390,15 @@ def main(argv: list[str] | None = None) -> None:
         alone, shared, separate = times
         print(f"| {batch} | {alone * 1e3:.2f} | {shared * 1e3:.2f} | {separate * 1e3:.2f} | "
               f"{shared / alone:.2f}x | {separate / shared:.2f}x |")
+    print()
+    long = min(args.long_tokens, (models.large.context or 512) - 64)
+    print(f"## the KV cache: room reserved up front vs torch.cat every step (1 expert, {long} tokens)\n")
+    print("| batch | large alone, reserved, ms/step | same, cat | dynamic, reserved | same, cat | cat / reserved |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for batch in args.batch:
+        c = cache_cost(one, batch, long, args.device, args.repeats)
+        print(f"| {batch} | {c['large'][0] * 1e3:.2f} | {c['large'][1] * 1e3:.2f} | {c['dynamic'][0] * 1e3:.2f} | "
+              f"{c['dynamic'][1] * 1e3:.2f} | {c['large'][1] / c['large'][0]:.2f}x, {c['dynamic'][1] / c['dynamic'][0]:.2f}x |")
     print()
     print("## the weight solver alone (dynamic, fast path, 21-point grid, random logits)\n")
     print(f"| batch | vocabulary | 1 expert, ms/step | {args.experts} experts, ms/step |")
