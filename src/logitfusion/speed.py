@@ -23,6 +23,7 @@ Best of --repeats timed runs after one warm-up.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import resource
 import tempfile
@@ -50,15 +51,24 @@ def sync(device: str) -> None:
 
 
 def best_time(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up
-    times = []
+    return best_times({"": fn}, repeats, device)[""]
+
+
+def best_times(fns: dict, repeats: int, device: str) -> dict:
+    """Best time of each function over `repeats` rounds in which the functions take turns, so that
+    a slow spell of a shared machine slows every method alike instead of a few. A function that
+    returns a float reports its own time (e.g. steps without their prefill)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = dict.fromkeys(fns, math.inf)
     for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for label, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            own = fn()
+            sync(device)
+            best[label] = min(best[label], own if isinstance(own, float) else time.perf_counter() - t0)
+    return best
 
 
 # ---------------------------------------------------------------- models
@@ -171,19 +181,22 @@ def cache_cost(fuser, batch: int, n_tokens: int, device: str, repeats: int) -> d
     from . import decoding
     from transformers import DynamicCache
     prompts = [f"Question: {i % 12} plus {(3 * i) % 12}? Answer:" for i in range(batch)]
-    reserved, out = decoding.reserved_cache, {}
-    for solver in ("large", "dynamic"):
-        run = lambda: fuser.generate(prompts, solver=solver, max_new_tokens=n_tokens, ignore_eos=True,  # noqa: E731
-                                     batch_size=batch)
-        times = {}
-        for name, make in (("reserved", reserved), ("cat", lambda config, capacity: DynamicCache(config=config))):
-            decoding.reserved_cache = make
+    reserved = decoding.reserved_cache
+    caches = {"reserved": reserved, "cat": lambda config, capacity: DynamicCache(config=config)}
+
+    def run(solver: str, cache):
+        def go():
+            decoding.reserved_cache = cache
             try:
-                times[name] = best_time(run, repeats, device) / n_tokens
+                fuser.generate(prompts, solver=solver, max_new_tokens=n_tokens, ignore_eos=True, batch_size=batch)
             finally:
                 decoding.reserved_cache = reserved
-        out[solver] = (times["reserved"], times["cat"])
-    return out
+        return go
+
+    best = best_times({(solver, name): run(solver, cache) for solver in ("large", "dynamic")
+                       for name, cache in caches.items()}, repeats, device)
+    return {solver: (best[(solver, "reserved")] / n_tokens, best[(solver, "cat")] / n_tokens)
+            for solver in ("large", "dynamic")}
 
 
 def tokens_per_forward(fuser, run, tokens: int) -> float:
@@ -198,19 +211,24 @@ def tokens_per_forward(fuser, run, tokens: int) -> float:
     return tokens / len(calls)
 
 
-def component_floor(models, prompts: list[str], n_tokens: int, members, device: str, repeats: int) -> float:
-    """Sum over models of the time of n_tokens cached single-token forwards, each model alone."""
-    return n_tokens * sum(step_time(models, prompts, [([m], None)], n_tokens, device, repeats) for m in members)
+def step_times(models, batch: int, variants: list[list[tuple[list, object]]], n_tokens: int, device: str,
+               repeats: int) -> tuple[float, ...]:
+    """Seconds per cached step of each variant: groups (members, module to run or None) run side
+    by side, timed in turns."""
+    prompts = [f"Question: {i % 12} plus {(5 * i) % 12}? Answer:" for i in range(batch)]
+    fns = {str(i): steps(models, prompts, groups, n_tokens, device) for i, groups in enumerate(variants)}
+    best = best_times(fns, repeats, device)
+    return tuple(best[str(i)] / n_tokens for i in range(len(variants)))
 
 
-def step_time(models, prompts: list[str], groups: list[tuple[list, object]], n_tokens: int, device: str,
-              repeats: int) -> float:
-    """Seconds per cached step of running `groups` (members, module to run or None) side by side,
-    every member on its own templated prompts."""
+def steps(models, prompts: list[str], groups: list[tuple[list, object]], n_tokens: int, device: str):
+    """A function that prefills `groups` and runs n_tokens cached steps; it returns the seconds of
+    the steps alone."""
     from .decoding import Context
     tok = models.tokenizer
 
-    def run():
+    @torch.no_grad()
+    def run() -> float:
         ctxs = [Context.prefill(g, [[tok(render(m.template, p))["input_ids"] for p in prompts] for m in g],
                                 n_tokens, models.vocab_size, tok.pad_token_id or 0, True, module=module)
                 for g, module in groups]
@@ -221,11 +239,9 @@ def step_time(models, prompts: list[str], groups: list[tuple[list, object]], n_t
             for ctx, _ in ctxs:
                 ctx.step(nxt)
         sync(device)
-        return (time.perf_counter() - t0) / n_tokens
+        return time.perf_counter() - t0
 
-    with torch.no_grad():
-        run()
-        return min(run() for _ in range(repeats))
+    return run
 
 
 def lora_cost(paths: dict, root: Path, n_experts: int, batch: int, n_tokens: int, load: dict, device: str,
@@ -245,10 +261,8 @@ def lora_cost(paths: dict, root: Path, n_experts: int, batch: int, n_tokens: int
     models = Fuser.from_pretrained(paths["large"], paths["small"], adapters, load=load).models
     group = [models.small, *models.experts]  # one PEFT module
     alone = lora_stack(models, [models.small])  # no adapter: the plain base model
-    prompts = [f"Question: {i % 12} plus {(5 * i) % 12}? Answer:" for i in range(batch)]
-    return tuple(step_time(models, prompts, groups, n_tokens, device, repeats)
-                 for groups in ([([models.small], alone)], [(group, lora_stack(models, group))], [(group, None)],
-                                [([m], None) for m in group]))
+    return step_times(models, batch, [[([models.small], alone)], [(group, lora_stack(models, group))],
+                                      [(group, None)], [([m], None) for m in group]], n_tokens, device, repeats)
 
 
 def full_cost(models, batch: int, n_tokens: int, device: str, repeats: int) -> tuple[float, float, float] | None:
@@ -259,9 +273,8 @@ def full_cost(models, batch: int, n_tokens: int, device: str, repeats: int) -> t
     stack, stacked = shared_stack(models, group)
     if not stacked:
         return None
-    prompts = [f"Question: {i % 12} plus {(5 * i) % 12}? Answer:" for i in range(batch)]
-    return tuple(step_time(models, prompts, groups, n_tokens, device, repeats)
-                 for groups in ([([models.small], None)], [(group, stack)], [([m], None) for m in group]))
+    return step_times(models, batch, [[([models.small], None)], [(group, stack)], [([m], None) for m in group]],
+                      n_tokens, device, repeats)
 
 
 # ---------------------------------------------------------------- main
@@ -300,12 +313,11 @@ def main(argv: list[str] | None = None) -> None:
           f"dtype {args.dtype}, {torch.get_num_threads()} CPU threads, "
           f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.processor()}")
     print(f"# models: {args.shapes or 'the zoo'}; {args.tokens} new tokens, greedy, EOS ignored; "
-          f"vocab {models.vocab_size}; best of {args.repeats}\n")
+          f"vocab {models.vocab_size}; best of {args.repeats} rounds in which the methods take turns\n")
 
     for batch in args.batch:
         prompts = [f"Question: {i % 12} plus {(3 * i) % 12}? Answer:" for i in range(batch)]
         enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(models.large.device)
-        t = {}
 
         def ours(fuser, method, speculate=0, temperature=0.0):
             return lambda: fuser.generate(prompts, solver=method, max_new_tokens=args.tokens, ignore_eos=True,
@@ -315,31 +327,33 @@ def main(argv: list[str] | None = None) -> None:
             params = SamplingParams(max_new_tokens=args.tokens, ignore_eos=True)
             return lambda: decode(fuser.models, prompts, fuser.method(method), params, share_forwards=False)
 
-        with torch.no_grad():
-            t["HF generate, large alone"] = best_time(lambda: large.generate(
-                **enc, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
-                pad_token_id=tok.pad_token_id), args.repeats, args.device)
-        t["ours, large alone"] = best_time(ours(one, "large"), args.repeats, args.device)
-        t["ours, static a=0, 1 expert"] = best_time(ours(one, "static:0"), args.repeats, args.device)
-        t["ours, proxy-tuning a=1"] = best_time(ours(one, "static:1"), args.repeats, args.device)
-        t["ours, dynamic, 1 expert"] = best_time(ours(one, "dynamic"), args.repeats, args.device)
+        def hf_generate():
+            with torch.no_grad():
+                large.generate(**enc, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+                               pad_token_id=tok.pad_token_id)
+
+        fns = {"HF generate, large alone": hf_generate, "ours, large alone": ours(one, "large"),
+               "ours, static a=0, 1 expert": ours(one, "static:0"), "ours, proxy-tuning a=1": ours(one, "static:1"),
+               "ours, dynamic, 1 expert": ours(one, "dynamic")}
         per_forward = {}  # speculative rows: tokens emitted per large-model forward
         for k, temperature in [(k, 0.0) for k in args.speculate] + [(max(args.speculate, default=0), 1.0)]:
             if k < 2:
                 continue
             label = f"ours, dynamic, 1 expert, speculative {'sampling (T=1) ' if temperature else ''}k={k}"
-            t[label] = best_time(ours(one, "dynamic", k, temperature), args.repeats, args.device)
-            per_forward[label] = tokens_per_forward(one, ours(one, "dynamic", k, temperature), args.tokens)
-        t[f"ours, dynamic fast, {args.experts} experts"] = best_time(ours(many, "dynamic:fast"), args.repeats, args.device)
-        t[f"ours, dynamic fast, {args.experts} experts, separate forwards"] = best_time(
-            unshared(many, "dynamic:fast"), args.repeats, args.device)
-        t[f"ours, dynamic joint, {args.experts} experts"] = best_time(ours(many, "dynamic:joint"), args.repeats, args.device)
-        floor1 = component_floor(one.models, prompts, args.tokens,
-                                 [one.models.large, one.models.small, one.models.experts[0]], args.device, args.repeats)
-        floor_many = component_floor(models, prompts, args.tokens, [models.large, models.small, *models.experts],
-                                     args.device, args.repeats)
+            fns[label] = ours(one, "dynamic", k, temperature)
+            per_forward[label] = tokens_per_forward(one, fns[label], args.tokens)
+        fns[f"ours, dynamic fast, {args.experts} experts"] = ours(many, "dynamic:fast")
+        fns[f"ours, dynamic fast, {args.experts} experts, separate forwards"] = unshared(many, "dynamic:fast")
+        fns[f"ours, dynamic joint, {args.experts} experts"] = ours(many, "dynamic:joint")
+        # The component floor: every model's cached steps timed alone, in the same rounds.
+        floor_members = [models.large, models.small, *models.experts]
+        fns.update({f"floor {m.role}": steps(models, prompts, [([m], None)], args.tokens, args.device)
+                    for m in floor_members})
+        t = best_times(fns, args.repeats, args.device)
+        floors = [t.pop(f"floor {m.role}") for m in floor_members]
+        floor1, floor_many = sum(floors[:3]), sum(floors)
         naive = None
-        if args.naive:
+        if args.naive:  # slow: timed once
             with torch.no_grad():
                 naive = best_time(lambda: naive_dynamic(models, prompts, args.tokens, grid), 1, args.device)
 
