@@ -387,6 +387,34 @@ def test_requests_join_a_running_batch(server, client, ref):
     assert rows == LIMIT + 4  # ...its 4 tokens were decoded as a second row of the long one's steps
 
 
+def test_recipe_speculation_serves_the_same_answers(family, tmp_path, ref):
+    """A recipe with generation.speculate: the server's batches draft and verify, and greedy
+    answers, streamed or not and batched with others, equal plain decoding's."""
+    from concurrent.futures import ThreadPoolExecutor
+    path = write_recipe(tmp_path / "spec.yaml", family, ["expert1"])
+    data = yaml.safe_load(path.read_text())
+    data["generation"]["speculate"] = 3
+    path.write_text(yaml.safe_dump(data))
+    fuser = Fuser.from_recipe(path)
+    prompts = ["the cat sells", "Question: 3 plus 4? Answer:", "two dogs"]
+    want = [g.text for g in ref["fusion-e1"].generate(prompts, max_new_tokens=12)]
+    calls = []
+    handle = fuser.models.large.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with Server(create_app({"spec": fuser})) as s:
+            client = s.client()
+            with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent requests share one batch
+                got = list(pool.map(lambda p: client.completions.create(model="spec", prompt=p, max_tokens=12)
+                                    .choices[0].text, prompts))
+            assert got == want
+            calls.clear()
+            assert stream_completion(client, model="spec", prompt=prompts[0], max_tokens=12)[1] == want[0]
+    finally:
+        handle.remove()
+    tokens = len(ref["fusion-e1"].generate(prompts[0], max_new_tokens=12)[0].token_ids)
+    assert len(calls) < tokens  # plain decoding: a prefill and one forward per further token
+
+
 def test_decoding_failure_is_a_clean_500(family, tmp_path):
     """An expert with NaN weights: the engine stops the sequence; the client gets an OpenAI error."""
     import torch

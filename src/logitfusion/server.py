@@ -587,7 +587,10 @@ class Scheduler:
             bkey = (model, key)
             try:
                 if bkey not in self._batches:
-                    self._batches[bkey] = Batch(fuser.models, ok[0].solver)
+                    # The recipe's speculation applies here as in `generate`: greedy output is
+                    # unchanged, sampled output keeps its distribution.
+                    self._batches[bkey] = Batch(fuser.models, ok[0].solver,
+                                                speculate=fuser.recipe.generation.speculate)
                 seqs = self._batches[bkey].add([j.prompt for j in ok], [j.params for j in ok], trace=trace)
             except (DecodingError, SolverError) as e:
                 for job in ok:
