@@ -23,6 +23,7 @@ Best of --repeats timed runs after one warm-up.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import platform
 import resource
@@ -84,8 +85,10 @@ def zoo_models(root: Path, n_experts: int) -> dict:
     return {"large": str(root / "models" / "large"), "small": str(root / "models" / "small"), "experts": experts}
 
 
-def shaped_models(root: Path, pair: str, n_experts: int, dtype: torch.dtype) -> dict:
-    """Random-initialised models of real shapes (no download), saved once as safetensors."""
+def shaped_models(root: Path, pair: str, n_experts: int, dtype: torch.dtype, device: str = "cpu") -> dict:
+    """Random-initialised models of real shapes (no download), saved once as safetensors. They are
+    initialised on `device` in `dtype`: a 13B model made on a CPU in float32 first would take
+    52 GB and minutes of a GPU session's time."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from . import toy
@@ -104,7 +107,8 @@ def shaped_models(root: Path, pair: str, n_experts: int, dtype: torch.dtype) -> 
                           bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
         with torch.device("meta"):
             LlamaForCausalLM(cfg)  # validates the config cheaply
-        model = LlamaForCausalLM(cfg).to(dtype)
+        with torch.device(device):
+            model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
         model.save_pretrained(str(out))
         tok.save_pretrained(str(out))
 
@@ -258,7 +262,9 @@ def lora_cost(paths: dict, root: Path, n_experts: int, batch: int, n_tokens: int
         if not (out / "adapter_config.json").exists():
             toy.lora_adapter(paths["small"], out, rank=8, seed=200 + i)
         adapters[f"lora{i}"] = str(out)
-    models = Fuser.from_pretrained(paths["large"], paths["small"], adapters, load=load).models
+    # Only the small side is timed: the small model stands in as "large" (on a GPU a second 13B
+    # copy would not fit beside the bench's own).
+    models = Fuser.from_pretrained(paths["small"], paths["small"], adapters, load=load).models
     group = [models.small, *models.experts]  # one PEFT module
     alone = lora_stack(models, [models.small])  # no adapter: the plain base model
     return step_times(models, batch, [[([models.small], alone)], [(group, lora_stack(models, group))],
@@ -299,13 +305,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
 
     if args.shapes:
-        root = Path(tempfile.gettempdir()) / f"logitfusion-shapes-{args.shapes}"
-        paths = shaped_models(root, args.shapes, args.experts, getattr(torch, args.dtype))
+        root = Path(tempfile.gettempdir()) / f"logitfusion-shapes-{args.shapes}-{args.dtype}"
+        paths = shaped_models(root, args.shapes, args.experts, getattr(torch, args.dtype), args.device)
     else:
         paths = zoo_models(args.models, args.experts)
     load = {"dtype": args.dtype, "device": args.device}
-    one = Fuser.from_pretrained(paths["large"], paths["small"], {"e1": paths["experts"]["e1"]}, load=load)
     many = Fuser.from_pretrained(paths["large"], paths["small"], paths["experts"], load=load)
+    # The same loaded models with the first expert only (one copy of the large model in memory).
+    one = Fuser(dataclasses.replace(many.models, experts=many.models.experts[:1], stacks={}), many.solver,
+                many.recipe)
     models = many.models
     tok, large = models.tokenizer, models.large.model
     grid = [round(0.1 * i, 1) for i in range(21)]
