@@ -158,6 +158,24 @@ def test_same_seed_same_weights_and_resume_completes(base, tmp_path):
     assert all(torch.allclose(wa[k], wr[k], atol=1e-5) for k in wa)  # same result as uninterrupted
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_run_killed_after_its_final_checkpoint_is_restored_not_retrained(base, tmp_path, lora):
+    """Killed between the final checkpoint and writing the model: the rerun restores that
+    checkpoint (the Trainer alone would train one step more) and gives the uninterrupted weights."""
+    whole = finetune(cfg(base, tmp_path / "whole", lora=lora))
+    out = tmp_path / "cut"
+    finetune(cfg(base, out, lora=lora))
+    for f in out.iterdir():  # what a kill after checkpoint-8 leaves: the checkpoints only
+        if f.name != "checkpoints":
+            f.unlink()
+    res = finetune(cfg(base, out, lora=lora))
+    assert res.resumed_from.endswith("checkpoint-8") and res.global_step == 8
+    assert res.train_loss == pytest.approx(whole.train_loss, rel=0.2)
+    assert not (out / "checkpoints" / "checkpoint-9").exists()
+    wa, wr = weights(whole.out), weights(out)
+    assert wa.keys() == wr.keys() and all(torch.equal(wa[k], wr[k]) for k in wa)
+
+
 def test_merge_task_arithmetic(base, tmp_path):
     e1 = tmp_path / "e1"
     toy.perturbed_copy(base["base"], e1, scale=0.5, seed=3)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .models import LoadError, LoadOptions, load_causal_lm, load_tokenizer, model_kind
-from .training import (RUN_FILE, Collator, TrainingError, check_schedule, last_complete_checkpoint, load_dataset,
+from .training import (RUN_FILE, Collator, TrainingError, check_schedule, load_dataset, train_resuming,
                        prepare_out, read_jsonl, training_arguments)
 
 MARKER = "delta.json"  # written last: its presence means the run finished
@@ -313,15 +313,14 @@ def train_delta(cfg: DeltaConfig, callbacks: list | None = None) -> DeltaResult:
     trainer = _trainer_class()(model=delta, args=training_arguments(ckpt_dir, cfg, total), train_dataset=examples,
                                data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
                                template=template, vocab=vocab)
-    last = last_complete_checkpoint(ckpt_dir)
-    result = trainer.train(resume_from_checkpoint=last)
+    train_loss, last = train_resuming(trainer, ckpt_dir)
 
     out.mkdir(parents=True, exist_ok=True)
     trainer.model.eval().save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     (out / MARKER).write_text(json.dumps({"settings": fp, "global_step": trainer.state.global_step,
-                                          "train_loss": result.training_loss}, indent=1))
-    return DeltaResult(str(out), trainer.state.global_step, result.training_loss, resumed_from=last)
+                                          "train_loss": train_loss}, indent=1))
+    return DeltaResult(str(out), trainer.state.global_step, train_loss, resumed_from=last)
 
 
 @torch.no_grad()

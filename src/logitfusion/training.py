@@ -196,6 +196,32 @@ def last_complete_checkpoint(ckpt_dir: Path) -> str | None:
     return None
 
 
+def train_resuming(trainer, ckpt_dir: Path) -> tuple[float | None, str | None]:
+    """trainer.train, resuming from the last complete checkpoint in ckpt_dir. A checkpoint of the
+    final step is restored as it is instead: the Trainer would resume it by training one step
+    more, so a run killed between its last checkpoint and writing the model would come back
+    different. Returns (mean training loss, the checkpoint resumed from or None)."""
+    from transformers import TrainerState
+    last = last_complete_checkpoint(ckpt_dir)
+    if last is not None:
+        state = TrainerState.load_from_json(str(Path(last) / "trainer_state.json"))
+        if state.max_steps and state.global_step >= state.max_steps:
+            trainer._load_from_checkpoint(last)  # its weights (a full model or the adapter)
+            trainer.state = state
+            return _logged_mean_loss(state.log_history), last
+    return trainer.train(resume_from_checkpoint=last).training_loss, last
+
+
+def _logged_mean_loss(log_history: list[dict]) -> float | None:
+    """The run's mean loss from its logged losses, each the mean since the previous log."""
+    total = previous = 0
+    for entry in log_history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    return total / previous if previous else None
+
+
 def prepare_out(out: Path, fp: dict, overwrite: bool, marker_name: str = MARKER,
                 outputs: tuple[str, ...] = ()) -> dict | None:
     """Decide what a training run into OUT does. Returns the finished run's record when OUT
@@ -291,16 +317,15 @@ def finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> FinetuneResu
     args = training_arguments(ckpt_dir, cfg, total)
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=Collator(tokenizer.pad_token_id),
                       processing_class=tokenizer, callbacks=callbacks)
-    last = last_complete_checkpoint(ckpt_dir)
-    result = trainer.train(resume_from_checkpoint=last)
+    train_loss, last = train_resuming(trainer, ckpt_dir)
 
     out.mkdir(parents=True, exist_ok=True)
     trainer.model.eval()
     trainer.model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     marker.write_text(json.dumps({"settings": fp, "global_step": trainer.state.global_step,
-                                  "train_loss": result.training_loss}, indent=1))
-    return FinetuneResult(str(out), trainer.state.global_step, result.training_loss, resumed_from=last)
+                                  "train_loss": train_loss}, indent=1))
+    return FinetuneResult(str(out), trainer.state.global_step, train_loss, resumed_from=last)
 
 
 # ---------------------------------------------------------------- task arithmetic
