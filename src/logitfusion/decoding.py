@@ -419,9 +419,9 @@ def sample(logp: Tensor, seqs: Sequence[Seq]) -> Tensor:
     """One token per row from log-probabilities [B, V] -> [B] (Gumbel-max). Each row's noise comes
     from its sequence's own generator, so a sequence samples the same tokens whatever else is in
     the batch; greedy rows (no generator) take the argmax."""
-    vocab = logp.shape[-1]
-    noise = torch.stack([torch.rand(vocab, generator=s.generator) if s.generator is not None
-                         else torch.full((vocab,), 0.5) for s in seqs]).to(logp.device)
+    vocab, device = logp.shape[-1], logp.device
+    noise = torch.stack([torch.rand(vocab, generator=s.generator, device=device) if s.generator is not None
+                         else torch.full((vocab,), 0.5, device=device) for s in seqs])
     gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
     return (logp + gumbel).argmax(-1)
 
@@ -525,8 +525,9 @@ class Batch:
             room = [m.context - len(encoded[m.role][i]) for m in self.members if m.context is not None]
             seq = Seq(prompt, p, trace, budget=min([p.max_new_tokens] + room))
             if p.temperature > 0:
-                seq.generator = torch.Generator().manual_seed(int(p.seed if p.seed is not None else
-                                                                  torch.randint(0, 2**31 - 1, ())))
+                # On the device where tokens are picked: drawing noise there needs no host copy.
+                seq.generator = torch.Generator(self.device).manual_seed(
+                    int(p.seed if p.seed is not None else torch.randint(0, 2**31 - 1, ())))
             seqs.append(seq)
         room = max(s.budget for s in seqs)
         joining = bool(self.seqs)
@@ -749,8 +750,8 @@ class Batch:
         drafted = d[:, 1:, None]  # [B, k - 1, 1]
         ratio = (logp[:, :-1].gather(-1, drafted) - logq.gather(-1, drafted))[..., 0].exp()  # [B, k - 1]
         # Greedy rows: ratio is 1 (the draft is the fused argmax) or 0, and u = 0 keeps exactly those.
-        u = torch.stack([torch.rand(k - 1, generator=s.generator) if s.generator is not None
-                         else torch.zeros(k - 1) for s in self.seqs]).to(ratio.device)
+        u = torch.stack([torch.rand(k - 1, generator=s.generator, device=ratio.device) if s.generator is not None
+                         else torch.zeros(k - 1, device=ratio.device) for s in self.seqs])
         accepted = (u < ratio).long().cumprod(-1).sum(-1)  # [B]
         for i, (seq, m) in enumerate(zip(self.seqs, accepted.tolist())):
             seq.rejected_q = logq[i, m].exp() if m < k - 1 and seq.generator is not None else None
