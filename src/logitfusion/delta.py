@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .models import LoadError, LoadOptions, load_causal_lm, load_tokenizer, model_kind
-from .training import (RUN_FILE, Collator, TrainingError, check_schedule, load_dataset, train_resuming,
+from .training import (RUN_FILE, Collator, Schedule, TrainingError, check_schedule, load_dataset, train_resuming,
                        prepare_out, read_jsonl, training_arguments)
 
 MARKER = "delta.json"  # written last: its presence means the run finished
@@ -73,7 +73,7 @@ def delta_loss(z_template: Tensor, z_delta: Tensor, labels: Tensor, sign: Tensor
 # ---------------------------------------------------------------- settings
 
 @dataclass
-class DeltaConfig:
+class DeltaConfig(Schedule):
     template: str  # the frozen template LLM (model directory)
     delta: str  # a model directory, or a spec for a fresh Llama: "hidden=64,layers=2[,heads=4,...]"
     out: str
@@ -82,20 +82,9 @@ class DeltaConfig:
     forget: str | None = None  # unlearn
     retain: str | None = None  # unlearn (optional: without it, plain gradient ascent on forget)
     prompt_template: str = "{prompt}"
-    epochs: float = 3.0
-    max_steps: int | None = None
-    lr: float | None = None  # default 5e-4 (a tiny delta, often trained from scratch)
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 512
-    seed: int = 0
-    save_steps: int = 100
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    overwrite: bool = False
 
     @property
-    def learning_rate(self) -> float:
+    def learning_rate(self) -> float:  # a tiny delta, often trained from scratch
         return self.lr if self.lr is not None else 5e-4
 
     def check(self) -> None:

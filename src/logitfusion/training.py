@@ -29,8 +29,25 @@ class TrainingError(ValueError):
     """Bad training data or settings; the message names the file/line and the fix."""
 
 
+@dataclass(kw_only=True)
+class Schedule:
+    """The optimisation settings every training command shares (finetune, delta train)."""
+
+    epochs: float = 3.0
+    max_steps: int | None = None
+    lr: float | None = None  # None: the command's default (its `learning_rate`)
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    seed: int = 0
+    save_steps: int = 100
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    overwrite: bool = False
+
+
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Schedule):
     base: str
     data: str
     out: str
@@ -40,22 +57,11 @@ class FinetuneConfig:
     lora_targets: str = "q_proj,v_proj"
     lora_dropout: float = 0.0
     template: str = "{prompt}"
-    epochs: float = 3.0
-    max_steps: int | None = None
-    lr: float | None = None  # default: 2e-5 full fine-tune, 1e-4 LoRA (method.md §6)
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 512
-    seed: int = 0
-    save_steps: int = 100
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
     dtype: str = "float32"
-    overwrite: bool = False
     extra: dict = field(default_factory=dict)
 
     @property
-    def learning_rate(self) -> float:
+    def learning_rate(self) -> float:  # method.md §6
         return self.lr if self.lr is not None else (1e-4 if self.lora else 2e-5)
 
     def check(self) -> None:
