@@ -270,12 +270,17 @@ class Context:
         """Append tokens [B] (one per sequence, the same for every member) -> logits [G, B, V]."""
         if self.retok is not None:
             return self._follow(tokens)
-        self.ensure_room(1)  # only short after rows joined with a larger budget, or speculation
-        self.ids[:, self.length] = tokens.to(self.ids.device).repeat(len(self.members))
-        self.mask[:, self.length] = 1
-        self.length += 1
-        # With a cache only the new token is run; without, the whole sequence is recomputed.
-        return self._forward(self.length - 1 if self.use_cache else 0)
+        return self._append(tokens.to(self.ids.device).repeat(len(self.members))[:, None])
+
+    def _append(self, ids: Tensor, keep: int = 1) -> Tensor:
+        """Write ids [rows, k] after the context and run them -> logits of the last `keep` (as _forward)."""
+        k = ids.shape[1]
+        self.ensure_room(k)  # only short after rows joined with a larger budget, or speculation
+        self.ids[:, self.length: self.length + k] = ids
+        self.mask[:, self.length: self.length + k] = 1
+        self.length += k
+        # With a cache only the new tokens are run; without, the whole sequence is recomputed.
+        return self._forward(self.length - k if self.use_cache else 0, keep)
 
     def _follow(self, tokens: Tensor) -> Tensor:
         """A cross-vocabulary step: every row reads the user token in its own tokens. When all rows
@@ -285,11 +290,7 @@ class Context:
         user = tokens.tolist() * len(self.members)
         extended = [self.retok.follow(row, t) for row, t in zip(self.rows, user)]
         if all(extended):
-            self.ensure_room(1)
-            self.ids[:, self.length] = torch.tensor([row.ids[-1] for row in self.rows], device=self.ids.device)
-            self.mask[:, self.length] = 1
-            self.length += 1
-            return self._forward(self.length - 1 if self.use_cache else 0)
+            return self._append(torch.tensor([[row.ids[-1]] for row in self.rows], device=self.ids.device))
         rows, n = self.rows, self.seqs
         room = max(self.ids.shape[1] - self.length, 1)
         ctx, logits = Context.prefill(self.members, [[r.ids for r in rows[g * n:(g + 1) * n]]
@@ -304,12 +305,7 @@ class Context:
         """Append k tokens per sequence ([B, k]) in one forward -> logits [G, B, k, V]."""
         if self.retok is not None:
             raise NotImplementedError("speculative drafts are not run on cross-vocabulary members")
-        k = tokens.shape[1]
-        self.ensure_room(k)
-        self.ids[:, self.length: self.length + k] = tokens.to(self.ids.device).repeat(len(self.members), 1)
-        self.mask[:, self.length: self.length + k] = 1
-        self.length += k
-        return self._forward(self.length - k if self.use_cache else 0, keep=k)
+        return self._append(tokens.to(self.ids.device).repeat(len(self.members), 1), keep=tokens.shape[1])
 
     def ensure_room(self, k: int) -> None:
         if self.length + k > self.ids.shape[1]:
