@@ -757,13 +757,16 @@ class Batch:
         """Rows whose last draft was rejected draw from max(0, p - q), renormalised, where q is the
         rejected draft's distribution: with the accepted drafts this makes every token exactly
         p-distributed. logp [B, V] -> [B, V]."""
-        for i, seq in enumerate(self.seqs):
-            if seq.rejected_q is None:
-                continue
-            rest = (logp[i].exp() - seq.rejected_q).clamp_min(0)
-            if rest.sum() > 0:  # 0 only when p == q, where no draft is ever rejected
-                logp[i] = (rest / rest.sum()).log()
-            seq.rejected_q = None
+        rejected = [i for i, seq in enumerate(self.seqs) if seq.rejected_q is not None]
+        if not rejected:
+            return logp
+        rows = torch.tensor(rejected, device=logp.device)
+        q = torch.stack([self.seqs[i].rejected_q for i in rejected])  # [R, V]
+        rest = (logp[rows].exp() - q).clamp_min(0)
+        total = rest.sum(-1, keepdim=True)  # 0 only when p == q, where no draft is ever rejected
+        logp[rows] = torch.where(total > 0, (rest / total).log(), logp[rows])  # no host sync per row
+        for i in rejected:
+            self.seqs[i].rejected_q = None
         return logp
 
 
