@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .models import LoadError, LoadOptions, load_causal_lm, load_tokenizer, model_kind
-from .training import (RUN_FILE, Collator, Schedule, TrainingError, check_schedule, load_dataset, train_resuming,
+from .training import (RUN_FILE, Collator, Schedule, TrainingError, load_dataset, train_resuming,
                        prepare_out, read_jsonl, training_arguments)
 
 MARKER = "delta.json"  # written last: its presence means the run finished
@@ -99,7 +99,7 @@ class DeltaConfig(Schedule):
                 raise TrainingError("--objective unlearn reads --forget and --retain, not --data")
         elif self.forget or self.retain:
             raise TrainingError("--forget/--retain belong to --objective unlearn")
-        check_schedule(self)
+        self.check_schedule()
         if "{prompt}" not in self.prompt_template:
             raise TrainingError(f"--prompt-template {self.prompt_template!r} has no {{prompt}} placeholder")
         if not is_model_dir(self.delta):

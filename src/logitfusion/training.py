@@ -45,6 +45,19 @@ class Schedule:
     weight_decay: float = 0.0
     overwrite: bool = False
 
+    def check_schedule(self) -> None:  # subclasses give `learning_rate`: lr or their own default
+        for name in ("batch_size", "grad_accum", "max_length", "save_steps"):
+            if getattr(self, name) <= 0:
+                raise TrainingError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise TrainingError(f"--max-steps must be > 0, got {self.max_steps}")
+        if self.epochs <= 0:
+            raise TrainingError(f"--epochs must be > 0, got {self.epochs}")
+        if self.learning_rate <= 0:
+            raise TrainingError(f"--lr must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise TrainingError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+
 
 @dataclass
 class FinetuneConfig(Schedule):
@@ -68,28 +81,13 @@ class FinetuneConfig(Schedule):
         for name in ("lora_rank", "lora_alpha"):
             if getattr(self, name) <= 0:
                 raise TrainingError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        check_schedule(self)
+        self.check_schedule()
         if "{prompt}" not in self.template:
             raise TrainingError(f"--template {self.template!r} has no {{prompt}} placeholder")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise TrainingError(f"--dtype {self.dtype!r}: use float32, bfloat16 or float16")
         if not [t for t in self.lora_targets.split(",") if t.strip()]:
             raise TrainingError("--lora-targets is empty; give module names, e.g. q_proj,v_proj")
-
-
-def check_schedule(cfg) -> None:
-    """The optimisation settings every training command shares (finetune, delta train)."""
-    for name in ("batch_size", "grad_accum", "max_length", "save_steps"):
-        if getattr(cfg, name) <= 0:
-            raise TrainingError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    if cfg.max_steps is not None and cfg.max_steps <= 0:
-        raise TrainingError(f"--max-steps must be > 0, got {cfg.max_steps}")
-    if cfg.epochs <= 0:
-        raise TrainingError(f"--epochs must be > 0, got {cfg.epochs}")
-    if cfg.learning_rate <= 0:
-        raise TrainingError(f"--lr must be > 0, got {cfg.learning_rate}")
-    if not 0 <= cfg.warmup_ratio < 1:
-        raise TrainingError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
 
 
 # ---------------------------------------------------------------- data
@@ -256,9 +254,9 @@ def prepare_out(out: Path, fp: dict, overwrite: bool, marker_name: str = MARKER,
     return None
 
 
-def training_arguments(ckpt_dir: Path, cfg, total: int):
-    """The Trainer settings every run here uses (cfg: FinetuneConfig or a config with the same
-    fields): deterministic seeds, checkpoints every save_steps (two kept), a progress bar."""
+def training_arguments(ckpt_dir: Path, cfg: Schedule, total: int):
+    """The Trainer settings every run here uses: deterministic seeds, checkpoints every save_steps
+    (two kept), a progress bar."""
     from transformers import TrainingArguments
     return TrainingArguments(
         output_dir=str(ckpt_dir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
