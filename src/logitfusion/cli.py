@@ -109,6 +109,21 @@ def _progress() -> Progress:
                     TimeRemainingColumn(), console=console)
 
 
+def _bench_progress(bar: Progress, name: str):
+    """A bench's progress(done, total, what) callback drawing on `bar`."""
+    job = bar.add_task(name, total=None)
+    return lambda done, total, what: bar.update(job, total=total, completed=done, description=what)
+
+
+def _write_bench_report(name: str, out: Path, report) -> None:
+    """Write OUT/NAME.md from report(command), the command being this invocation, and show it."""
+    import sys
+    text = report(" ".join(["logitfusion", "bench", name, *sys.argv[3:]]))
+    (out / f"{name}.md").write_text(text)
+    typer.echo(text)
+    console.print(f"wrote {out / f'{name}.md'}")
+
+
 @app.command()
 def generate(
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Fusion recipe (YAML, TOML or JSON) naming the models, experts, templates and solver."),
@@ -645,7 +660,6 @@ def bench_paper(
     """Reproduce the paper's tables on the zoo: single-task, multi-task, ICL, task arithmetic,
     efficiency, weights over steps, gap closed. Results are appended as they come; rerun to resume."""
     import logging
-    import sys
 
     from . import bench, world, zoo
     task_list = [t.strip() for t in tasks.split(",")] if tasks else list(world.TASKS)
@@ -661,19 +675,10 @@ def bench_paper(
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     zoo.build(root, only=["experts", "ceilings"], log=console.print)  # no-op when all exist
     with _progress() as bar:
-        job = bar.add_task("bench", total=None)
-
-        def progress(done: int, total: int, what: str) -> None:
-            bar.update(job, total=total, completed=done, description=what)
-
         records = bench.run(root, out, task_list, limit=limit, batch_size=batch_size, tables=table_list,
-                            progress=progress)
+                            progress=_bench_progress(bar, "bench"))
     bench.weights_plots(root, out)
-    command = "logitfusion bench paper " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "logitfusion bench paper"
-    text = bench.report(records, root, command=command)
-    (out / "paper.md").write_text(text)
-    typer.echo(text)
-    console.print(f"wrote {out / 'paper.md'}")
+    _write_bench_report("paper", out, lambda command: bench.report(records, root, command=command))
 
 
 @bench_app.command("cmc")
@@ -687,27 +692,17 @@ def bench_cmc(
     """Cross-model control on the zoo: the instruct delta's task gain and the unlearn delta's
     forget/retain accuracy, plugged into the template, models/small and models/large-alt (another
     tokenizer, mapping: auto), plus the mapping between the zoo's tokenizers. Rerun to resume."""
-    import sys
-
     from . import cmc_bench
     if limit < 1:
         _fail(f"--limit must be >= 1, got {limit}")
     with _progress() as bar:
-        job = bar.add_task("bench cmc", total=None)
-
-        def progress(done: int, total: int, what: str) -> None:
-            bar.update(job, total=total, completed=done, description=what)
-
         try:
-            records = cmc_bench.run(root, out, limit=limit, batch_size=batch_size, train=train, progress=progress,
-                                    log=console.print)
+            records = cmc_bench.run(root, out, limit=limit, batch_size=batch_size, train=train,
+                                    progress=_bench_progress(bar, "bench cmc"), log=console.print)
         except cmc_bench.CmcBenchError as e:
             _fail(str(e))
-    command = "logitfusion bench cmc " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else "logitfusion bench cmc"
-    text = cmc_bench.report(records, root, command=command)  # with every run's time (kept in cmc.jsonl)
-    (out / "cmc.md").write_text(text)
-    typer.echo(text)
-    console.print(f"wrote {out / 'cmc.md'}")
+    # with every run's time (kept in cmc.jsonl)
+    _write_bench_report("cmc", out, lambda command: cmc_bench.report(records, root, command=command))
 
 
 if __name__ == "__main__":
