@@ -83,7 +83,7 @@ def _recipe_from_flags(recipe: Optional[Path], large: Optional[str], small: Opti
 
 def _solver_from_flags(recipe, solver: Optional[str], alpha: list[float], grid: Optional[str],
                        strategy: Optional[str]):
-    from .solvers import SolverError, parse_grid, parse_method
+    from .solvers import parse_grid
     if alpha:
         if solver and solver != "static":
             raise UsageError(f"--alpha sets static weights; it cannot be combined with --solver {solver}")
@@ -93,9 +93,7 @@ def _solver_from_flags(recipe, solver: Optional[str], alpha: list[float], grid: 
     spec = solver or recipe.solver.kind
     if spec == "expert" and recipe.solver.expert:
         spec = f"expert:{recipe.solver.expert}"
-    grid_values = parse_grid(grid) if grid else recipe.solver.grid_values()
-    return parse_method(spec, [e.name for e in recipe.experts], grid_values,
-                        strategy or recipe.solver.strategy, recipe.solver.a_max, recipe.delta_strength)
+    return recipe.method(spec, grid=parse_grid(grid) if grid else None, strategy=strategy)
 
 
 def _trace_record(gen, tokenizer) -> list[dict]:
@@ -378,7 +376,7 @@ def eval_(
         _fail(f"{e}. `logitfusion eval` runs lm-evaluation-harness: pip install lm-eval")
     from .recipe import Recipe
     from .records import RecordWriter
-    from .solvers import parse_grid, parse_method
+    from .solvers import parse_grid
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -392,14 +390,13 @@ def eval_(
         if gap_closed and r.ceiling is None:
             raise UsageError(f"--gap-closed needs a fine-tuned large model to compare with: add `ceiling: {{path: ...}}` "
                              f"to {recipe}")
-        grid_values = parse_grid(grid) if grid else r.solver.grid_values()
+        grid_values = parse_grid(grid) if grid else None
         for m in method_list:  # fail on a bad method before loading anything
             if m == "ceiling":
                 if r.ceiling is None:
                     raise UsageError(f"method 'ceiling' needs `ceiling: {{path: ...}}` in {recipe}")
                 continue
-            parse_method(m.replace("+", ","), [e.name for e in r.experts], grid_values,
-                         strategy or r.solver.strategy, r.solver.a_max, r.delta_strength)
+            r.method(m.replace("+", ","), grid=grid_values, strategy=strategy)
         if r.ceiling is not None and "ceiling" not in method_list:
             method_list.append("ceiling")
         method_list = [m for m in method_list if m != "ceiling"] + (["ceiling"] if "ceiling" in method_list else [])

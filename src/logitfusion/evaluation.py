@@ -40,7 +40,7 @@ from .decoding import Context, Retokenizer, Row, members_for, render
 from .fuser import Fuser
 from .models import Member, ModelSet
 from .recipe import Recipe
-from .solvers import MAX_CHUNK_ELEMENTS, Choice, Solver, parse_grid, parse_method
+from .solvers import MAX_CHUNK_ELEMENTS, Choice, Solver, parse_grid
 
 log = logging.getLogger(__name__)
 
@@ -286,11 +286,8 @@ class FusedLM(LM):
             grid = parse_grid(grid)
         elif isinstance(grid, (int, float)):
             grid = [float(grid)]
-        s = self.fuser.recipe.solver
-        self.solver = parse_method(spec.replace("+", ","), self.fuser.expert_names,
-                                   grid if grid is not None else s.grid_values(), self.strategy or s.strategy,
-                                   self.a_max if self.a_max is not None else s.a_max,
-                                   self.fuser.recipe.delta_strength)
+        self.solver = self.fuser.recipe.method(spec.replace("+", ","), self.fuser.expert_names, grid,
+                                               self.strategy, self.a_max)
         return self.solver
 
     def _recipe_spec(self) -> str:

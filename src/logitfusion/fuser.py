@@ -8,7 +8,7 @@ from typing import Sequence
 from .decoding import DecodingError, Generation, SamplingParams, decode, seeds_for
 from .models import ModelSet, load_model_set
 from .recipe import Recipe
-from .solvers import Solver, parse_method
+from .solvers import Solver
 
 
 class Fuser:
@@ -52,9 +52,7 @@ class Fuser:
 
     def method(self, spec: str, grid: Sequence[float] | None = None, strategy: str | None = None) -> Solver:
         """A solver from a short spec ("large", "expert:NAME", "static:1.0", "dynamic:joint")."""
-        s = self.recipe.solver
-        return parse_method(spec, self.expert_names, grid if grid is not None else s.grid_values(),
-                            strategy or s.strategy, s.a_max, self.recipe.delta_strength)
+        return self.recipe.method(spec, self.expert_names, grid, strategy)
 
     def sampling(self, **overrides) -> SamplingParams:
         defaults = self.recipe.generation.model_dump(exclude={"speculate"})

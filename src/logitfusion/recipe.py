@@ -20,13 +20,13 @@ import json
 import math
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .models import LoadOptions
-from .solvers import Alone, Delta, Dynamic, SolverError, Static, Solver, check_grid, make_grid
+from .solvers import Alone, Delta, Dynamic, SolverError, Static, Solver, check_grid, make_grid, parse_method
 
 
 class RecipeError(ValueError):
@@ -242,6 +242,16 @@ class Recipe(_Strict):
     def delta_strength(self) -> float | None:
         """The delta's strength for method specs ("delta" without a value), None without a delta."""
         return self.delta.strength if self.delta else None
+
+    def method(self, spec: str, expert_names: Sequence[str] | None = None, grid: Sequence[float] | None = None,
+               strategy: str | None = None, a_max: float | None = None) -> Solver:
+        """A solver from a short method spec (solvers.parse_method), with this recipe's grid,
+        strategy, a_max and delta strength for what is not given. expert_names: the experts the
+        spec may name (default: the recipe's; a server request may fuse a subset)."""
+        s = self.solver
+        return parse_method(spec, [e.name for e in self.experts] if expert_names is None else expert_names,
+                            s.grid_values() if grid is None else grid, strategy or s.strategy,
+                            s.a_max if a_max is None else a_max, self.delta_strength)
 
     def load_options(self) -> LoadOptions:
         return LoadOptions(**self.load.model_dump())

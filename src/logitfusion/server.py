@@ -279,9 +279,7 @@ def build_solver(fuser: Fuser, options: FusionOptions | None) -> tuple[tuple, So
 
 
 def _parse(fuser: Fuser, spec: str, names: list[str]) -> Solver:
-    from .solvers import parse_method
-    s = fuser.recipe.solver
-    return parse_method(spec, names, s.grid_values(), s.strategy, s.a_max, fuser.recipe.delta_strength)
+    return fuser.recipe.method(spec, names)
 
 
 # ---------------------------------------------------------------- chat prompts
