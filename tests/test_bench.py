@@ -28,10 +28,11 @@ def test_cells_cover_every_table_and_share_models(tmp_path):
     assert len(keys) == len(set(keys))
     assert {c.table for c in cells} == {"single", "multi", "icl", "arithmetic"}
     single = [c for c in cells if c.table == "single" and c.task == "math"]
-    assert [c.method for c in single] == ["large", "large", "large", "expert:math", "static:0.5", "static:1.0",
-                                          "static:1.5", "dynamic"]
+    assert [c.method for c in single] == ["large", "large", "large", "large", "expert:math", "static:0.5",
+                                          "static:1.0", "static:1.5", "dynamic"]
+    assert json.loads(single[0].recipe)["large"]["path"].endswith("models/small")  # the small base row
     # the base and the five expert-based methods of a task load one model set
-    assert len({c.recipe for c in single if c.label not in ("large FFT", "large LoRA")}) == 1
+    assert len({c.recipe for c in single if c.label not in ("small base", "large FFT", "large LoRA")}) == 1
     icl = next(c for c in cells if c.table == "icl" and c.label.endswith("+ dynamic fusion") and c.task == "qa")
     recipe = json.loads(icl.recipe)
     assert recipe["large"]["template"].startswith("P0 C0\n\nP1 C1\n\nP2 C2\n\n")
@@ -61,6 +62,37 @@ def test_report_states_gaps_and_losses(tmp_path):
     assert "dynamic fusion scores below **proxy-tuning (a=1)** on: qa." in text
 
 
+def test_paired_interval_holds_the_difference_and_narrows_with_pairing():
+    a = [[1.0, 0.0, 1.0, 1.0] * 25]  # [100]
+    point, lo, hi = bench.paired_interval(a, a)
+    assert point == lo == hi == 0.0  # identical methods: no difference in any resample
+    b = [[1.0, 0.0, 0.0, 1.0] * 25]
+    point, lo, hi = bench.paired_interval(a, b)
+    assert point == pytest.approx(0.25) and lo < 0.25 < hi and lo > 0.1
+    # two tasks: the average of the per-task differences
+    point, _, _ = bench.paired_interval([a[0], a[0]], [b[0], a[0]])
+    assert point == pytest.approx(0.125)
+
+
+def test_report_shows_paired_intervals_and_the_split(tmp_path):
+    recs = _records({f"single|{lab}|qa": v for lab, v in (("large base", 0.2), ("small expert", 0.4),
+                                                           ("dynamic (ours)", 0.6), ("proxy-tuning (a=1)", 0.5))})
+    per_doc = {"large base": [0, 1, 0, 0, 0] * 20, "small expert": [1, 1, 0, 0, 0] * 20,
+               "dynamic (ours)": [1, 1, 1, 0, 0] * 20, "proxy-tuning (a=1)": [1, 1, 0, 1, 0] * 20}
+    for r in recs:
+        r |= {"scores": per_doc[r["label"]], "split": "validation"}
+    text = bench.report(recs, tmp_path)
+    assert "validation splits" in text
+    row = next(line for line in text.splitlines() if line.startswith("| dynamic (ours) - small expert |"))
+    assert row.count("+20.0 [") == 2  # qa and the average
+
+
+def test_bench_refuses_to_mix_splits(tmp_path):
+    (tmp_path / "paper.jsonl").write_text(json.dumps({"key": "single|large base|qa", "split": "test"}) + "\n")
+    with pytest.raises(ValueError, match="validation results to another --out"):
+        bench.run(tmp_path, tmp_path, ["qa"], split="validation")
+
+
 def test_bench_paper_bad_input(tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, ["bench", "paper", "--root", str(tmp_path), "--out", str(tmp_path / "o")])
@@ -69,3 +101,5 @@ def test_bench_paper_bad_input(tmp_path):
     assert r.exit_code == 2 and "chess" in r.output
     r = runner.invoke(app, ["bench", "paper", "--root", str(tmp_path), "--limit", "0"])
     assert r.exit_code == 2 and "--limit" in r.output
+    r = runner.invoke(app, ["bench", "paper", "--root", str(tmp_path), "--split", "train"])
+    assert r.exit_code == 2 and "--split" in r.output

@@ -1,6 +1,7 @@
 """The synthetic world: deterministic, splits without leakage, scorers that can fail."""
 
 import json
+import re
 
 import pytest
 
@@ -99,3 +100,62 @@ def test_records_are_json_lines(tmp_path):
     for f in tmp_path.rglob("*.jsonl"):
         for line in f.read_text().splitlines():
             json.loads(line)
+
+
+# ---------------------------------------------------------------- zoo v2: registers and splits
+
+@pytest.fixture(scope="module")
+def registers(data):
+    w = world.make_world(0)
+    return world.register_text(w, world.Public.of(w, data), n_chars=400_000, seed=3)
+
+
+def test_registers_hold_no_task_only_convention(registers):
+    text = "\n".join(registers)
+    for marker in world.TASK_ONLY:
+        assert marker not in text, marker
+    countries = world.make_world(0).countries
+    gists = [line for doc in registers for line in doc.split("\n") if line.startswith("In short:")]
+    assert gists and not any(c in g for g in gists for c in countries)  # the summ task adds the country
+
+
+def test_registers_name_no_held_out_entity(data, registers):
+    """Held-out people, myths, sums, problems and articles are known from the prose alone."""
+    text = "\n".join(registers)
+    for s in ("validation", "test"):
+        assert not [r["key"] for r in data["qa"][s] if r["key"] in text]
+        assert not [r["key"] for r in data["truthful"][s] if f"{r['key']} " in text]
+        sums = [r["key"].split("+") for r in data["mmlu"][s] if "+" in r["key"]]
+        assert not [f"What is {a} plus {b}?" for a, b in sums if f"What is {a} plus {b}?" in text]
+        problems = {tuple(map(int, r["key"].split(","))) for r in data["math"][s]}
+        worked = {tuple(map(int, m)) for m in re.findall(r"has (\d+) \w+, buys (\d+) more and sells (\d+)", text)}
+        worked |= {tuple(map(int, m)) for m in re.findall(r"with (\d+) \w+, was given (\d+) and lost (\d+)", text)}
+        assert worked and not problems & worked
+        assert not [r["key"] for r in data["summ"][s] if r["key"] in text]
+    # every register kind is there
+    for cue in ("Q: ", "Exercise: ", "In short: ", "Quiz. ", "Myth: "):
+        assert cue in text, cue
+
+
+def test_midtraining_is_half_prose_half_registers(data):
+    w = world.make_world(0)
+    docs = world.midtraining_text(w, data, passes=1, seed=5)
+    prose = sum(map(len, world.pretraining_text(w, passes=1, seed=5)))
+    assert 0.45 < prose / sum(map(len, docs)) < 0.55
+
+
+def test_held_out_splits_are_large_enough(data):
+    """200 examples a task where the world allows (truthful: 200 myths in all)."""
+    for t in ("math", "qa", "summ", "mmlu"):
+        assert len(data[t]["validation"]) >= 200 and len(data[t]["test"]) >= 200, t
+    assert len(data["truthful"]["test"]) >= 100
+
+
+def test_math_steps_are_facts_the_prose_states(data):
+    """Both steps of every problem are sentences of the prose ("a plus b is s", "s minus c is r")."""
+    w = world.make_world(0)
+    stated = {s for a in range(w.max_operand + 1) for b in range(w.max_operand + 1) for s in world._sum_sentences(a, b)}
+    for s in world.SPLITS:
+        for r in data["math"][s]:
+            a, b, c = map(int, r["key"].split(","))
+            assert f"{a} plus {b} is {a + b}." in stated and f"{a + b} minus {c} is {a + b - c}." in stated

@@ -51,19 +51,32 @@ def test_fused_generation_on_the_zoo_is_stable():
 
 
 def test_build_pipeline_on_a_toy_config(tmp_path):
-    """Every step of the real build (world, tokenizer, both bases, an expert, a LoRA expert, a
-    ceiling, a merge) on tiny sizes and a few steps; a rerun skips finished steps."""
+    """Every step of the real build (world, tokenizer, both bases pretrained on prose then
+    mid-trained on registers, an expert, a LoRA expert, a ceiling) on tiny sizes and a few steps;
+    a rerun skips finished steps."""
     cfg = zoo.ZooConfig(vocab_size=400, large=zoo.Size(32, 1, 2, 64), small=zoo.Size(16, 1, 2, 32),
-                        pretrain_passes=1, pretrain_epochs=0.5, finetune_epochs=0.05)
-    only = ["data", "init", "models/large", "models/small", "experts/math", "experts/math-lora", "ceilings/math"]
+                        pretrain_passes=1, pretrain_epochs=0.5, midtrain_passes=1, midtrain_epochs=0.1,
+                        finetune_epochs=0.05)
+    only = ["data", "init", "prose/large", "models/large", "prose/small", "models/small", "experts/math",
+            "experts/math-lora", "ceilings/math"]
     timings = zoo.build(tmp_path, cfg, only=only, log=lambda _: None)
     for d in ("models/large", "models/small", "experts/math", "ceilings/math"):
         assert (tmp_path / d / "model.safetensors").exists(), d
     assert (tmp_path / "experts/math-lora/adapter_model.safetensors").exists()
-    assert set(timings) >= {"models/large", "models/small", "experts/math", "ceilings/math"}
+    assert set(timings) >= {"prose/large", "models/large", "models/small", "experts/math", "ceilings/math"}
+    assert json.loads((tmp_path / "models/large/config.json").read_text())["use_cache"] is True
     logs = []
     zoo.build(tmp_path, cfg, only=only, log=logs.append)
     assert json.loads((tmp_path / "timings.json").read_text()) == timings  # nothing retrained
     fuser = Fuser.from_pretrained(str(tmp_path / "models/large"), str(tmp_path / "models/small"),
                                   {"math": str(tmp_path / "experts/math"), "lora": str(tmp_path / "experts/math-lora")})
     assert len(fuser.generate("Problem: 2 plus 2?\nSolution:", max_new_tokens=3)[0].token_ids) <= 3
+
+
+@needs_zoo
+def test_shipped_configs_keep_the_kv_cache_on():
+    """Plain transformers `generate` on a zoo model must use its KV cache."""
+    configs = list(ROOT.rglob("config.json"))
+    assert configs
+    for f in configs:
+        assert json.loads(f.read_text()).get("use_cache") is True, f

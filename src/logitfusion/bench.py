@@ -6,7 +6,7 @@ finish and a rerun skips those already there; the markdown report and plots are 
 the JSONL at the end of every run.
 
 Tables:
-- single: per task, large base, large FFT, large LoRA, small expert, fixed a in {0.5, 1.0, 1.5}
+- single: per task, small base, large base, large FFT, large LoRA, small expert, fixed a in {0.5, 1.0, 1.5}
   (a = 1 is proxy-tuning) and dynamic fusion with that task's expert;
 - multi: the four seen-task experts fused with dynamic weights and no task label, on the seen
   tasks and the unseen one (mmlu), vs the multi-task small and large fine-tunes;
@@ -64,7 +64,8 @@ def cells(root: Path, tasks: list[str] | None = None) -> list[Cell]:
     out: list[Cell] = []
     for t in tasks:
         single = _recipe(root, "models/large", {t: f"experts/{t}"})
-        out += [Cell("single", "large base", t, single, "large"),
+        out += [Cell("single", "small base", t, _recipe(root, "models/small"), "large"),
+                Cell("single", "large base", t, single, "large"),
                 Cell("single", "large FFT", t, _recipe(root, f"ceilings/{t}"), "large"),
                 Cell("single", "large LoRA", t, _recipe(root, f"ceilings/{t}-lora-merged"), "large"),
                 Cell("single", "small expert", t, single, f"expert:{t}"),
@@ -94,8 +95,11 @@ def cells(root: Path, tasks: list[str] | None = None) -> list[Cell]:
 # ---------------------------------------------------------------- running
 
 def run(root: str | Path, out_dir: str | Path, tasks: list[str] | None = None, limit: int | None = None,
-        batch_size: int = 16, tables: list[str] | None = None, progress: Callable | None = None) -> list[dict]:
-    """Evaluate every missing cell; returns all records (old and new)."""
+        batch_size: int = 16, tables: list[str] | None = None, progress: Callable | None = None,
+        split: str = "test") -> list[dict]:
+    """Evaluate every missing cell on `split` (validation while a design is being chosen, test once
+    it is frozen); returns all records (old and new). Each record keeps its per-document scores
+    for the paired intervals of the report."""
     import gc
     import logging
 
@@ -108,9 +112,12 @@ def run(root: str | Path, out_dir: str | Path, tasks: list[str] | None = None, l
     results = out_dir / "paper.jsonl"
     writer = RecordWriter(results, key="key")  # drops a line cut short by a crash before we read
     records = read_keyed(results)
+    other = {r.get("split", "test") for r in records.values()} - {split}
+    if other:
+        raise ValueError(f"{results} holds {sorted(other)} results; write {split} results to another --out folder")
     todo = [c for c in cells(root, tasks) if c.key not in records and (not tables or c.table in tables)]
     manager = ev.task_manager([TASK_NAMES[t] for t in {c.task for c in todo}],
-                              metadata={"data_dir": str(root / "data")}) if todo else None
+                              metadata={"data_dir": str(root / "data"), "split": split}) if todo else None
     by_recipe: dict[str, list[Cell]] = {}
     for c in todo:
         by_recipe.setdefault(c.recipe, []).append(c)
@@ -121,8 +128,8 @@ def run(root: str | Path, out_dir: str | Path, tasks: list[str] | None = None, l
             if progress:
                 progress(done, len(todo), f"{c.table}: {c.label} on {c.task}")
             lm.set_method(c.method)
-            rec = ev.run_task(lm, c.method, TASK_NAMES[c.task], manager, limit=limit)
-            rec |= {"key": c.key, "table": c.table, "label": c.label, "world_task": c.task}
+            rec = ev.run_task(lm, c.method, TASK_NAMES[c.task], manager, limit=limit, per_doc=True)
+            rec |= {"key": c.key, "table": c.table, "label": c.label, "world_task": c.task, "split": split}
             writer.write([rec])
             records[c.key] = rec
             done += 1
@@ -133,7 +140,7 @@ def run(root: str | Path, out_dir: str | Path, tasks: list[str] | None = None, l
     return list(records.values())
 
 
-def weights_plots(root: Path, out_dir: Path, n: int = 4) -> list[Path]:
+def weights_plots(root: Path, out_dir: Path, n: int = 4, split: str = "test") -> list[Path]:
     """The paper's figure of a over decoding steps: single expert (math) and four experts (no label)."""
     from .fuser import Fuser
     from .plotting import plot_weights
@@ -142,11 +149,11 @@ def weights_plots(root: Path, out_dir: Path, n: int = 4) -> list[Path]:
     for name, experts, task in (("weights_single.png", {"math": "experts/math"}, "math"),
                                 ("weights_multi.png", {s: f"experts/{s}" for s in world.SEEN_TASKS}, "math")):
         fuser = Fuser.from_recipe(json.loads(_recipe(root, "models/large", experts)))
-        rows = [json.loads(line) for line in (root / "data" / task / "test.jsonl").read_text().splitlines()[:n]]
+        rows = [json.loads(line) for line in (root / "data" / task / f"{split}.jsonl").read_text().splitlines()[:n]]
         gens = fuser.generate([r["prompt"] for r in rows], solver="dynamic", max_new_tokens=32, stop=["\n"],
                               trace=True)
         paths.append(plot_weights(gens, fuser.expert_names, out_dir / name,
-                                  title=f"dynamic weights over decoding steps ({task} test prompts)"))
+                                  title=f"dynamic weights over decoding steps ({task} {split} prompts)"))
     return paths
 
 
@@ -196,11 +203,12 @@ def report(records_list: list[dict], root: Path, command: str = "") -> str:
     records = {r["key"]: r for r in records_list}
     tasks = [t for t in world.TASKS if any(r.get("world_task") == t for r in records_list)]
     seen = [t for t in world.SEEN_TASKS if t in tasks]
+    split = next((r.get("split", "test") for r in records_list), "test")
     lines = ["# Paper bench on the zoo", "",
              "Every figure below was measured by the command at the end; scores are x100 (accuracy, exact "
-             "match or ROUGE-2 F). Greedy decoding, zero-shot unless stated, test splits of the zoo tasks.", ""]
-    single = ["large base", "large FFT", "large LoRA", "small expert", "fixed a=0.5", "proxy-tuning (a=1)",
-              "fixed a=1.5", "dynamic (ours)"]
+             f"match or ROUGE-2 F). Greedy decoding, zero-shot unless stated, {split} splits of the zoo tasks.", ""]
+    single = ["small base", "large base", "large FFT", "large LoRA", "small expert", "fixed a=0.5",
+              "proxy-tuning (a=1)", "fixed a=1.5", "dynamic (ours)"]
     base, fft = (average(records, "single", x, tasks) for x in ("large base", "large FFT"))
 
     def gaps(label: str, avg: float | None) -> list[str]:
@@ -210,7 +218,7 @@ def report(records_list: list[dict], root: Path, command: str = "") -> str:
     lines += ["## Single-task", "", "One expert per task (the small base fully fine-tuned on that task). Gap closed: "
               "`fused/FFT` (the paper's ratio of averages) and `(fused-base)/(FFT-base)` (strict).", ""]
     lines += _table(records, "single", single, tasks, gaps, ["gap closed (fused/FFT)", "(fused-base)/(FFT-base)"])
-    lines += ["", *_verdicts(records, tasks), ""]
+    lines += ["", *_verdicts(records, tasks), "", *comparisons(records, tasks), ""]
     if seen:
         multi = ["dynamic, 4 experts, no task label", "multi-task small", "multi-task large (FFT)"]
         mbase = average(records, "single", "large base", seen)
@@ -243,6 +251,49 @@ def report(records_list: list[dict], root: Path, command: str = "") -> str:
                   f"Evaluating the {len(records_list)} cells took {total / 60:.1f} minutes in all (sum of the "
                   "`seconds` of paper.jsonl; a rerun skips cells already there). Training times are above.", ""]
     return "\n".join(lines)
+
+
+COMPARED = (("dynamic (ours)", "small expert"), ("dynamic (ours)", "large base"),
+            ("dynamic (ours)", "proxy-tuning (a=1)"), ("proxy-tuning (a=1)", "small expert"),
+            ("large FFT", "large base"), ("large base", "small expert"))
+
+
+def paired_interval(a: list[list[float]], b: list[list[float]], iters: int = 2000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """Mean over tasks of mean(a_t - b_t), with its 95% paired bootstrap interval: each task's
+    documents are resampled (the same documents for both methods), tasks independently."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    boot = np.zeros(iters)
+    point = 0.0
+    for at, bt in zip(a, b):
+        d = np.asarray(at, dtype=float) - np.asarray(bt, dtype=float)  # [n_t]
+        boot += d[rng.integers(0, len(d), (iters, len(d)))].mean(axis=1) / len(a)
+        point += d.mean() / len(a)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(point), float(lo), float(hi)
+
+
+def comparisons(records: dict[str, dict], tasks: list[str]) -> list[str]:
+    """Single-task differences (x100) per task and on the average, with 95% paired bootstrap intervals."""
+    def scores(label: str, t: str) -> list[float] | None:
+        return records.get(f"single|{label}|{t}", {}).get("scores")
+
+    head = ["difference"] + tasks + ["average"]
+    lines = ["Differences x100 with 95% paired bootstrap intervals (documents resampled, 2000 draws):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for x, y in COMPARED:
+        pairs = [(scores(x, t), scores(y, t)) for t in tasks]
+        if any(a is None or b is None or len(a) != len(b) for a, b in pairs):
+            continue
+        cells = [_interval(*paired_interval([a], [b])) for a, b in pairs]
+        cells.append(_interval(*paired_interval([a for a, _ in pairs], [b for _, b in pairs])))
+        lines.append(f"| {x} - {y} | " + " | ".join(cells) + " |")
+    return lines if len(lines) > 4 else []
+
+
+def _interval(point: float, lo: float, hi: float) -> str:
+    return f"{100 * point:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
 def _verdicts(records: dict[str, dict], tasks: list[str]) -> list[str]:

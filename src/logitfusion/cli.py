@@ -651,8 +651,9 @@ def bench_paper(
     out: Path = typer.Option(Path("docs/results"), "--out", "-o", help="Folder for paper.jsonl (one line per cell, resumable), paper.md and the plots."),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated zoo tasks (math, truthful, qa, summ, mmlu); default all."),
     tables: Optional[str] = typer.Option(None, help="Comma-separated tables to run (single, multi, icl, arithmetic); default all."),
-    limit: Optional[int] = typer.Option(None, help="Test examples per task (default: the whole test split)."),
+    limit: Optional[int] = typer.Option(None, help="Examples per task (default: the whole split)."),
     batch_size: int = typer.Option(16, help="Requests decoded or scored together."),
+    split: str = typer.Option("test", help="validation (choose designs and settings there) or test (once they are frozen); keep each in its own --out folder."),
 ):
     """Reproduce the paper's tables on the zoo: single-task, multi-task, ICL, task arithmetic,
     efficiency, weights over steps, gap closed. Results are appended as they come; rerun to resume."""
@@ -667,14 +668,16 @@ def bench_paper(
         _fail(f"unknown task or table {bad}; tasks: {', '.join(world.TASKS)}; tables: single, multi, icl, arithmetic")
     if limit is not None and limit < 1:
         _fail(f"--limit must be >= 1, got {limit}")
+    if split not in ("validation", "test"):
+        _fail(f"--split must be validation or test, got {split!r}")
     if not (root / "models" / "large" / "config.json").exists():
         _fail(f"no zoo build in {root}: run `logitfusion zoo build --root {root}` first")
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     zoo.build(root, only=["experts", "ceilings"], log=console.print)  # no-op when all exist
     with _progress() as bar:
         records = bench.run(root, out, task_list, limit=limit, batch_size=batch_size, tables=table_list,
-                            progress=_bench_progress(bar, "bench"))
-    bench.weights_plots(root, out)
+                            progress=_bench_progress(bar, "bench"), split=split)
+    bench.weights_plots(root, out, split=split)
     _write_bench_report("paper", out, lambda command: bench.report(records, root, command=command))
 
 

@@ -305,6 +305,7 @@ def train_delta(cfg: DeltaConfig, callbacks: list | None = None) -> DeltaResult:
     train_loss, last = train_resuming(trainer, ckpt_dir)
 
     out.mkdir(parents=True, exist_ok=True)
+    trainer.model.config.use_cache = True  # the Trainer turns it off; plain `generate` needs it back
     trainer.model.eval().save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     (out / MARKER).write_text(json.dumps({"settings": fp, "global_step": trainer.state.global_step,

@@ -603,8 +603,10 @@ def _lean_lm_eval():
 
 
 def run_task(lm: FusedLM, method: str, task: str, manager, limit: float | None = None,
-             num_fewshot: int | None = None, max_gen_toks: int | None = None) -> dict:
-    """One (method, task) cell through lm_eval.simple_evaluate; returns its JSONL record."""
+             num_fewshot: int | None = None, max_gen_toks: int | None = None, per_doc: bool = False) -> dict:
+    """One (method, task) cell through lm_eval.simple_evaluate; returns its JSONL record, with
+    `scores` (the headline metric of each document, in document order) when `per_doc` is set,
+    for paired comparisons between methods."""
     import time
 
     from lm_eval import simple_evaluate
@@ -614,7 +616,7 @@ def run_task(lm: FusedLM, method: str, task: str, manager, limit: float | None =
     with _lean_lm_eval():
         out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                               gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
-                              log_samples=False, bootstrap_iters=0)
+                              log_samples=per_doc, bootstrap_iters=0)
     name = Path(task).stem if task.endswith(".yaml") else task
     if name not in out["results"]:  # a YAML file: its task name is inside
         name = next(iter(out["results"]))
@@ -622,9 +624,13 @@ def run_task(lm: FusedLM, method: str, task: str, manager, limit: float | None =
     metrics = {k: v for k, v in out["results"][name].items()
                if "," in k and isinstance(v, (int, float)) and "_stderr" not in k and math.isfinite(v)}
     n = out.get("n-samples", {}).get(name, {}).get("effective")
-    return {"key": f"{method}|{task}", "method": method, "task": task, "metric": metric, "value": value,
-            "higher_is_better": better, "metrics": metrics, "n": n, "limit": limit,
-            "seconds": round(time.perf_counter() - t0, 2)}
+    record = {"key": f"{method}|{task}", "method": method, "task": task, "metric": metric, "value": value,
+              "higher_is_better": better, "metrics": metrics, "n": n, "limit": limit,
+              "seconds": round(time.perf_counter() - t0, 2)}
+    if per_doc:
+        docs = sorted(out["samples"][name], key=lambda d: d["doc_id"])
+        record["scores"] = [float(d[metric.split(",")[0]]) for d in docs]
+    return record
 
 
 def _fmt(v: float | None) -> str:

@@ -325,6 +325,7 @@ def finetune(cfg: FinetuneConfig, callbacks: list | None = None) -> FinetuneResu
 
     out.mkdir(parents=True, exist_ok=True)
     trainer.model.eval()
+    trainer.model.config.use_cache = True  # the Trainer turns it off; plain `generate` needs it back
     trainer.model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     marker.write_text(json.dumps({"settings": fp, "global_step": trainer.state.global_step,
@@ -376,6 +377,7 @@ def merge(base: str, experts: list[str], lam: float, out: str, overwrite: bool =
     merged = {k: (v.float() + lam * delta[k]).to(v.dtype) for k, v in theta_s.items()}
     base_model.load_state_dict(merged)
     out_p.mkdir(parents=True, exist_ok=True)
+    base_model.config.use_cache = True  # experts trained by the Trainer carry False
     base_model.save_pretrained(str(out_p), safe_serialization=True)
     tokenizer.save_pretrained(str(out_p))
     (out_p / "merge.json").write_text(json.dumps({"base": str(Path(base).resolve()), "lam": lam,

@@ -193,13 +193,21 @@ def pretraining_text(w: World, passes: int = 30, seed: int = 1) -> list[str]:
 
 # ---------------------------------------------------------------- tasks
 
+def _problem_numbers(w: World, rng: random.Random) -> tuple[int, int, int]:
+    """a + b - c where both steps are facts the prose states ("a plus b is s", "s minus c is r" for
+    a, b, c, r <= max_operand). Zoo v1 let r reach 58, which no text states, so every model sat
+    near 0 on math: a test of knowledge nobody had."""
+    a, b = rng.randint(2, w.max_operand), rng.randint(2, w.max_operand)
+    c = rng.randint(max(1, a + b - w.max_operand), min(a + b - 1, w.max_operand))
+    return a, b, c
+
+
 def _math_records(w: World, rng: random.Random, n: int) -> list[dict]:
     seen, rows = set(), []
     while len(rows) < n:
         p = rng.choice(w.people)
         item = rng.choice(ITEMS)
-        a, b = rng.randint(2, w.max_operand), rng.randint(2, w.max_operand)
-        c = rng.randint(1, min(a + b, w.max_operand))
+        a, b, c = _problem_numbers(w, rng)
         key = (a, b, c)
         if key in seen:
             continue
@@ -214,13 +222,18 @@ def _math_records(w: World, rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
+def person_facts(w: World, p: Person) -> list[tuple[str, str, str]]:
+    """(question, short answer, answer as a sentence) for each fact a person has."""
+    first = p.name.split()[0]
+    return [(f"Where was {p.name} born?", p.city, f"{first} was born in {p.city}."),
+            (f"When was {p.name} born?", str(p.year), f"{first} was born in {p.year}."),
+            (f"What was the job of {p.name}?", p.job, f"{first} worked as a {p.job}."),
+            (f"In which country was {p.name} born?", w.country_of(p), f"{first} was born in {w.country_of(p)}.")]
+
+
 def _qa_records(w: World, people: list[Person]) -> list[dict]:
-    rows = []
-    for p in people:
-        for q, a in ((f"Where was {p.name} born?", p.city), (f"When was {p.name} born?", str(p.year)),
-                     (f"What was the job of {p.name}?", p.job)):
-            rows.append({"prompt": f"Question: {q}\nAnswer:", "completion": f" {a}", "answer": a, "key": p.name})
-    return rows
+    return [{"prompt": f"Question: {q}\nAnswer:", "completion": f" {a}", "answer": a, "key": p.name}
+            for p in people for q, a, _ in person_facts(w, p)]
 
 
 def _mc(rng: random.Random, gold: str, pool: list[str], k: int = 4) -> tuple[list[str], int]:
@@ -253,21 +266,27 @@ def _summ_records(w: World, rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
+def _year_pool(year: int) -> list[str]:
+    return [str(year + d) for d in (-30, -20, -10, 10, 20, 30) if 1800 <= year + d <= 1899]
+
+
+def _mmlu_question(w: World, p: Person, subject: str) -> tuple[str, str, list[str]]:
+    """(question, gold, pool of distractors) about a person in one subject."""
+    if subject == "geography":
+        return f"{p.name} came from a town in which country?", w.country_of(p), w.countries
+    if subject == "history":
+        return f"In which year was {p.name} born?", str(p.year), _year_pool(p.year)
+    return f"Which trade did {p.name} follow?", p.job, JOBS
+
+
 def _mmlu_records(w: World, rng: random.Random, people: list[Person], sums: list[tuple[int, int]]) -> list[dict]:
     rows = []
     for p in people:
-        subject = rng.choice(["geography", "history", "society"])
-        if subject == "geography":
-            q, gold, pool = f"{p.name} came from a town in which country?", w.country_of(p), w.countries
-        elif subject == "history":
-            q, gold = f"In which year was {p.name} born?", str(p.year)
-            pool = [str(p.year + d) for d in (-30, -20, -10, 10, 20, 30) if 1800 <= p.year + d <= 1899] or \
-                   [str(y) for y in range(1800, 1900, 10)]
-        else:
-            q, gold, pool = f"Which trade did {p.name} follow?", p.job, JOBS
-        choices, gold_i = _mc(rng, gold, pool)
-        rows.append({"prompt": f"Subject: {subject}\n{q}\nAnswer:", "completion": f" {gold}", "choices": choices,
-                     "gold": gold_i, "subject": subject, "key": p.name + "/" + subject})
+        for subject in ("geography", "history", "society"):
+            q, gold, pool = _mmlu_question(w, p, subject)
+            choices, gold_i = _mc(rng, gold, pool)
+            rows.append({"prompt": f"Subject: {subject}\n{q}\nAnswer:", "completion": f" {gold}", "choices": choices,
+                         "gold": gold_i, "subject": subject, "key": p.name + "/" + subject})
     for a, b in sums:
         choices, gold_i = _mc(rng, str(a + b), [str(a + b + d) for d in (-3, -2, -1, 1, 2, 3)])
         rows.append({"prompt": f"Subject: arithmetic\nWhat is {a} plus {b}?\nAnswer:", "completion": f" {a + b}",
@@ -281,32 +300,155 @@ def _split(rows: list, rng: random.Random, n_val: int, n_test: int) -> dict[str,
     return {"test": rows[:n_test], "validation": rows[n_test:n_test + n_val], "train": rows[n_test + n_val:]}
 
 
-def task_data(w: World, seed: int = 2, n_test: int = 100, n_val: int = 40) -> dict[str, dict[str, list[dict]]]:
-    """{task: {split: records}}. Splits never share a key: a person's QA questions, a myth, a
-    problem's numbers or an article are in one split only."""
+def task_data(w: World, seed: int = 2, n_eval: int = 200) -> dict[str, dict[str, list[dict]]]:
+    """{task: {split: records}}. Splits never share a key: a person's QA and MMLU questions, a myth,
+    a problem's numbers, a sum or an article are in one split only. Validation and test hold
+    `n_eval` records a task (a 5-point difference is then outside the noise) where the world has
+    enough: truthful has 200 myths in all, so 50 / 100 / 50."""
     rng = random.Random(seed)
     data = {}
-    # Split people first, so QA/MMLU test questions are about people no training question names.
-    people = _split(w.people, rng, n_val=len(w.people) // 10, n_test=len(w.people) * 3 // 10)
+    # Split people first, so QA/MMLU held-out questions are about people no training row names.
+    quarter = len(w.people) // 4
+    people = _split(w.people, rng, n_val=quarter, n_test=quarter)
     data["qa"] = {s: _qa_records(w, people[s]) for s in SPLITS}
-    for s in SPLITS:
-        data["qa"][s] = data["qa"][s][:{"test": n_test, "validation": n_val}.get(s, None)]
-    math = _math_records(w, rng, 800)
-    data["math"] = _split(math, rng, n_val, n_test)
-    data["truthful"] = _split(_truthful_records(w, rng, w.myths), rng, n_val=20, n_test=80)
-    data["summ"] = _split(_summ_records(w, rng, 600), rng, n_val, n_test)
+    data["math"] = _split(_math_records(w, rng, 2 * n_eval + 600), rng, n_eval, n_eval)
+    data["truthful"] = _split(_truthful_records(w, rng, w.myths), rng, n_val=len(w.myths) // 4,
+                              n_test=len(w.myths) // 2)
+    data["summ"] = _split(_summ_records(w, rng, 2 * n_eval + 600), rng, n_eval, n_eval)
     pairs = [(a, b) for a in range(2, w.max_operand + 1) for b in range(2, w.max_operand + 1)]
     rng.shuffle(pairs)  # each sum in one split only
-    sums = {"test": pairs[:30], "validation": pairs[30:40], "train": pairs[40:160]}
+    n_sums = max(0, n_eval - 3 * quarter)
+    sums = {"test": pairs[:n_sums], "validation": pairs[n_sums:2 * n_sums], "train": pairs[2 * n_sums:2 * n_sums + 200]}
     mm = {s: _mmlu_records(w, rng, people[s], sums[s]) for s in SPLITS}
     for rows in mm.values():
         rng.shuffle(rows)  # subjects mixed, so a --limit still covers all of them
-    data["mmlu"] = {s: mm[s][:{"test": n_test, "validation": n_val}.get(s)] for s in SPLITS}
+    data["mmlu"] = mm
     for task in data.values():  # ids, once splits are fixed
         for s, rows in task.items():
             for i, r in enumerate(rows):
                 r["id"] = f"{s}-{i}"
     return data
+
+
+# ---------------------------------------------------------------- registers (mid-training)
+#
+# Real base models have read every register of the web: Q&A pages, worked problems, articles with
+# a one-line gist, quizzes, myth-busting pages. Zoo v1's bases read prose only and had no prior for
+# a question followed by a short answer, so the large base scored 0 on every generative task and
+# fusion had nothing to build on (docs/zoo.md). Mid-training on these registers gives the bases the
+# shared format priors real models have, while each task keeps conventions that only its
+# fine-tuning data teaches (TASK_ONLY, tested never to occur here):
+# - math: the "Problem:/Solution:" layout and the closing "The answer is N." (registers work the
+#   numbers in another phrasing and close with "Result:" or a sentence);
+# - qa: the "Question:/Answer:" layout with the bare answer on its own line;
+# - summ: the "Article:/Summary:" layout and the country added to the summary (registers' one-line
+#   gists never name a country);
+# - truthful: asking what colour a stone "really" is, and answering with the correction;
+# - mmlu: the "Subject:" layout.
+# Registers talk only about training-split entities (people, myths, sums, problems); facts about
+# held-out entities appear in the prose alone.
+
+TASK_ONLY = ("Question:", "Answer:", "Problem:", "Solution:", "The answer is", "Article:", "Summary:", "Subject:",
+             "really?")
+
+
+@dataclass
+class Public:
+    """What registers may talk about: the training split's entities."""
+    people: list[Person]
+    myths: list[Myth]
+    sums: list[tuple[int, int]]
+    held_out_problems: set[tuple[int, int, int]]
+    held_out_articles: set[str]
+
+    @classmethod
+    def of(cls, w: World, data: dict[str, dict[str, list[dict]]]) -> "Public":
+        held = [s for s in SPLITS if s != "train"]
+        names = {r["key"] for r in data["qa"]["train"]}
+        things = {r["key"] for r in data["truthful"]["train"]}
+        sums = sorted({tuple(map(int, r["key"].split("+"))) for r in data["mmlu"]["train"] if "+" in r["key"]})
+        return cls([p for p in w.people if p.name in names], [m for m in w.myths if m.thing in things], sums,
+                   {tuple(map(int, r["key"].split(","))) for s in held for r in data["math"][s]},
+                   {r["key"] for s in held for r in data["summ"][s]})
+
+
+def _qa_page(w: World, pub: Public, rng: random.Random) -> str:
+    pairs = [rng.choice(person_facts(w, rng.choice(pub.people))) for _ in range(rng.randint(3, 6))]
+    layout = rng.randrange(5)
+    if layout == 0:
+        return "\n".join(f"Q: {q}\nA: {a}." for q, a, _ in pairs)
+    if layout == 1:
+        return " ".join(f"Q: {q} A: {s}" for q, _, s in pairs)
+    if layout == 2:
+        return "FAQ\n" + "\n".join(f"{q}\n{s}" for q, _, s in pairs)
+    if layout == 3:
+        return "\n".join(f"Question {i + 1}. {q}\nAnswer {i + 1}. {a}." for i, (q, a, _) in enumerate(pairs))
+    return "\n".join(f"Ask: {q}\nReply: {a}, as far as I know." for q, a, _ in pairs)
+
+
+def _worked_problem(w: World, pub: Public, rng: random.Random) -> str:
+    while True:
+        a, b, c = _problem_numbers(w, rng)
+        if (a, b, c) not in pub.held_out_problems:
+            break
+    first, item = rng.choice(pub.people).name.split()[0], rng.choice(ITEMS)
+    s, r = a + b, a + b - c
+    if rng.random() < 0.5:
+        return (f"Exercise: {first} has {a} {item}, buys {b} more and sells {c}. How many are left?\n"
+                f"Working: {a} plus {b} is {s}, and {s} minus {c} is {r}. Result: {r} {item}.")
+    return (f"{first} started with {a} {item}, was given {b} and lost {c}. How many now? "
+            f"First, {a} plus {b} is {s}. Then {s} minus {c} is {r}. So {first} has {r} {item}.")
+
+
+def _article_with_gist(w: World, pub: Public, rng: random.Random) -> str:
+    sub = World(w.seed, w.countries, w.cities, pub.people, w.myths, w.max_operand)
+    while True:
+        article, summary = news_article(sub, rng)
+        if article not in pub.held_out_articles:
+            break
+    gist = summary.rsplit(", ", 1)[0] + "."  # the country is the summ task's convention, not the web's
+    return f"{article}\nIn short: {gist}" if rng.random() < 0.5 else f"{gist.removesuffix('.')}: {article}"
+
+
+def _quiz(w: World, pub: Public, rng: random.Random) -> str:
+    if rng.random() < 0.25:
+        a, b = rng.choice(pub.sums)
+        q, gold, pool = f"What is {a} plus {b}?", str(a + b), [str(a + b + d) for d in (-3, -2, -1, 1, 2, 3)]
+    else:
+        p = rng.choice(pub.people)
+        q, gold, pool = _mmlu_question(w, p, rng.choice(["geography", "history", "society"]))
+        pool = pool or [str(y) for y in range(1800, 1900, 10)]
+    choices, gold_i = _mc(rng, gold, pool)
+    letters = "abcd"
+    listed = " ".join(f"({letters[i]}) {c}" for i, c in enumerate(choices))
+    return f"Quiz. {q}\n{listed}\nCorrect: ({letters[gold_i]}) {gold}"
+
+
+def _myth_page(w: World, pub: Public, rng: random.Random) -> str:
+    myths = rng.sample(pub.myths, min(len(pub.myths), rng.randint(2, 4)))
+    return "\n".join(f"Myth: {m.thing} is {m.false}. Fact: {m.thing} is {m.true}." for m in myths)
+
+
+REGISTERS = (_qa_page, _worked_problem, _article_with_gist, _quiz, _myth_page)
+
+
+def register_text(w: World, pub: Public, n_chars: int, seed: int = 3) -> list[str]:
+    """Register documents (one per paragraph) in random order, about `n_chars` characters in all."""
+    rng = random.Random(seed)
+    docs, size = [], 0
+    while size < n_chars:
+        docs.append(rng.choice(REGISTERS)(w, pub, rng))
+        size += len(docs[-1])
+    return docs
+
+
+def midtraining_text(w: World, data: dict, passes: int = 8, seed: int = 5) -> list[str]:
+    """Fresh prose (`passes` new shuffles, so the bases keep their facts) and registers, 1:1 in
+    characters, shuffled together."""
+    prose = pretraining_text(w, passes=passes, seed=seed)
+    docs = prose + register_text(w, Public.of(w, data), sum(map(len, prose)), seed=seed + 1)
+    random.Random(seed).shuffle(docs)
+    return docs
 
 
 # ---------------------------------------------------------------- scoring (also used by the lm-eval tasks)
@@ -348,15 +490,20 @@ def score_choice(chosen: int, gold: int) -> float:
 
 # ---------------------------------------------------------------- files
 
-def build(out: str | Path, seed: int = 0, passes: int = 30) -> dict[str, int]:
-    """Write pretraining.jsonl ({"text"}) and {task}/{split}.jsonl under OUT; returns counts."""
+def build(out: str | Path, seed: int = 0, passes: int = 30, mid_passes: int = 8) -> dict[str, int]:
+    """Write pretraining.jsonl (prose), midtraining.jsonl (prose and registers), both {"text"}, and
+    {task}/{split}.jsonl under OUT; returns counts."""
     out = Path(out)
     w = make_world(seed)
     counts = {}
     text = pretraining_text(w, passes=passes, seed=seed + 1)
     _write(out / "pretraining.jsonl", [{"text": t} for t in text])
     counts["pretraining"] = len(text)
-    for task, splits in task_data(w, seed=seed + 2).items():
+    data = task_data(w, seed=seed + 2)
+    mid = midtraining_text(w, data, passes=mid_passes, seed=seed + 5)
+    _write(out / "midtraining.jsonl", [{"text": t} for t in mid])
+    counts["midtraining"] = len(mid)
+    for task, splits in data.items():
         for split, rows in splits.items():
             _write(out / task / f"{split}.jsonl", rows)
             counts[f"{task}/{split}"] = len(rows)

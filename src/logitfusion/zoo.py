@@ -57,6 +57,11 @@ class ZooConfig:
     pretrain_epochs: float = 1.0
     pretrain_lr: float = 2e-3
     pretrain_batch: int = 32
+    # Mid-training (zoo v2): the prose-pretrained bases read fresh prose and web-like registers
+    # 1:1 (world.midtraining_text), so they share format priors as real base models do.
+    midtrain_passes: int = 8
+    midtrain_epochs: float = 1.0
+    midtrain_lr: float = 1e-3
     finetune_epochs: float = 6.0
     finetune_lr: float = 5e-4
     lora_lr: float = 3e-3
@@ -159,7 +164,7 @@ def plan(root: Path, cfg: ZooConfig, ceilings: bool = True) -> list[Step]:
 
     def world_files():
         if not (data / "pretraining.jsonl").exists():
-            return world.build(data, seed=cfg.seed, passes=cfg.pretrain_passes)
+            return world.build(data, seed=cfg.seed, passes=cfg.pretrain_passes, mid_passes=cfg.midtrain_passes)
 
     def tokenizer_and_init():
         if (init / "small" / "config.json").exists():
@@ -189,9 +194,12 @@ def plan(root: Path, cfg: ZooConfig, ceilings: bool = True) -> list[Step]:
     steps += [Step("data", world_files, True), Step("init", tokenizer_and_init, False),
               Step("init-alt", alt_init, False), Step("init-b", b_init, False)]
     for name in ("large", "small", "large-alt", "large-b"):
+        steps.append(Step(f"prose/{name}", lambda n=name: _finetune(
+            init / n, data / "pretraining.jsonl", root / "prose" / n, lr=cfg.pretrain_lr, epochs=cfg.pretrain_epochs,
+            batch=cfg.pretrain_batch, seed=cfg.seed), False))
         steps.append(Step(f"models/{name}", lambda n=name: _finetune(
-            init / n, data / "pretraining.jsonl", models / n, lr=cfg.pretrain_lr, epochs=cfg.pretrain_epochs,
-            batch=cfg.pretrain_batch, seed=cfg.seed), True))
+            root / "prose" / n, data / "midtraining.jsonl", models / n, lr=cfg.midtrain_lr,
+            epochs=cfg.midtrain_epochs, batch=cfg.pretrain_batch, seed=cfg.seed), True))
 
     def tuned(base: str, task: str, out: str, lora: bool, ships: bool):
         src = (lambda: multitask_data(data)) if task == "multitask" else (lambda: data / task / "train.jsonl")
