@@ -25,6 +25,7 @@ from typing import Annotated, Literal, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import limits
 from .models import LoadOptions
 from .solvers import Alone, Delta, Dynamic, SolverError, Static, Solver, check_grid, make_grid, parse_method
 
@@ -46,6 +47,9 @@ class ModelSpec(_Strict):
     def _has_slot(cls, v: str) -> str:
         if "{prompt}" not in v:
             raise ValueError("template must contain the placeholder {prompt}")
+        problem = limits.text_problem("template", v)
+        if problem:
+            raise ValueError(problem)
         return v
 
 
@@ -98,7 +102,7 @@ class SolverSpec(_Strict):
     weights: list[float] = [1.0]  # static: one per expert, or one for all
     grid: GridSpec | list[float] = GridSpec()
     strategy: Literal["fast", "joint"] = "fast"
-    a_max: float | None = Field(None, gt=0)
+    a_max: float | None = Field(None, gt=0, le=limits.MAX_WEIGHT)
     expert: str | None = None  # kind "expert": which expert decodes alone
 
     def grid_values(self) -> list[float]:
@@ -106,11 +110,14 @@ class SolverSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        grid = self.grid_values()
         try:
+            grid = self.grid_values()
             check_grid(grid, self.a_max if self.a_max is not None else max(grid, default=0.0))
         except SolverError as e:
             raise ValueError(str(e)) from None
+        problem = limits.weight_problem("solver.weights", self.weights)
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -124,13 +131,15 @@ class LoadSpec(_Strict):
 
 
 class GenerationSpec(_Strict):
-    max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(0.0, ge=0)
-    top_k: int = Field(0, ge=0)
+    # The bounds are those SamplingParams.check applies to every call (limits.py).
+    max_new_tokens: int = Field(64, ge=1, le=limits.MAX_NEW_TOKENS)
+    temperature: float = Field(0.0, ge=0, allow_inf_nan=False)
+    top_k: int = Field(0, ge=0, le=limits.MAX_TOP_K)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: list[Annotated[str, Field(min_length=1)]] = []
-    speculate: int = Field(0, ge=0, le=16)  # draft length of speculative fused decoding (0 = off)
+    seed: int | None = Field(None, ge=limits.SEED_MIN, le=limits.SEED_MAX)
+    stop: list[Annotated[str, Field(min_length=1, max_length=limits.MAX_STOP_CHARS)]] = \
+        Field([], max_length=limits.MAX_STOP)
+    speculate: int = Field(0, ge=0, le=limits.MAX_SPECULATE)  # draft length of speculative fused decoding (0 = off)
 
 
 class Recipe(_Strict):
@@ -173,7 +182,12 @@ class Recipe(_Strict):
         p = Path(path)
         if not p.is_file():
             raise RecipeError(f"recipe file {str(p)!r} not found")
-        text = p.read_text()
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"recipe {str(p)!r} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        except OSError as e:
+            raise RecipeError(f"recipe {str(p)!r} cannot be read: {e.strerror}") from None
         try:
             if p.suffix in (".yaml", ".yml"):
                 data = yaml.safe_load(text)

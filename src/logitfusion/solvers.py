@@ -15,7 +15,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from . import search
 from .fusion import fuse, objective
+from .limits import MAX_GRID_POINTS, MAX_WEIGHT, weight_problem
 
 # Float32 elements of one [B, C, V] objective chunk (~128 MB). A 21-point grid at batch 8 and a
 # 32k vocabulary is 5.4M elements: one chunk, i.e. one batched op. Only product grids of several
@@ -37,10 +39,16 @@ class Choice:
 
 def make_grid(start: float = 0.0, stop: float = 2.0, step: float = 0.1) -> list[float]:
     """Inclusive arithmetic grid, rounded so that 0.1 steps give 0.3 and not 0.30000000000000004."""
+    if not all(math.isfinite(x) for x in (start, stop, step)):
+        raise SolverError(f"grid start, stop and step must be finite numbers, got {start}:{stop}:{step}")
     if step <= 0:
         raise SolverError(f"grid step must be > 0, got {step}")
     if stop < start:
         raise SolverError(f"grid stop ({stop}) is below its start ({start})")
+    points = (stop - start) / step + 1
+    if points > MAX_GRID_POINTS + 1:  # counted before any list is built: 1e-12 steps would be 2e12 values
+        raise SolverError(f"grid {start}:{stop}:{step} has {points:.3g} values, more than {MAX_GRID_POINTS}; "
+                          "use a larger step (0:2:0.1 has 21)")
     n = int(math.floor((stop - start) / step + 1e-9)) + 1
     return [round(start + i * step, 10) for i in range(n)]
 
@@ -48,6 +56,13 @@ def make_grid(start: float = 0.0, stop: float = 2.0, step: float = 0.1) -> list[
 def check_grid(grid: Sequence[float], a_max: float) -> None:
     if len(grid) == 0:
         raise SolverError("the weight grid is empty; give at least one value, e.g. 0:2:0.1")
+    if len(grid) > MAX_GRID_POINTS:
+        raise SolverError(f"the weight grid has {len(grid)} values, more than {MAX_GRID_POINTS}; use fewer")
+    problem = weight_problem("grid values", grid)
+    if problem:
+        raise SolverError(problem)
+    if not (math.isfinite(a_max) and a_max <= MAX_WEIGHT):
+        raise SolverError(f"a_max must be a finite number no larger than {MAX_WEIGHT:g}, got {a_max}")
     bad = [a for a in grid if not (math.isfinite(a) and 0.0 <= a <= a_max)]
     if bad:
         raise SolverError(
@@ -157,8 +172,9 @@ class Static(Solver):
             raise SolverError(
                 f"static solver got {len(self.weights)} weights for {n_experts} experts; "
                 "give one weight per expert, or a single weight for all")
-        if not all(math.isfinite(w) for w in self.weights):
-            raise SolverError(f"static weights must be finite, got {list(self.weights)}")
+        problem = weight_problem("static weights", list(self.weights))
+        if problem:
+            raise SolverError(problem)
 
     def __call__(self, z_large, z_small, z_experts) -> Choice:
         batch, n_experts = z_experts.shape[:2]
@@ -175,6 +191,11 @@ class Dynamic(Solver):
     strategy "joint": all weights together: the exact product grid when it has at most
     `max_product` points, else a continuous box-constrained descent started from the fast
     path's answer. Either way J is never worse than the fast path's.
+
+    search (the fast path, and one expert): "scan" evaluates J at every grid point (the
+    reference); "exact" finds the same answer, bit for bit, from a few points (search.py);
+    "auto" takes "exact" where it pays: a compiler for its kernel and a scan of at least
+    search.PAYS elements (so the bundled zoo's small vocabulary keeps the scan).
     """
 
     grid: Sequence[float] = field(default_factory=lambda: make_grid(0.0, 2.0, 0.1))
@@ -182,6 +203,7 @@ class Dynamic(Solver):
     a_max: float | None = None  # box for the continuous solver; defaults to max(grid)
     max_product: int = 4096
     refine_steps: int = 30
+    search: str = "auto"
     name: str = "dynamic"
 
     def __post_init__(self):
@@ -190,6 +212,8 @@ class Dynamic(Solver):
             self.a_max = max(self.grid)
         if self.strategy not in ("fast", "joint"):
             raise SolverError(f"unknown dynamic strategy {self.strategy!r}; use 'fast' or 'joint'")
+        if self.search not in ("auto", "scan", "exact"):
+            raise SolverError(f"unknown dynamic search {self.search!r}; use 'auto', 'scan' or 'exact'")
         check_grid(self.grid, self.a_max if self.a_max is not None else 0.0)
         self._grid_cache: dict[tuple, Tensor] = {}
 
@@ -208,9 +232,17 @@ class Dynamic(Solver):
             self._grid_cache[key] = fast if kind == "fast" else torch.cat([fast, product_candidates(grid, n_experts)])
         return self._grid_cache[key]
 
+    def _exact(self, z_large: Tensor, n_experts: int) -> bool:
+        if self.search != "auto":
+            return self.search == "exact"
+        return search.pays(z_large.shape[0] * n_experts * len(self.grid) * z_large.shape[1])
+
     def solve(self, z_large: Tensor, z_small: Tensor, z_experts: Tensor) -> tuple[Tensor, Tensor]:
         n_experts = z_experts.shape[1]
         if self.strategy == "fast" or n_experts == 1:
+            if self._exact(z_large, n_experts):
+                grid = self._candidates("fast", 1, z_large.device)[:, 0]  # the sorted grid
+                return search.exact_search(z_large, z_small, z_experts, grid)
             return grid_search(z_large, z_small, z_experts,
                                self._candidates("fast", n_experts, z_large.device))
         if len(self.grid) ** n_experts <= self.max_product:
@@ -318,7 +350,13 @@ def parse_grid(text: str) -> list[float]:
     try:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
-            return make_grid(start, stop, step)
-        return [float(x) for x in text.split(",") if x.strip()]
+        else:
+            values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise SolverError(f"bad grid {text!r}; write start:stop:step (e.g. 0:2:0.1) or values (0,0.5,1)") from None
+    if ":" in text:
+        return make_grid(start, stop, step)
+    if not values:
+        raise SolverError(f"the grid {text!r} has no values; write start:stop:step (e.g. 0:2:0.1) or values (0,0.5,1)")
+    check_grid(values, max(values))
+    return values
