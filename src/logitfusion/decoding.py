@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import limits
 from .models import Member, ModelSet
 from .stacking import lora_stack, shared_stack
 from .fusion import fuse
@@ -45,16 +46,59 @@ class SamplingParams:
     logprobs: bool = False  # record each chosen token's log-probability under the fused distribution
 
     def check(self) -> None:
-        if self.max_new_tokens < 1:
-            raise DecodingError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise DecodingError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise DecodingError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise DecodingError(f"top_p must be in (0, 1], got {self.top_p}")
-        if any(not s for s in self.stop):
-            raise DecodingError("stop strings must be non-empty")
+        """Raise DecodingError naming the first bad field (bounds: limits.py)."""
+        problem = (limits.int_problem("max_new_tokens", self.max_new_tokens, 1, limits.MAX_NEW_TOKENS)
+                   or self._temperature_problem()
+                   or limits.int_problem("top_k", self.top_k, 0, limits.MAX_TOP_K, " (0 = off)")
+                   or self._top_p_problem() or self._stop_problem() or self._seed_problem())
+        if problem:
+            raise DecodingError(problem)
+
+    def _temperature_problem(self) -> str | None:
+        t = self.temperature
+        if not (limits.is_real(t) and math.isfinite(t) and t >= 0):
+            return f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}"
+        return None
+
+    def _top_p_problem(self) -> str | None:
+        if not (limits.is_real(self.top_p) and 0 < self.top_p <= 1):
+            return f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}"
+        return None
+
+    def _stop_problem(self) -> str | None:
+        # A lone string is a sequence of one-character stop strings: never what was meant.
+        if isinstance(self.stop, (str, bytes)) or not isinstance(self.stop, (list, tuple)):
+            return f"stop must be a list of strings, e.g. stop=[{self.stop!r}], got {type(self.stop).__name__}"
+        if len(self.stop) > limits.MAX_STOP:
+            return f"at most {limits.MAX_STOP} stop strings, got {len(self.stop)}"
+        for s in self.stop:
+            problem = limits.text_problem("a stop string", s)
+            if problem:
+                return problem
+            if not s or len(s) > limits.MAX_STOP_CHARS:
+                return f"stop strings must be 1 to {limits.MAX_STOP_CHARS} characters, got {len(s)}"
+        return None
+
+    def _seed_problem(self) -> str | None:
+        seeds = self.seed if isinstance(self.seed, (list, tuple)) else [self.seed]
+        for seed in seeds:
+            if seed is not None:
+                problem = limits.int_problem("seed", seed, limits.SEED_MIN, limits.SEED_MAX)
+                if problem:
+                    return problem
+        return None
+
+
+def check_speculate(speculate) -> None:
+    problem = limits.int_problem("speculate", speculate, 0, limits.MAX_SPECULATE, " (0 = off)")
+    if problem:
+        raise DecodingError(problem)
+
+
+def check_batch_size(batch_size) -> None:
+    problem = limits.int_problem("batch_size", batch_size, 1, limits.MAX_BATCH_SIZE)
+    if problem:
+        raise DecodingError(problem)
 
 
 @dataclass
@@ -392,7 +436,11 @@ def warp(logits: Tensor, seqs: Sequence[Seq]) -> Tensor:
     (the most likely token is always kept). Greedy rows put all mass on the argmax. [B, V] -> [B, V]"""
     device, vocab = logits.device, logits.shape[-1]
     temp = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=device)
-    scaled = logits.float() / temp[:, None]
+    # Shifted so that the best token is 0 before dividing: a tiny temperature (1e-40, or 1e-300,
+    # which is 0 in float32) then sends every other token to -inf (greedy) instead of making
+    # inf - inf = NaN.
+    logits = logits.float()
+    scaled = (logits - logits.amax(-1, keepdim=True)) / temp.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
     if any(0 < s.params.top_k < vocab or s.params.top_p < 1 for s in seqs):  # a sort only when truncating
         top_k = torch.tensor([s.params.top_k or vocab for s in seqs], device=device)
         top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
@@ -426,11 +474,17 @@ def seeds_for(seed: int | Sequence[int] | None, n: int) -> list[int]:
     if seed is None:
         base = int(torch.randint(0, 2**31 - 1, ()).item())
         return [base + i for i in range(n)]
-    if isinstance(seed, int):
+    if limits.is_int(seed):
         return [seed + i for i in range(n)]
+    if not isinstance(seed, (list, tuple)):
+        raise DecodingError(f"seed must be an int or a list of ints (one per prompt), got {seed!r}")
     if len(seed) != n:
         raise DecodingError(f"got {len(seed)} seeds for {n} prompts")
-    return [int(s) for s in seed]
+    for s in seed:
+        problem = limits.int_problem("seed", s, limits.SEED_MIN, limits.SEED_MAX)
+        if problem:
+            raise DecodingError(problem)
+    return list(seed)
 
 
 # ---------------------------------------------------------------- prompts
@@ -467,7 +521,10 @@ def validate_prompts(models: ModelSet, prompts: Sequence[str], solver: Solver) -
     Cheap (tokenisation only), so callers can validate a whole input file before writing output.
     """
     for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p:
+        problem = limits.text_problem(f"prompt {i}", p)
+        if problem:
+            raise DecodingError(problem)
+        if not p:
             raise DecodingError(f"prompt {i} is empty; give some text to continue")
     solver.check(len(models.experts))
     return {m.role: encode_prompts(models, m, prompts) for m in members_for(models, solver)}
@@ -475,12 +532,21 @@ def validate_prompts(models: ModelSet, prompts: Sequence[str], solver: Solver) -
 
 # ---------------------------------------------------------------- the loop
 
+@dataclass
+class Joining:
+    """Sequences prefilled by `Batch.prefill`, waiting to `join` the batch."""
+
+    seqs: list[Seq]
+    contexts: list[tuple]  # per group: (Context, logits [G, B, V])
+
+
 class Batch:
     """Sequences decoded together with one solver. `add` and `step` may interleave freely."""
 
     def __init__(self, models: ModelSet, solver: Solver, use_cache: bool = True, share_forwards: bool = True,
                  speculate: int = 0):
         solver.check(len(models.experts))
+        check_speculate(speculate)
         self.models, self.solver, self.use_cache = models, solver, use_cache
         self.speculate = speculate  # draft length k; 0 or 1 = plain decoding (greedy fusion only)
         self.members = members_for(models, solver)
@@ -513,6 +579,11 @@ class Batch:
     def add(self, prompts: Sequence[str], params: Sequence[SamplingParams], trace: bool = False) -> list[Seq]:
         """Prefill new sequences and merge them into the batch. params: one per prompt, each
         with an int seed (or None when greedy)."""
+        return self.join(self.prefill(prompts, params, trace))
+
+    def prefill(self, prompts: Sequence[str], params: Sequence[SamplingParams], trace: bool = False) -> "Joining":
+        """Check and prefill new sequences without touching the running ones: whatever fails here
+        (a bad prompt or seed, memory) leaves the batch as it was. `join` then merges them."""
         for p in params:
             p.check()
         encoded = validate_prompts(self.models, prompts, self.solver)
@@ -526,22 +597,29 @@ class Batch:
                     int(p.seed if p.seed is not None else torch.randint(0, 2**31 - 1, ())))
             seqs.append(seq)
         room = max(s.budget for s in seqs)
-        joining = bool(self.seqs)
         with torch.no_grad():
+            contexts = []
             for g, group in enumerate(self.groups):
                 retok = self.retoks[g]
-                ctx, logits = Context.prefill(group, [encoded[m.role] for m in group], room,
-                                              group[0].vocab or self.models.vocab_size,
-                                              retok.pad_id if retok else self.pad_id, self.use_cache,
-                                              retok=retok, module=self.modules[g])
-                if joining:
-                    self.contexts[g].merge(ctx)
-                else:
+                contexts.append(Context.prefill(group, [encoded[m.role] for m in group], room,
+                                                group[0].vocab or self.models.vocab_size,
+                                                retok.pad_id if retok else self.pad_id, self.use_cache,
+                                                retok=retok, module=self.modules[g]))
+        return Joining(seqs, contexts)
+
+    def join(self, joining: "Joining") -> list[Seq]:
+        """Merge prefilled sequences into the batch (at a step boundary)."""
+        first = not self.seqs
+        with torch.no_grad():
+            for g, (group, (ctx, logits)) in enumerate(zip(self.groups, joining.contexts)):
+                if first:
                     self.contexts.append(ctx)
+                else:
+                    self.contexts[g].merge(ctx)
                 for m, z in zip(group, logits.to(self.device)):
-                    self.logits[m.role] = torch.cat([self.logits[m.role], z]) if joining else z
-        self.seqs += seqs
-        return seqs
+                    self.logits[m.role] = z if first else torch.cat([self.logits[m.role], z])
+        self.seqs += joining.seqs
+        return joining.seqs
 
     def step(self) -> list[tuple[Seq, int]]:
         """Advance every sequence: one token, or up to `speculate` tokens in a speculative round.

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .decoding import DecodingError, Generation, SamplingParams, decode, seeds_for
+from . import limits
+from .decoding import (DecodingError, Generation, SamplingParams, check_batch_size, check_speculate, decode,
+                       seeds_for)
 from .models import ModelSet, load_model_set
 from .recipe import Recipe
 from .solvers import Solver
@@ -55,9 +57,7 @@ class Fuser:
         return self.recipe.method(spec, self.expert_names, grid, strategy)
 
     def sampling(self, **overrides) -> SamplingParams:
-        defaults = self.recipe.generation.model_dump(exclude={"speculate"})
-        defaults.update({k: v for k, v in overrides.items() if v is not None})
-        return SamplingParams(**defaults)
+        return sampling_params(self.recipe, **overrides)
 
     def generate(self, prompts: str | Sequence[str], *, solver: Solver | str | None = None,
                  max_new_tokens: int | None = None, temperature: float | None = None,
@@ -74,16 +74,22 @@ class Fuser:
         """
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise DecodingError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
         if not prompts:
             raise DecodingError("no prompts given")
-        if batch_size < 1:
-            raise DecodingError(f"batch_size must be >= 1, got {batch_size}")
+        for i, p in enumerate(prompts):  # numbered in the whole list, not in its batch
+            problem = limits.text_problem(f"prompt {i}", p) or (None if p else f"prompt {i} is empty; give some text")
+            if problem:
+                raise DecodingError(problem)
+        check_batch_size(batch_size)
         if isinstance(solver, str):
             solver = self.method(solver)
         params = self.sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, seed=seed, stop=list(stop) if stop is not None else None)
+                               top_p=top_p, seed=seed, stop=stop)
         params.ignore_eos = ignore_eos
         speculate = self.recipe.generation.speculate if speculate is None else speculate
+        check_speculate(speculate)
         params.check()
         # Greedy decoding needs no seeds: draw none from the global RNG (but still check a given list).
         draw = params.temperature > 0 or params.seed is not None
@@ -95,3 +101,11 @@ class Fuser:
             out += decode(self.models, chunk, solver or self.solver, params, trace=trace, use_cache=use_cache,
                           speculate=speculate)
         return out
+
+
+def sampling_params(recipe: Recipe, **overrides) -> SamplingParams:
+    """The recipe's generation defaults with the given (not None) overrides; not checked yet."""
+    defaults = recipe.generation.model_dump(exclude={"speculate"})
+    defaults.update({k: v for k, v in overrides.items() if v is not None})
+    return SamplingParams(**defaults)
+
