@@ -117,12 +117,16 @@ def model_kind(path: str | Path, role: str) -> str:
 
 
 def _check_weight_format(p: Path, role: str, allow_pickle: bool, adapter: bool) -> None:
-    has_safe = any(p.glob("*.safetensors"))
+    # An adapter is judged by the one file PEFT reads: adapter_model.safetensors if present, else
+    # adapter_model.bin (torch.load), whatever other *.safetensors lie beside it.
+    has_safe = (p / "adapter_model.safetensors").is_file() if adapter else any(p.glob("*.safetensors"))
     has_pickle = any(p.glob("*.bin")) or any(p.glob("*.pt"))
     if has_safe:
         return
     if has_pickle and not allow_pickle:
-        raise LoadError(f"{role}: {str(p)!r} has only pickled weights (.bin/.pt), which can run code "
+        what = ("has no adapter_model.safetensors, so PEFT would read its pickled .bin weights" if adapter
+                else "has only pickled weights (.bin/.pt)")
+        raise LoadError(f"{role}: {str(p)!r} {what}, which can run code "
                         "when loaded. Convert them to safetensors, or opt in with allow_pickle "
                         "(recipe load.allow_pickle: true, CLI --allow-pickle) if you trust the files.")
     if not has_pickle:
