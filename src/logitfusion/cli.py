@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -18,7 +19,9 @@ recipe_app = typer.Typer(help="Write and check fusion recipes.", no_args_is_help
 app.add_typer(recipe_app, name="recipe")
 bench_app = typer.Typer(help="Benchmarks that print ratios measured in one run.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
-console = Console(stderr=True)
+# emoji off: an expert named "m" in ":m:" would print as an emoji. User text goes through _say,
+# which escapes it, so that "[inf]" or "[1, 2]" in a message is printed and not eaten as markup.
+console = Console(stderr=True, emoji=False)
 
 
 @app.callback()
@@ -31,8 +34,14 @@ def _quiet() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _say(text: str, label: str = "", style: str = "") -> None:
+    """Print user text literally (no markup, no emoji, no wrapping inside it), after a styled label."""
+    prefix = f"[{style}]{label}[/] " if label else ""
+    console.print(prefix + escape(str(text)), soft_wrap=True)
+
+
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    _say(message, "error:", "bold red")
     raise typer.Exit(2)
 
 
@@ -88,12 +97,39 @@ def _solver_from_flags(recipe, solver: Optional[str], alpha: list[float], grid: 
         if solver and solver != "static":
             raise UsageError(f"--alpha sets static weights; it cannot be combined with --solver {solver}")
         solver = "static:" + ",".join(str(a) for a in alpha)
-    if not (solver or grid or strategy):
+    if solver is None and grid is None and strategy is None:
         return recipe.build_solver()
-    spec = solver or recipe.solver.kind
+    spec = solver if solver is not None else recipe.solver.kind
     if spec == "expert" and recipe.solver.expert:
         spec = f"expert:{recipe.solver.expert}"
-    return recipe.method(spec, grid=parse_grid(grid) if grid else None, strategy=strategy)
+    return recipe.method(spec, grid=parse_grid(grid) if grid is not None else None, strategy=strategy)
+
+
+def _check_generation(recipe, params: dict, seed: Optional[int], batch_size: int, speculate: Optional[int]) -> None:
+    """Every generation option checked before any model loads (bounds: limits.py)."""
+    from .decoding import check_batch_size, check_speculate
+    from .fuser import sampling_params
+    check_batch_size(batch_size)
+    check_speculate(recipe.generation.speculate if speculate is None else speculate)
+    sampling_params(recipe, seed=seed, **params).check()
+
+
+def _check_plot(path: Path, solver) -> None:
+    """A weights plot needs per-step weights and a writable image path: known before decoding."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from .records import check_writable
+    from .solvers import Dynamic, Static
+    if not isinstance(solver, (Dynamic, Static)):
+        raise UsageError(f"--plot-weights needs a fusion solver (static or dynamic) that has weights, "
+                         f"not {type(solver).__name__.lower()}")
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise UsageError(f"--plot-weights {str(path)!r}: use an image file name ending in "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+    check_writable(path, "--plot-weights")
 
 
 def _trace_record(gen, tokenizer) -> list[dict]:
@@ -119,7 +155,7 @@ def _write_bench_report(name: str, out: Path, report) -> None:
     text = report(" ".join(["logitfusion", "bench", name, *sys.argv[3:]]))
     (out / f"{name}.md").write_text(text)
     typer.echo(text)
-    console.print(f"wrote {out / f'{name}.md'}")
+    _say(f"wrote {out / f'{name}.md'}")
 
 
 @app.command()
@@ -161,20 +197,25 @@ def generate(
             raise UsageError("give --prompt (one or more) or --input FILE.jsonl, not both and not neither")
         if input and not output:
             raise UsageError("--input needs --output FILE.jsonl for the results")
+        if input and output and input.exists() and output.exists() and input.resolve() == output.resolve():
+            raise UsageError(f"--output {str(output)!r} is the --input file; give another file for the results")
         r = _recipe_from_flags(recipe, large, small, expert, dtype, device, device_map, trust_remote_code, allow_pickle)
         chosen = _solver_from_flags(r, solver, alpha, grid, strategy)
+        params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      stop=stop or None)
+        _check_generation(r, params, seed, batch_size, speculate)
+        if plot_weights is not None:
+            _check_plot(plot_weights, chosen)
         rows = read_prompts(input) if input else [{"id": str(i), "prompt": p} for i, p in enumerate(prompt)]
-        writer = RecordWriter(output) if output else None
+        writer = RecordWriter(output) if output else None  # fails now if it cannot be written
         todo = [row for row in rows if not writer or row["id"] not in writer.done]
         if writer and len(todo) < len(rows):
-            console.print(f"resuming: {len(rows) - len(todo)} of {len(rows)} prompts already in {output}")
+            _say(f"resuming: {len(rows) - len(todo)} of {len(rows)} prompts already in {output}")
         fuser = Fuser.from_recipe(r)
         fuser.solver = chosen
         from .decoding import validate_prompts
         validate_prompts(fuser.models, [row["prompt"] for row in todo], chosen)  # before writing anything
         want_trace = trace or plot_weights is not None
-        params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      stop=stop or None)
         gens_all, index = [], {row["id"]: i for i, row in enumerate(rows)}
         with _progress() as bar:
             task = bar.add_task(f"generating ({type(chosen).__name__.lower()})", total=len(todo))
@@ -204,16 +245,18 @@ def generate(
                 typer.echo(f"--- {g.prompt!r}")
             typer.echo(g.text)
             if g.error:
-                console.print(f"[yellow]warning:[/] {g.error}")
+                _say(g.error, "warning:", "yellow")
     else:
-        console.print(f"wrote {len(gens_all)} results to {output}")
+        _say(f"wrote {len(gens_all)} results to {output}")
     if plot_weights is not None:
         try:
             from .plotting import plot_weights as plot
             plot(gens_all, fuser.expert_names, plot_weights)
-            console.print(f"weights plot: {plot_weights}")
+            _say(f"weights plot: {plot_weights}")
         except ValueError as e:
             _fail(str(e))
+        except OSError as e:
+            _fail(f"could not write --plot-weights {str(plot_weights)!r}: {e.strerror}")
 
 
 @recipe_app.command("check")
@@ -234,7 +277,7 @@ def recipe_check(path: Path = typer.Argument(..., help="Recipe file to validate.
     except _user_errors() as e:
         _fail(str(e))
     typer.echo(json.dumps(r.model_dump(exclude_none=True), indent=2))
-    console.print("[green]recipe OK[/]" + loaded)
+    _say(loaded.strip() or "", "recipe OK", "green")
 
 
 @recipe_app.command("init")
@@ -251,7 +294,7 @@ def recipe_init(out: Path = typer.Argument(..., help="Where to write the recipe 
     except _user_errors() as e:
         _fail(str(e))
     r.save(out)
-    console.print(f"wrote {out}")
+    _say(f"wrote {out}")
 
 
 @app.command()
@@ -305,8 +348,11 @@ def serve(
     import uvicorn
 
     from .fuser import Fuser
+    from .limits import MAX_PORT, MIN_PORT
     from .server import NAME_PATTERN, create_app
 
+    if not MIN_PORT <= port <= MAX_PORT:
+        _fail(f"--port must be between {MIN_PORT} and {MAX_PORT}, got {port}")
     named: dict[str, Path] = {}
     for value in recipe:
         name, sep, path = value.partition("=")
@@ -339,11 +385,10 @@ def serve(
     except ValueError:
         loopback = host == "localhost"
     if not loopback and not api_key:
-        console.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach this "
-                      "port can use the models")
+        _say(f"listening on {host} without --api-key: anyone who can reach this port can use the models",
+             "warning:", "yellow")
     shown = f"[{host}]" if re.fullmatch(r"[0-9a-fA-F:]+", host) and ":" in host else host
-    console.print(f"serving {', '.join(fusers)} on http://{shown}:{port}/v1"
-                  + (" (API key required)" if api_key else ""))
+    _say(f"serving {', '.join(fusers)} on http://{shown}:{port}/v1" + (" (API key required)" if api_key else ""))
     uvicorn.run(app_, host=host, port=port, log_level=log_level.lower())
 
 
@@ -374,6 +419,7 @@ def eval_(
         from . import evaluation as ev
     except ImportError as e:
         _fail(f"{e}. `logitfusion eval` runs lm-evaluation-harness: pip install lm-eval")
+    from .decoding import check_batch_size
     from .recipe import Recipe
     from .records import RecordWriter
     from .solvers import parse_grid
@@ -386,11 +432,12 @@ def eval_(
             raise UsageError("give at least one task (--tasks) and one method (--methods)")
         if len(set(task_list)) < len(task_list) or len(set(method_list)) < len(method_list):
             raise UsageError("--tasks and --methods must not repeat a name")
+        check_batch_size(batch_size)
         r = Recipe.from_file(recipe)
         if gap_closed and r.ceiling is None:
             raise UsageError(f"--gap-closed needs a fine-tuned large model to compare with: add `ceiling: {{path: ...}}` "
                              f"to {recipe}")
-        grid_values = parse_grid(grid) if grid else None
+        grid_values = parse_grid(grid) if grid is not None else None
         for m in method_list:  # fail on a bad method before loading anything
             if m == "ceiling":
                 if r.ceiling is None:
@@ -409,17 +456,15 @@ def eval_(
         ev.check_tasks(manager, task_list)
         writer = RecordWriter(output, key="key") if output else None
         records = {}
-        if writer and output.exists():
-            for line in output.read_text().splitlines():
-                rec = json.loads(line)
-                records[rec["key"]] = rec
-                if rec.get("limit") != limit and rec["task"] in task_list:
-                    console.print(f"[yellow]warning:[/] {output} holds {rec['key']} run with --limit "
-                                  f"{rec.get('limit')}, not {limit}; it is kept (use another --output to redo)")
+        for rec in writer.records if writer else []:
+            records[rec["key"]] = rec
+            if rec.get("limit") != limit and rec.get("task") in task_list:
+                _say(f"{output} holds {rec['key']} run with --limit {rec.get('limit')}, not {limit}; it is kept "
+                     "(use another --output to redo)", "warning:", "yellow")
         cells = [(m, t) for m in method_list for t in task_list]
         todo = [(m, t) for m, t in cells if f"{m}|{t}" not in records]
         if writer and len(todo) < len(cells):
-            console.print(f"resuming: {len(cells) - len(todo)} of {len(cells)} (method, task) pairs already in {output}")
+            _say(f"resuming: {len(cells) - len(todo)} of {len(cells)} (method, task) pairs already in {output}")
         for t in dict.fromkeys(t for _, t in todo):  # data problems surface before any model loads
             try:
                 manager.load([t])
@@ -458,7 +503,7 @@ def eval_(
         _fail(str(e))
     typer.echo(ev.summarise(list(records.values()), method_list, task_list))
     if writer:
-        console.print(f"results: {output}")
+        _say(f"results: {output}")
 
 
 vocab_app = typer.Typer(help="Map one tokenizer's vocabulary onto another's (PM-MinED, method.md §8).",
@@ -489,7 +534,7 @@ def vocab_map(
         for u, u_tok, d, d_tok in vmap.examples.get(kind, [])[:examples]:
             shown = f"{d_tok!r} ({d})" if d >= 0 else "-"
             typer.echo(f"  {kind:9s} {u_tok!r} ({u}) -> {shown}")
-    console.print(f"wrote {out} (mapping and saving took {seconds:.2f} s)")
+    _say(f"wrote {out} (mapping and saving took {seconds:.2f} s)")
 
 
 def _train(run, out: Path, what: str) -> None:
@@ -500,13 +545,13 @@ def _train(run, out: Path, what: str) -> None:
     except _user_errors() as e:
         _fail(str(e))
     if res.skipped:
-        console.print(f"{out} already holds this finished run ({res.global_step} steps); nothing to do "
+        _say(f"{out} already holds this finished run ({res.global_step} steps); nothing to do "
                       "(--overwrite to train again)")
         return
     if res.resumed_from:
-        console.print(f"resumed from {res.resumed_from}")
+        _say(f"resumed from {res.resumed_from}")
     loss = f"{res.train_loss:.4f}" if res.train_loss is not None else "n/a"
-    console.print(f"wrote {what} {out} ({res.global_step} steps, mean training loss {loss}, "
+    _say(f"wrote {what} {out} ({res.global_step} steps, mean training loss {loss}, "
                   f"{time.perf_counter() - start:.1f} s)")
 
 
@@ -560,7 +605,7 @@ def merge(
         run_merge(base, expert, lam, str(out), overwrite=overwrite, dtype=dtype)
     except _user_errors() as e:
         _fail(str(e))
-    console.print(f"wrote {out} (base + {lam} x sum of {len(expert)} expert delta(s))")
+    _say(f"wrote {out} (base + {lam} x sum of {len(expert)} expert delta(s))")
 
 
 delta_app = typer.Typer(help="Cross-model control: train a tiny delta model beside a frozen template LLM (method.md §7).",
@@ -620,14 +665,14 @@ def zoo_build(
     start = time.perf_counter()
     try:
         timings = zoo.build(root, zoo.ZooConfig(seed=seed), ceilings=ceilings, only=only or None,
-                            log=console.print)
+                            log=_say)
     except _user_errors() as e:
         _fail(str(e))
-    console.print(f"zoo built in {root} ({time.perf_counter() - start:.0f} s this run; "
+    _say(f"zoo built in {root} ({time.perf_counter() - start:.0f} s this run; "
                   f"{sum(timings.values()):.0f} s of training recorded in timings.json)")
     if install:
         size = zoo.install(root)
-        console.print(f"installed {size / 1e6:.1f} MB into {zoo.BUNDLED}")
+        _say(f"installed {size / 1e6:.1f} MB into {zoo.BUNDLED}")
 
 
 @zoo_app.command("info")
@@ -673,7 +718,7 @@ def bench_paper(
     if not (root / "models" / "large" / "config.json").exists():
         _fail(f"no zoo build in {root}: run `logitfusion zoo build --root {root}` first")
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    zoo.build(root, only=["experts", "ceilings"], log=console.print)  # no-op when all exist
+    zoo.build(root, only=["experts", "ceilings"], log=_say)  # no-op when all exist
     with _progress() as bar:
         records = bench.run(root, out, task_list, limit=limit, batch_size=batch_size, tables=table_list,
                             progress=_bench_progress(bar, "bench"), split=split)
@@ -698,7 +743,7 @@ def bench_cmc(
     with _progress() as bar:
         try:
             records = cmc_bench.run(root, out, limit=limit, batch_size=batch_size, train=train,
-                                    progress=_bench_progress(bar, "bench cmc"), log=console.print)
+                                    progress=_bench_progress(bar, "bench cmc"), log=_say)
         except cmc_bench.CmcBenchError as e:
             _fail(str(e))
     # with every run's time (kept in cmc.jsonl)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -11,22 +12,41 @@ class RecordsError(ValueError):
     pass
 
 
+def _lines(p: Path, what: str) -> list[tuple[int, bytes]]:
+    """(line number, raw bytes with its newline) of a file; a clear error when it cannot be read."""
+    if p.is_dir():
+        raise RecordsError(f"{what} {str(p)!r} is a directory; give a .jsonl file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise RecordsError(f"{what} {str(p)!r} cannot be read: {e.strerror}") from None
+    return list(enumerate(data.splitlines(keepends=True), 1))
+
+
+def _json_line(p: Path, n: int, raw: bytes) -> dict:
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecordsError(f"{p}:{n}: not UTF-8 text (byte {e.start} of the line); save the file as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise RecordsError(f"{p}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+    if not isinstance(row, dict):
+        raise RecordsError(f"{p}:{n}: each line must be a JSON object, got {type(row).__name__}")
+    return row
+
+
 def read_prompts(path: str | Path) -> list[dict]:
     """Prompts file: one JSON object per line with "prompt" (and optionally "id")."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise RecordsError(f"input file {str(p)!r} not found")
     rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
+    for n, raw in _lines(p, "input file"):
+        if not raw.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecordsError(f"{p}:{n}: not valid JSON ({e.msg}); each line must be an object "
-                               'like {"id": "q1", "prompt": "..."}') from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise RecordsError(f'{p}:{n}: each line needs a string field "prompt"')
+        row = _json_line(p, n, raw)
+        if not isinstance(row.get("prompt"), str):
+            raise RecordsError(f'{p}:{n}: each line needs a string field "prompt", like {{"id": "q1", "prompt": "..."}}')
         row.setdefault("id", str(len(rows)))
         row["id"] = str(row["id"])
         rows.append(row)
@@ -37,36 +57,67 @@ def read_prompts(path: str | Path) -> list[dict]:
     return rows
 
 
+def check_writable(path: str | Path, what: str) -> None:
+    """Fail now, before hours of decoding, if `path` cannot be written: a directory, a folder that
+    cannot be created, no permission. Creates nothing that stays."""
+    p = Path(path)
+    if p.is_dir():
+        raise RecordsError(f"{what} {str(p)!r} is a directory; give a file name inside it")
+    if p.exists():
+        try:
+            p.open("ab").close()
+        except OSError as e:
+            raise RecordsError(f"{what} {str(p)!r} cannot be written: {e.strerror}") from None
+        return
+    folder = p.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise RecordsError(f"{what} {str(p)!r} cannot be created: {str(folder)!r} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise RecordsError(f"{what} {str(p)!r} cannot be created in {str(folder)!r}: {e.strerror}") from None
+
+
 class RecordWriter:
-    """Appends one JSON line per record and flushes it. A line cut short by a crash is dropped
-    when the file is reopened, so the record is simply redone."""
+    """Appends one JSON line per record and flushes it. A last line cut short by a crash is
+    dropped when the file is reopened, so that record is simply redone; any other line that is
+    not a record with the key field is an error naming the file and line (never deleted)."""
 
     def __init__(self, path: str | Path, key: str = "id"):
         self.path, self.key = Path(path), key
+        self.records: list[dict] = []  # what the file held when opened
         self.done: set[str] = set()
+        check_writable(self.path, "output file")
         if self.path.exists():
             self._recover()
 
     def _recover(self) -> None:
-        good, keep = [], 0
-        with self.path.open("rb") as f:
-            for raw in f:
+        lines = _lines(self.path, "output file")
+        for i, (n, raw) in enumerate(lines):
+            if not raw.strip():
+                continue  # a blank line holds no record; the ones after it are kept
+            if i == len(lines) - 1 and not raw.endswith(b"\n"):
                 try:
-                    row = json.loads(raw)
-                except json.JSONDecodeError:
+                    row = _json_line(self.path, n, raw)
+                except RecordsError:  # cut short by a crash: drop it, it is redone
+                    with self.path.open("r+b") as f:
+                        f.truncate(self.path.stat().st_size - len(raw))
                     break
-                if not raw.endswith(b"\n"):
-                    break
-                good.append(row)
-                keep += len(raw)
-        if keep != self.path.stat().st_size:
-            with self.path.open("r+b") as f:
-                f.truncate(keep)
-        self.done = {str(r.get(self.key)) for r in good}
+                with self.path.open("ab") as f:  # whole but unterminated: keep it
+                    f.write(b"\n")
+            else:
+                row = _json_line(self.path, n, raw)
+            if self.key not in row:
+                raise RecordsError(f"{self.path}:{n}: this record has no {self.key!r} field, so the file was not "
+                                   "written by this command; give another output file")
+            self.records.append(row)
+        self.done = {str(r[self.key]) for r in self.records}
 
     def write(self, records: Iterable[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
+        with self.path.open("a", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
                 self.done.add(str(r[self.key]))
@@ -87,4 +138,4 @@ def read_keyed(path: str | Path, key: str = "key") -> dict[str, dict]:
     p = Path(path)
     if not p.exists():
         return {}
-    return {rec[key]: rec for rec in (json.loads(line) for line in p.read_text().splitlines() if line.strip())}
+    return {rec[key]: rec for rec in (_json_line(p, n, raw) for n, raw in _lines(p, "results file") if raw.strip())}
