@@ -40,6 +40,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import limits
 from .decoding import Batch, DecodingError, SamplingParams, Seq, validate_prompts
 from .fuser import Fuser
 from .solvers import Choice, Solver, SolverError
@@ -53,9 +54,11 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_STOP = 4  # stop strings per request, as in the OpenAI API
 MAX_LOGPROBS = 5  # alternatives per token (the engine's trace keeps the top 5)
 CHAT_FALLBACK_STOP = "\nuser:"
+LOGPROB_FLOOR = -9999.0  # log(0) as a number: -inf is not JSON (vLLM does the same)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.:/\-]+$")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+JSON_ROUTES = ("/v1/completions", "/v1/chat/completions")
 
 
 # ---------------------------------------------------------------- errors in the OpenAI format
@@ -71,7 +74,15 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return _JSON(self.body(), status_code=self.status, headers=self.headers)
+
+
+class _JSON(JSONResponse):
+    """ASCII JSON: a message that quotes a request's lone surrogate still encodes, and NaN (never
+    valid JSON) cannot slip into a response."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 INTERNAL = APIError(500, "internal server error; the server log has the details", "server_error",
@@ -127,7 +138,7 @@ class ContentPart(_Body):
 
 
 class ChatMessage(_Body):
-    role: str
+    role: Literal["system", "user", "assistant"]  # a free-form role would be written into the prompt
     content: str | list[ContentPart] | None = None
 
 
@@ -303,6 +314,21 @@ def chat_prompt(tokenizer, messages: list[dict]) -> tuple[str, list[str]]:
     return "\n".join(lines + ["assistant:"]), [CHAT_FALLBACK_STOP]
 
 
+def _check_text(param: str, text: str) -> None:
+    """Text every tokenizer can read; checked here, so that a lone surrogate is this request's 400
+    and never an exception on the scheduler thread."""
+    problem = limits.text_problem(param, text)
+    if problem:
+        raise APIError(400, problem, param=param.partition("[")[0], code="invalid_text")
+
+
+def _param_of(message: str) -> str | None:
+    """The request field a SamplingParams message names (its first word)."""
+    word = message.split(" ", 1)[0]
+    return {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+            "seed": "seed", "stop": "stop", "a": "stop", "at": "stop"}.get(word)
+
+
 def _message_text(m: ChatMessage, i: int) -> str:
     if m.content is None:
         return ""
@@ -391,10 +417,10 @@ class Tracker:
             return []
         out = []
         for i in range(self.n_entries, min(upto, len(seq.tokens), len(seq.logprobs))):
-            entry = {"token": self.tok.decode([seq.tokens[i]]), "logprob": seq.logprobs[i],
+            entry = {"token": self.tok.decode([seq.tokens[i]]), "logprob": max(seq.logprobs[i], LOGPROB_FLOOR),
                      "offset": self.offsets[i] if i < len(self.offsets) else len(self.clean), "top": []}
             if job.logprobs and i < len(seq.steps):
-                entry["top"] = [(self.tok.decode([t]), math.log(p) if p > 0 else -math.inf)
+                entry["top"] = [(self.tok.decode([t]), math.log(p) if p > 0 else LOGPROB_FLOOR)
                                 for t, p in seq.steps[i].top.get("fused", [])[: job.logprobs]]
             out.append(entry)
         self.n_entries = max(self.n_entries, upto)
@@ -551,6 +577,9 @@ class Scheduler:
                     log.exception("scheduler round failed; failing the requests it was serving")
                     for key in list(self._batches):
                         self._fail_batch(key)
+                    for job in admit:  # admitted but never started: answer them, free their slots
+                        if job.state == "active":
+                            self._fail(job, INTERNAL)
         self._shutdown()
 
     def _retire(self, job: Job, reason: str) -> None:
@@ -571,42 +600,64 @@ class Scheduler:
         for job in jobs:
             groups[(job.model, job.key, job.trace)].append(job)
         for (model, key, trace), group in groups.items():
-            fuser = group[0].fuser
-            ok = []
-            for job in group:  # validate one by one, so that a bad prompt fails only its request
-                try:
-                    encoded = validate_prompts(fuser.models, [job.prompt], job.solver)
-                    job.prompt_tokens = len(next(iter(encoded.values()))[0])
-                    ok.append(job)
-                except (DecodingError, SolverError) as e:
-                    self._fail(job, APIError(400, str(e), param="prompt", code="invalid_prompt"))
-            if not ok:
-                continue
-            bkey = (model, key)
-            try:
-                if bkey not in self._batches:
-                    # The recipe's speculation applies here as in `generate`: greedy output is
-                    # unchanged, sampled output keeps its distribution.
-                    self._batches[bkey] = Batch(fuser.models, ok[0].solver,
-                                                speculate=fuser.recipe.generation.speculate)
-                seqs = self._batches[bkey].add([j.prompt for j in ok], [j.params for j in ok], trace=trace)
-            except (DecodingError, SolverError) as e:
-                for job in ok:
-                    self._fail(job, APIError(400, str(e), code="invalid_request"))
-                continue
-            except Exception:
-                log.exception("prefill failed for model %s", model)
-                for job in ok:
-                    self._fail(job, INTERNAL)
-                self._fail_batch(bkey)
-                continue
-            for job, seq in zip(ok, seqs):
-                job.seq = seq
-                job.tracker = Tracker(job, fuser.models.tokenizer)
-                self._members[bkey].append(job)
-                job.emit("started", {"prompt_tokens": job.prompt_tokens})
-            with self.metrics.lock:
-                self.metrics.prompt_tokens[model] += sum(j.prompt_tokens for j in ok)
+            ok = [job for job in group if self._tokenise(job)]  # a bad prompt fails only its request
+            if ok:
+                self._join((model, key), ok, trace)
+
+    def _tokenise(self, job: Job) -> bool:
+        """Check one request's prompt against the models it runs; False (and answered) if it fails."""
+        try:
+            encoded = validate_prompts(job.fuser.models, [job.prompt], job.solver)
+            job.prompt_tokens = len(next(iter(encoded.values()))[0])
+            return True
+        except (DecodingError, SolverError) as e:
+            self._fail(job, APIError(400, str(e), param="prompt", code="invalid_prompt"))
+        except Exception as e:  # the tokenizer choked on this request's text alone
+            self._fail(job, self._request_error(job, e, "tokenised"))
+        return False
+
+    def _request_error(self, job: Job, e: Exception, stage: str) -> APIError:
+        log.error("request for %s could not be %s", job.model, stage, exc_info=e)
+        return APIError(400, f"this request could not be {stage} ({type(e).__name__}); check its prompt and "
+                        "parameters (the server log has the details)", code="invalid_request")
+
+    def _join(self, bkey: tuple, jobs: list[Job], trace: bool) -> None:
+        """Prefill `jobs` and merge them into their Batch. A prefill failure leaves the running rows
+        untouched: with one request it is that request's 400; with several they are retried one by
+        one, so that only the request that causes it fails."""
+        fuser = jobs[0].fuser
+        try:
+            # The recipe's speculation applies here as in `generate`: greedy output is unchanged,
+            # sampled output keeps its distribution.
+            batch = self._batches.get(bkey)
+            if batch is None:
+                batch = Batch(fuser.models, jobs[0].solver, speculate=fuser.recipe.generation.speculate)
+            joining = batch.prefill([j.prompt for j in jobs], [j.params for j in jobs], trace=trace)
+        except Exception as e:
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._join(bkey, [job], trace)
+                return
+            known = isinstance(e, (DecodingError, SolverError))
+            self._fail(jobs[0], APIError(400, str(e), code="invalid_request") if known
+                       else self._request_error(jobs[0], e, "prefilled"))
+            return
+        self._batches[bkey] = batch
+        try:
+            seqs = batch.join(joining)
+        except Exception:  # merging caches is ours alone: a bug, and the batch may be inconsistent
+            log.exception("joining the batch of %s failed", bkey[0])
+            for job in jobs:
+                self._fail(job, INTERNAL)
+            self._fail_batch(bkey)
+            return
+        for job, seq in zip(jobs, seqs):
+            job.seq = seq
+            job.tracker = Tracker(job, fuser.models.tokenizer)
+            self._members[bkey].append(job)
+            job.emit("started", {"prompt_tokens": job.prompt_tokens})
+        with self.metrics.lock:
+            self.metrics.prompt_tokens[bkey[0]] += sum(j.prompt_tokens for j in jobs)
 
     def _step_all(self) -> None:
         for bkey in list(self._batches):
@@ -631,19 +682,28 @@ class Scheduler:
             for job in self._members.get(bkey, []):
                 if job.state != "active":
                     continue  # cancelled: its row was dropped by this step
-                if job.seq.tokens and not job.first_token:
-                    job.first_token = True
-                    with self.metrics.lock:
-                        self.metrics.ttft.observe(now - job.submitted)
-                needs_text = job.stream or job.logprobs is not None
-                delta = job.tracker.advance() if needs_text else None
-                if job.seq.done:
-                    self._complete(job)
-                    continue
-                if delta is not None:
-                    job.emit("delta", delta)
-                still.append(job)
+                try:
+                    if self._relay(job, now):
+                        still.append(job)
+                except Exception:  # one request's text could not be followed: it alone fails
+                    log.exception("relaying tokens of a request for %s failed", bkey[0])
+                    self._fail(job, INTERNAL)
             self._members[bkey] = still
+
+    def _relay(self, job: Job, now: float) -> bool:
+        """Hand one request its new tokens after a step; False once it is done."""
+        if job.seq.tokens and not job.first_token:
+            job.first_token = True
+            with self.metrics.lock:
+                self.metrics.ttft.observe(now - job.submitted)
+        needs_text = job.stream or job.logprobs is not None
+        delta = job.tracker.advance() if needs_text else None
+        if job.seq.done:
+            self._complete(job)
+            return False
+        if delta is not None:
+            job.emit("delta", delta)
+        return True
 
     def _complete(self, job: Job) -> None:
         seq = job.seq
@@ -672,7 +732,7 @@ class Scheduler:
 # ---------------------------------------------------------------- HTTP middleware: auth, body size, metrics
 
 async def _send_json(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
-    data = json.dumps(body).encode()
+    data = json.dumps(body, ensure_ascii=True).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -724,6 +784,11 @@ class GuardMiddleware:
                     more = message.get("more_body", False)
                     if len(body) > self.max_body:
                         return await _send_json(send_tracked, 413, too_big.body(), {"Connection": "close"})
+                if path in JSON_ROUTES and body and not _is_json(headers.get(b"content-type")):
+                    ctype = headers[b"content-type"].decode("latin-1")
+                    return await _send_json(send_tracked, 415, APIError(
+                        415, f"the request body must be JSON sent with the header 'Content-Type: application/json'; "
+                        f"got Content-Type {ctype!r}", code="unsupported_media_type").body())
                 receive = _replay(bytes(body), receive)
             await self.app(scope, receive, send_tracked)
         finally:
@@ -733,6 +798,14 @@ class GuardMiddleware:
         value = headers.get(b"authorization", b"")
         scheme, _, token = value.partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    """No Content-Type is read as JSON (as FastAPI does); a declared one must say JSON."""
+    if content_type is None:
+        return True
+    kind = content_type.split(b";")[0].strip().lower()
+    return kind == b"application/json" or kind.endswith(b"+json")
 
 
 def _replay(body: bytes, receive):
@@ -788,6 +861,8 @@ def create_app(fusers: dict[str, Fuser], api_key: str | None = None, max_queue: 
         raise ValueError(f"model names {bad} must match {NAME_PATTERN.pattern}")
     if max_batch < 1 or max_queue < 0 or max_tokens_limit < 1 or max_body_bytes < 1:
         raise ValueError("max_batch, max_tokens_limit and max_body_bytes must be >= 1, max_queue >= 0")
+    if max_tokens_limit > limits.MAX_NEW_TOKENS:
+        raise ValueError(f"max_tokens_limit must be at most {limits.MAX_NEW_TOKENS}, got {max_tokens_limit}")
     metrics = Metrics()
     scheduler = Scheduler(max_batch, max_queue, metrics)
     created = int(time.time())
@@ -890,6 +965,8 @@ def create_app(fusers: dict[str, Fuser], api_key: str | None = None, max_queue: 
                 raise APIError(400, f"at most {MAX_STOP} stop strings, got {len(stop)}", param="stop")
             if any(not s for s in stop):
                 raise APIError(400, "stop strings must be non-empty", param="stop")
+            for s in stop:
+                _check_text("stop", s)
         key = (body.fusion.solver, tuple(body.fusion.experts) if body.fusion.experts is not None else None) \
             if body.fusion else (None, None)
         if (body.model, key) not in solvers:
@@ -899,18 +976,19 @@ def create_app(fusers: dict[str, Fuser], api_key: str | None = None, max_queue: 
         skey, solver, spec, used = solvers[(body.model, key)]
         default_max = min(fuser.recipe.generation.max_new_tokens, max_tokens_limit)
         try:
-            params = fuser.sampling(max_new_tokens=max_tokens or default_max, temperature=body.temperature,
+            params = fuser.sampling(max_new_tokens=max_tokens if max_tokens is not None else default_max,
+                                    temperature=body.temperature,
                                     top_k=body.top_k, top_p=body.top_p, seed=body.seed,
                                     stop=(list(stop) if stop is not None else None))
             params.stop = list(params.stop) + [s for s in stop_extra if s not in params.stop]
             params.ignore_eos, params.logprobs = body.ignore_eos, logprobs is not None
             if isinstance(params.seed, (list, tuple)):
                 params.seed = None
+            params.check()  # a seed is checked even where greedy decoding ignores it
             if params.temperature == 0:
                 params.seed = None
-            params.check()
         except DecodingError as e:
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param=_param_of(str(e))) from None
         return fuser, skey, solver, spec, used, params
 
     async def run(request: Request, body: _Sampling, kind: Literal["text", "chat"], prompt: str,
@@ -1050,6 +1128,7 @@ def create_app(fusers: dict[str, Fuser], api_key: str | None = None, max_queue: 
             raise APIError(400, "best_of is not supported (only 1)", param="best_of")
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
+        _check_text("prompt", prompt)
         if not prompt:
             raise APIError(400, "prompt is empty; give some text to continue", param="prompt")
         return await run(request, body, "text", prompt, body.max_tokens, [], body.logprobs)
@@ -1067,12 +1146,14 @@ def create_app(fusers: dict[str, Fuser], api_key: str | None = None, max_queue: 
         if body.model not in fusers:
             raise _unknown_model(body.model)
         messages = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(body.messages)]
+        for i, m in enumerate(messages):
+            _check_text(f"messages[{i}].content", m["content"])
         prompt, stops = chat_prompt(fusers[body.model].models.tokenizer, messages)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        return await run(request, body, "chat", prompt, body.max_completion_tokens or body.max_tokens, stops,
-                         logprobs)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return await run(request, body, "chat", prompt, max_tokens, stops, logprobs)
 
     return app
 
