@@ -131,6 +131,39 @@ def test_a_few_dozen_bad_requests_hold_no_slot(server, http, ref, root):
     assert got.choices[0].text == ref.generate("the cat", max_new_tokens=4)[0].text
 
 
+def test_scheduler_fails_only_the_request_that_breaks(server, ref):
+    """Past the HTTP checks (a client of `create_app`'s scheduler, or a check that misses a case):
+    a request whose tokenisation or prefill raises on the scheduler thread gets its own 400 and
+    the streams decoding meanwhile finish unchanged."""
+    import asyncio
+
+    from logitfusion.server import Job, build_solver
+    scheduler, fuser = server.app.state.scheduler, server.app.state.fusers["fusion"]
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    key, solver, _, _ = build_solver(fuser, None)
+
+    def submit(prompt, **params):
+        job = Job("fusion", fuser, key, solver, prompt, fuser.sampling(max_new_tokens=4, **params), False, None,
+                  False, loop)
+        scheduler.submit(job)
+        return job
+
+    try:
+        with Streams(server, ref):
+            # a lone surrogate reaches the tokenizer; a 70-bit seed reaches torch's generator
+            jobs = [job for _ in range(3) for job in (submit("bad \ud800 x"),
+                                                      submit("the cat", temperature=1.0, seed=2**70))]
+            for job in jobs:
+                event, data = asyncio.run_coroutine_threadsafe(job.events.get(), loop).result(60)
+                assert event == "error" and data["error"].status == 400, (event, data)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+    wait_for(lambda: metrics(server)["logitfusion_active_sequences"] == 0, what="every slot free")
+
+
 def test_seed_beyond_64_bits_is_a_400_naming_seed(http, root):
     for seed in (2**70, -(2**70), 2**63):
         err = clean_error(post(http, "/v1/completions", {"model": "fusion", "prompt": "x", "temperature": 1.0,
