@@ -240,6 +240,8 @@ def _bad_inputs(recipe_file, tmp_path):
         (["eval", "-r", recipe_file, "-t", "toy_sums", "-m", "large", "-o", _gen_output(recipe_file, tmp_path)],
          "has no 'key' field"),
         (["eval", "-r", recipe_file, "-t", "toy_sums", "-m", "large", "--batch-size", "0"], "batch_size"),
+        (["eval", "-r", recipe_file, "-t", "toy_sums", "-m", "large", "--max-gen-toks", "0"], "--max-gen-toks"),
+        (["eval", "-r", recipe_file, "-t", "toy_sums", "-m", "large", "--num-fewshot", "-1"], "--num-fewshot"),
         (["serve", "-r", recipe_file, "--port", "99999"], "--port must be between 0 and 65535"),
     ]
 

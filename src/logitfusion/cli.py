@@ -419,6 +419,7 @@ def eval_(
         from . import evaluation as ev
     except ImportError as e:
         _fail(f"{e}. `logitfusion eval` runs lm-evaluation-harness: pip install lm-eval")
+    from . import limits
     from .decoding import check_batch_size
     from .recipe import Recipe
     from .records import RecordWriter
@@ -433,6 +434,11 @@ def eval_(
         if len(set(task_list)) < len(task_list) or len(set(method_list)) < len(method_list):
             raise UsageError("--tasks and --methods must not repeat a name")
         check_batch_size(batch_size)
+        for name, value, lo, hi in (("--num-fewshot", num_fewshot, 0, None),
+                                    ("--max-gen-toks", max_gen_toks, 1, limits.MAX_NEW_TOKENS)):
+            problem = value is not None and limits.int_problem(name, value, lo, hi)
+            if problem:
+                raise UsageError(problem)
         r = Recipe.from_file(recipe)
         if gap_closed and r.ceiling is None:
             raise UsageError(f"--gap-closed needs a fine-tuned large model to compare with: add `ceiling: {{path: ...}}` "
