@@ -142,6 +142,14 @@ def test_degenerate_static_weights_are_refused_everywhere(family, weights):
                           "solver": {"kind": "static", "weights": weights}})
 
 
+def test_delta_strength_is_bounded():
+    with pytest.raises(SolverError, match="delta strength"):
+        parse_method("delta:1e38", [])
+    with pytest.raises(RecipeError, match="strength"):
+        Recipe.from_dict({"large": {"path": "L"}, "delta": {"path": "D", "strength": -1e38}})
+    assert parse_method("delta:-2", []).strength == -2.0  # a negative strength steers away: allowed
+
+
 # ---------------------------------------------------------------- 5. inputs that used to be accepted
 
 @pytest.mark.parametrize("kwargs, message", [

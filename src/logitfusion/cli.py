@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -197,7 +198,7 @@ def generate(
             raise UsageError("give --prompt (one or more) or --input FILE.jsonl, not both and not neither")
         if input and not output:
             raise UsageError("--input needs --output FILE.jsonl for the results")
-        if input and output and input.exists() and output.exists() and input.resolve() == output.resolve():
+        if input and output and input.exists() and output.exists() and os.path.samefile(input, output):
             raise UsageError(f"--output {str(output)!r} is the --input file; give another file for the results")
         r = _recipe_from_flags(recipe, large, small, expert, dtype, device, device_map, trust_remote_code, allow_pickle)
         chosen = _solver_from_flags(r, solver, alpha, grid, strategy)

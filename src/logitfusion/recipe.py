@@ -83,8 +83,9 @@ class DeltaSpec(MappedSpec):
     @field_validator("strength")
     @classmethod
     def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("strength must be a finite number (1 = as trained)")
+        if not (math.isfinite(v) and abs(v) <= limits.MAX_WEIGHT):
+            raise ValueError(f"strength must be a finite number between -{limits.MAX_WEIGHT:g} and "
+                             f"{limits.MAX_WEIGHT:g} (1 = as trained)")
         return v
 
 

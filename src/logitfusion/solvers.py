@@ -317,6 +317,8 @@ def parse_method(spec: str, expert_names: Sequence[str], grid: Sequence[float] |
         except ValueError:
             raise SolverError(f"bad strength in {spec!r}; write e.g. delta or delta:0.5") from None
         solver.check(len(expert_names))
+        if abs(solver.strength) > MAX_WEIGHT:  # overflows the fused logits, as a weight would
+            raise SolverError(f"delta strength must be between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}, got {solver.strength}")
         return solver
     if kind == "large" and not arg:
         return Alone("large")
