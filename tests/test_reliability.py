@@ -251,6 +251,10 @@ def _bad_inputs(recipe_file, tmp_path):
         (["eval", "-r", recipe_file, "-t", "toy_sums", "-m", "large", "--max-gen-toks", "0"], "--max-gen-toks"),
         (["eval", "-r", recipe_file, "-t", "toy_sums", "-m", "large", "--num-fewshot", "-1"], "--num-fewshot"),
         (["serve", "-r", recipe_file, "--port", "99999"], "--port must be between 0 and 65535"),
+        (r + ["-p", "x", "--device", "foo"], "device 'foo' is not a torch device"),
+        (r + ["-p", "x", "--device", "cuda:99"], "device 'cuda:99'"),
+        (["recipe", "init", tmp_path / "r.txt", "--large", "L", "--solver", "large"], "cannot save a recipe as '.txt'"),
+        (["recipe", "init", "/proc/lf-no-such-dir/r.yaml", "--large", "L", "--solver", "large"], "could not write"),
     ]
 
 

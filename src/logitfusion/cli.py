@@ -292,9 +292,11 @@ def recipe_init(out: Path = typer.Argument(..., help="Where to write the recipe 
         r = _recipe_from_flags(None, large, small, expert, None, None, None, False, False)
         from .recipe import Recipe
         r = Recipe.from_dict(r.model_dump() | {"solver": r.solver.model_dump() | {"kind": solver}})
+        r.save(out)
     except _user_errors() as e:
         _fail(str(e))
-    r.save(out)
+    except OSError as e:
+        _fail(f"could not write {str(out)!r}: {e.strerror}")
     _say(f"wrote {out}")
 
 

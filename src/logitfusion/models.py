@@ -134,6 +134,21 @@ def _check_weight_format(p: Path, role: str, allow_pickle: bool, adapter: bool) 
         raise LoadError(f"{role}: {str(p)!r} has no weights ({what} not found)")
 
 
+def check_device(device: str) -> None:
+    """A device torch knows and this machine has; found before any weights load."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise LoadError(f"device {device!r} is not a torch device; use cpu, cuda, cuda:1, mps...") from None
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+                 "mps": lambda: torch.backends.mps.is_available()}.get(dev.type, lambda: True)
+    if not available():
+        raise LoadError(f"device {device!r} is not available on this machine (torch {torch.__version__}); "
+                        "use cpu, or install a torch build for it")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise LoadError(f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} CUDA devices")
+
+
 def load_tokenizer(path: str | Path, role: str, opts: LoadOptions):
     from transformers import AutoTokenizer
     try:
@@ -236,6 +251,8 @@ def load_model_set(large: dict, small: dict | None, experts: list[dict], opts: L
     "mapping"}) is a cross-model-control delta model for the large (user) model.
     """
     roles = {"large": large} | ({"small": small} if small else {})
+    if opts.device_map is None:
+        check_device(opts.device)
     if experts and not small:
         raise LoadError("experts need a small base model (the model they were fine-tuned from); "
                         "set `small` in the recipe or pass --small")
