@@ -87,6 +87,17 @@ def test_report_shows_paired_intervals_and_the_split(tmp_path):
     assert row.count("+20.0 [") == 2  # qa and the average
 
 
+def test_regime_requirements():
+    vals = {}
+    for t in world.TASKS:
+        vals |= {f"single|small base|{t}": 0.1, f"single|large base|{t}": 0.3, f"single|large FFT|{t}": 0.5,
+                 f"single|small expert|{t}": 0.3 if t != "qa" else 0.15}
+    records = {r["key"]: r for r in _records(vals)}
+    checks = {r: ok for r, _, ok in bench.regime(records, list(world.TASKS))}
+    assert list(checks.values()) == [True, True, True, False]  # the qa expert gains only 5 points
+    assert "| every small expert >= small base + 10 on its task | math +20.0" in bench.report(_records(vals), Path("."))
+
+
 def test_bench_refuses_to_mix_splits(tmp_path):
     (tmp_path / "paper.jsonl").write_text(json.dumps({"key": "single|large base|qa", "split": "test"}) + "\n")
     with pytest.raises(ValueError, match="validation results to another --out"):

@@ -219,6 +219,10 @@ def report(records_list: list[dict], root: Path, command: str = "") -> str:
               "`fused/FFT` (the paper's ratio of averages) and `(fused-base)/(FFT-base)` (strict).", ""]
     lines += _table(records, "single", single, tasks, gaps, ["gap closed (fused/FFT)", "(fused-base)/(FFT-base)"])
     lines += ["", *_verdicts(records, tasks), "", *comparisons(records, tasks), ""]
+    checks = regime(records, tasks)
+    if checks:
+        lines += ["Regime requirements (averages over the tasks above):", "", "| requirement | figures | holds |",
+                  "|---|---|---|", *[f"| {r} | {f} | {'yes' if ok else 'no'} |" for r, f, ok in checks], ""]
     if seen:
         multi = ["dynamic, 4 experts, no task label", "multi-task small", "multi-task large (FFT)"]
         mbase = average(records, "single", "large base", seen)
@@ -251,6 +255,26 @@ def report(records_list: list[dict], root: Path, command: str = "") -> str:
                   f"Evaluating the {len(records_list)} cells took {total / 60:.1f} minutes in all (sum of the "
                   "`seconds` of paper.jsonl; a rerun skips cells already there). Training times are above.", ""]
     return "\n".join(lines)
+
+
+def regime(records: dict[str, dict], tasks: list[str]) -> list[tuple[str, str, bool]]:
+    """The zoo's regime requirements (docs/zoo.md): (requirement, figures, holds), for the paper's
+    regime where the large base is competent zero-shot and fine-tuning adds conventions."""
+    def avg(label: str) -> float | None:
+        return average(records, "single", label, tasks)
+
+    def cell(label: str, t: str) -> float | None:
+        return records.get(f"single|{label}|{t}", {}).get("value")
+
+    small, large, fft, expert = (avg(x) for x in ("small base", "large base", "large FFT", "small expert"))
+    if None in (small, large, fft, expert):
+        return []
+    gains = {t: cell("small expert", t) - cell("small base", t) for t in tasks}
+    return [("large base >= small expert - 5", f"{100 * large:.1f} vs {100 * expert:.1f}", large >= expert - 0.05),
+            ("large base >= small base + 10", f"{100 * large:.1f} vs {100 * small:.1f}", large >= small + 0.10),
+            ("large FFT >= large base + 15", f"{100 * fft:.1f} vs {100 * large:.1f}", fft >= large + 0.15),
+            ("every small expert >= small base + 10 on its task",
+             ", ".join(f"{t} {100 * g:+.1f}" for t, g in gains.items()), all(g >= 0.10 for g in gains.values()))]
 
 
 COMPARED = (("dynamic (ours)", "small expert"), ("dynamic (ours)", "large base"),

@@ -393,11 +393,16 @@ def _worked_problem(w: World, pub: Public, rng: random.Random) -> str:
             break
     first, item = rng.choice(pub.people).name.split()[0], rng.choice(ITEMS)
     s, r = a + b, a + b - c
-    if rng.random() < 0.5:
+    layout = rng.randrange(3)
+    if layout == 0:
         return (f"Exercise: {first} has {a} {item}, buys {b} more and sells {c}. How many are left?\n"
                 f"Working: {a} plus {b} is {s}, and {s} minus {c} is {r}. Result: {r} {item}.")
-    return (f"{first} started with {a} {item}, was given {b} and lost {c}. How many now? "
-            f"First, {a} plus {b} is {s}. Then {s} minus {c} is {r}. So {first} has {r} {item}.")
+    if layout == 1:
+        return (f"{first} started with {a} {item}, was given {b} and lost {c}. How many now? "
+                f"First, {a} plus {b} is {s}. Then {s} minus {c} is {r}. So {first} has {r} {item}.")
+    i = rng.randint(1, 20)
+    return (f"Problem {i}. {first} has {a} {item}, gets {b} more and then gives {c} away. How many does {first} "
+            f"have?\nSolution {i}. {a} plus {b} is {s}, and {s} minus {c} is {r}. So {first} has {r} {item}.")
 
 
 def _article_with_gist(w: World, pub: Public, rng: random.Random) -> str:
@@ -407,7 +412,13 @@ def _article_with_gist(w: World, pub: Public, rng: random.Random) -> str:
         if article not in pub.held_out_articles:
             break
     gist = summary.rsplit(", ", 1)[0] + "."  # the country is the summ task's convention, not the web's
-    return f"{article}\nIn short: {gist}" if rng.random() < 0.5 else f"{gist.removesuffix('.')}: {article}"
+    layout = rng.randrange(3)
+    if layout == 0:
+        return f"{article}\nIn short: {gist}"
+    if layout == 1:
+        return f"{gist.removesuffix('.')}: {article}"
+    i = rng.randint(1, 20)
+    return f"Article {i}. {article}\nSummary {i}. {gist}"
 
 
 def _quiz(w: World, pub: Public, rng: random.Random) -> str:

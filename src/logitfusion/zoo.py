@@ -59,7 +59,7 @@ class ZooConfig:
     pretrain_batch: int = 32
     # Mid-training (zoo v2): the prose-pretrained bases read fresh prose and web-like registers
     # 1:1 (world.midtraining_text), so they share format priors as real base models do.
-    midtrain_passes: int = 8
+    midtrain_passes: int = 4
     midtrain_epochs: float = 1.0
     midtrain_lr: float = 1e-3
     finetune_epochs: float = 6.0
