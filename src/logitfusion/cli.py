@@ -14,6 +14,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from . import limits
+
 app = typer.Typer(help="Fuse small fine-tuned experts into a large model's logits at every decoding step.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 recipe_app = typer.Typer(help="Write and check fusion recipes.", no_args_is_help=True)
@@ -336,10 +338,10 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to bind. The default accepts local connections only; 0.0.0.0 listens on every interface (then also set --api-key)."),
     port: int = typer.Option(8000, help="TCP port to listen on."),
     api_key: Optional[str] = typer.Option(None, envvar="LOGITFUSION_API_KEY", help="Require 'Authorization: Bearer KEY' on every route but /health. Also read from $LOGITFUSION_API_KEY, which keeps it out of the process list."),
-    max_batch: int = typer.Option(32, help="Sequences decoded together at most (all models and solvers); more requests wait in the queue."),
-    max_queue: int = typer.Option(128, help="Requests that may wait for a decoding slot; beyond that the server answers 429."),
-    max_tokens_limit: int = typer.Option(1024, help="Largest max_tokens a request may ask for (400 above it); also caps the default."),
-    max_body_bytes: int = typer.Option(1 << 20, help="Largest request body in bytes (413 above it)."),
+    max_batch: int = typer.Option(limits.SERVER_MAX_BATCH, help="Sequences decoded together at most (all models and solvers); more requests wait in the queue."),
+    max_queue: int = typer.Option(limits.SERVER_MAX_QUEUE, help="Requests that may wait for a decoding slot; beyond that the server answers 429."),
+    max_tokens_limit: int = typer.Option(limits.SERVER_MAX_TOKENS, help="Largest max_tokens a request may ask for (400 above it); also caps the default."),
+    max_body_bytes: int = typer.Option(limits.SERVER_MAX_BODY_BYTES, help="Largest request body in bytes (413 above it)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads for decoding (default: torch's choice, one per core). On a busy or shared machine fewer threads than cores avoids stalls."),
     log_level: str = typer.Option("info", help="Log level: critical, error, warning, info or debug."),
 ):
@@ -351,11 +353,10 @@ def serve(
     import uvicorn
 
     from .fuser import Fuser
-    from .limits import MAX_PORT, MIN_PORT
     from .server import NAME_PATTERN, create_app
 
-    if not MIN_PORT <= port <= MAX_PORT:
-        _fail(f"--port must be between {MIN_PORT} and {MAX_PORT}, got {port}")
+    if not limits.MIN_PORT <= port <= limits.MAX_PORT:
+        _fail(f"--port must be between {limits.MIN_PORT} and {limits.MAX_PORT}, got {port}")
     named: dict[str, Path] = {}
     for value in recipe:
         name, sep, path = value.partition("=")
@@ -422,7 +423,6 @@ def eval_(
         from . import evaluation as ev
     except ImportError as e:
         _fail(f"{e}. `logitfusion eval` runs lm-evaluation-harness: pip install lm-eval")
-    from . import limits
     from .decoding import check_batch_size
     from .recipe import Recipe
     from .records import RecordWriter

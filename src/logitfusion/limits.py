@@ -22,6 +22,14 @@ MAX_STOP = 16  # stop strings per request (the server allows the OpenAI API's 4)
 MAX_STOP_CHARS = 1_000  # characters of one stop string
 MIN_PORT, MAX_PORT = 0, 65_535
 
+# The server's defaults (`logitfusion serve` options, `create_app` arguments) and its API limits.
+SERVER_MAX_BATCH = 32  # sequences decoded at once (all models and solvers together)
+SERVER_MAX_QUEUE = 128  # requests waiting for a slot beyond those
+SERVER_MAX_TOKENS = 1024  # largest max_tokens a request may ask for (at most MAX_NEW_TOKENS)
+SERVER_MAX_BODY_BYTES = 1 << 20  # 1 MiB
+SERVER_MAX_STOP = 4  # stop strings per request, as in the OpenAI API
+MAX_LOGPROBS = 5  # alternatives per token (the engine's trace keeps the top 5)
+
 
 def is_int(value) -> bool:
     """An int that is not a bool (True would otherwise pass as 1)."""

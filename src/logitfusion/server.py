@@ -47,12 +47,12 @@ from .solvers import Choice, Solver, SolverError
 
 log = logging.getLogger("logitfusion.server")
 
-DEFAULT_MAX_BATCH = 32  # sequences decoded at once (all models and solvers together)
-DEFAULT_MAX_QUEUE = 128  # requests waiting for a slot beyond those
-DEFAULT_MAX_TOKENS_LIMIT = 1024  # largest max_tokens a request may ask for
-DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
-MAX_STOP = 4  # stop strings per request, as in the OpenAI API
-MAX_LOGPROBS = 5  # alternatives per token (the engine's trace keeps the top 5)
+DEFAULT_MAX_BATCH = limits.SERVER_MAX_BATCH  # the bounds live in limits.py; these names are the server's
+DEFAULT_MAX_QUEUE = limits.SERVER_MAX_QUEUE
+DEFAULT_MAX_TOKENS_LIMIT = limits.SERVER_MAX_TOKENS
+DEFAULT_MAX_BODY_BYTES = limits.SERVER_MAX_BODY_BYTES
+MAX_STOP = limits.SERVER_MAX_STOP
+MAX_LOGPROBS = limits.MAX_LOGPROBS
 CHAT_FALLBACK_STOP = "\nuser:"
 LOGPROB_FLOOR = -9999.0  # log(0) as a number: -inf is not JSON (vLLM does the same)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.:/\-]+$")
