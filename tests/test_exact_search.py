@@ -96,9 +96,17 @@ def test_exact_search_returns_the_full_scans_argmin_and_j(kind, grid, T, B, V, s
 
 
 def test_exact_search_at_a_real_vocabulary_and_batch():
-    """Vocabulary 32k, 8 rows per kind: the sizes where the search is used."""
-    for i, kind in enumerate(KINDS):
-        assert_same_as_scan(*logit_sets(kind, 8, 1 + (i % 2), 32000, 3.0, i), GRIDS["paper"], compiled=False)
+    """Vocabulary 32k and 49k, batches of 1, 2 and 8, two threads: the sizes where the search is
+    used, and where torch splits a one-output reduction across threads (another summation
+    order: the search must never ask for one where the scan did not)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        for i, kind in enumerate(KINDS):
+            B, V = [(1, 49152), (2, 32000), (8, 32000)][i % 3]
+            assert_same_as_scan(*logit_sets(kind, B, 1 + (i % 2), V, 3.0, i), GRIDS["paper"], compiled=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_exact_search_evaluates_far_fewer_points_than_the_scan(monkeypatch):
@@ -191,7 +199,7 @@ def test_a_failed_compile_falls_back_to_eager_with_one_log_line(monkeypatch, cap
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler\nmore detail")
 
-    monkeypatch.setattr(search, "_compiled", None)
+    monkeypatch.setattr(search, "_compiled", {})
     monkeypatch.setattr(search, "_compile_failed", False)
     monkeypatch.setattr(torch, "compile", broken)
     z = logit_sets("tuned", 4, 1, 300, 3.0, 0)

@@ -48,7 +48,7 @@ PAYS = 2**21
 
 # ---------------------------------------------------------------- the kernel, compiled once
 
-_compiled = None  # torch.compile(one_expert_moves), shared by every shape (dynamic shapes)
+_compiled: dict = {}  # function -> torch.compile(function), shared by every shape (dynamic shapes)
 _compile_failed = False
 
 
@@ -62,27 +62,33 @@ def pays(scan_elements: int) -> bool:
     return scan_elements >= PAYS and compiled_available()
 
 
-def evaluate(compiled: bool, *args: Tensor) -> tuple[Tensor, Tensor]:
-    """`fusion.one_expert_moves`, compiled if asked and possible, else eager (after one log line
-    if compiling failed, e.g. no C++ compiler). Shapes are dynamic, so a new batch size or
-    vocabulary does not compile again (size 1 gets its own specialisation: a few compiles per
-    process at most, each ~5-20 s on a 2-core CPU)."""
-    global _compiled, _compile_failed
+def run_kernel(compiled: bool, fn, *args: Tensor):
+    """fn(*args), through torch.compile if asked and possible, else eager (after one log line if
+    compiling failed, e.g. no C++ compiler). Shapes are dynamic, so a new batch size or
+    vocabulary does not compile again (a size of 1 gets its own specialisation: a few compiles
+    per process at most, each ~5-20 s on a 2-core CPU)."""
+    global _compile_failed
     if compiled and compiled_available():
         try:
-            if _compiled is None:
-                _compiled = torch.compile(one_expert_moves, dynamic=True)
-            return _compiled(*args)
+            if fn not in _compiled:
+                _compiled[fn] = torch.compile(fn, dynamic=True)
+            return _compiled[fn](*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure means: run eager
             _compile_failed = True
             log.warning("logitfusion: torch.compile of the weight search failed (%s: %s); "
                         "using the eager kernel", type(err).__name__, str(err).splitlines()[0][:200])
-    return one_expert_moves(*args)
+    return fn(*args)
+
+
+def evaluate(compiled: bool, *args: Tensor) -> tuple[Tensor, ...]:
+    """`fusion.one_expert_moves(*args)`, compiled or not."""
+    return run_kernel(compiled, one_expert_moves, *args)
 
 
 # ---------------------------------------------------------------- bounds
 
-def global_bounds(deltas: Tensor, log_p: Tensor, mean_p: Tensor, a_max: float) -> tuple[Tensor, Tensor, Tensor]:
+def global_bounds(deltas: Tensor, log_p: Tensor, mean_p: Tensor, a_max: float,
+                  compiled: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Per sequence and expert [B, T], float64: eps_f, eps_r bound the reference's rounding error
     of F and R at any grid point, evaluated or not; slope bounds how fast R may fall.
 
@@ -98,37 +104,42 @@ def global_bounds(deltas: Tensor, log_p: Tensor, mean_p: Tensor, a_max: float) -
     eps_r = 256 * U * (s + n)
     # R' = E_{P_a}[d] - mean_p >= E_P[d] - mean_p: the float mean_p may sit slightly above the
     # exact E_P[d], and R then falls by at most that much per unit of a.
-    p = log_p.double().exp()  # [B, V]
-    exact_mean = torch.einsum("bv,btv->bt", p, deltas.double()) / p.sum(-1, keepdim=True)
-    slope = (mean_p.double() - exact_mean).clamp_min(0.0)  # [B, T]
+    mean, abs_mean = run_kernel(compiled, exact_mean, log_p, deltas)
+    slope = (mean_p.double() - mean).clamp_min(0.0) + 4 * U * abs_mean  # [B, T]
     return eps_f, eps_r, slope
 
 
-def box(values: Tensor, errors: Tensor, known: Tensor, eps: Tensor, drift: Tensor) -> tuple[Tensor, Tensor]:
+def exact_mean(log_p: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
+    """E_P[d] and E_P[|d|] with float64 sums, P normalised: each term is off by at most 3u
+    (exp, then the product), so E_P[d] by 3u E_P[|d|]. [B, V], [B, T, V] -> two [B, T] float64"""
+    p = log_p.exp()[:, None]  # [B, 1, V]
+    total = p.sum(-1, dtype=torch.float64)  # [B, 1]
+    return (p * deltas).sum(-1, dtype=torch.float64) / total, (p * deltas.abs()).sum(-1, dtype=torch.float64) / total
+
+
+def box(values: Tensor, errors: Tensor, known: Tensor, own_unknown: Tensor) -> tuple[Tensor, Tensor]:
     """Where the reference's value of a non-decreasing quantity can lie at each grid index.
     Evaluated: the kernel's value, give or take its error bound twice (the kernel's and the
     reference's). Not evaluated: between the nearest evaluated neighbours' exact values (each
-    within its bound), widened by the reference's a-priori error `eps` and by `drift`, what
+    within its bound), widened by `own_unknown`: the reference's a-priori error there plus what
     rounding allows against monotonicity; a half-line beyond the first or last one.
-    values, errors: [B, T, G] float64 (anything where not known); known: [B, T, G] bool;
-    eps, drift: [B, T] -> (lo, hi), each [B, T, G]"""
+    values, errors: [..., G] float64 (anything where not known); known: [..., G] bool;
+    own_unknown: [..., 1] -> (lo, hi), each [..., G]"""
     g = known.shape[-1]
     idx = torch.arange(g, device=known.device)
-    below = torch.where(known, idx, -1).cummax(-1).values  # nearest evaluated at or below
-    above = torch.where(known, idx, g).flip(-1).cummin(-1).values.flip(-1)  # at or above
-    own = torch.where(known, errors, (eps + drift)[..., None])  # the reference's error here
-    low = values - errors  # exact value >= this where evaluated
-    high = values + errors
-    lo = torch.where(below >= 0, low.gather(-1, below.clamp_min(0)) - own, -math.inf)
-    hi = torch.where(above < g, high.gather(-1, above.clamp_max(g - 1)) + own, math.inf)
+    below = torch.where(known, idx, -1).cummax(-1).values.expand_as(values)  # nearest evaluated at or below
+    above = torch.where(known, idx, g).flip(-1).cummin(-1).values.flip(-1).expand_as(values)  # at or above
+    own = torch.where(known, errors, own_unknown)  # the reference's error here
+    lo = torch.where(below >= 0, (values - errors).gather(-1, below.clamp_min(0)) - own, -math.inf)
+    hi = torch.where(above < g, (values + errors).gather(-1, above.clamp_max(g - 1)) + own, math.inf)
     return lo, hi
 
 
 def phi_range(lo: Tensor, hi: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """min and max of phi(x) = sum_s (x - targets_s)^2 over x in [lo, hi] (max inf if unbounded).
-    lo, hi: [B, T, G]; targets: [B, S] -> two [B, T, G]"""
-    t = targets.double()[:, None, None, :]  # [B, 1, 1, S]
-    centre = targets.double().mean(-1)[:, None, None]  # phi's minimiser  [B, 1, 1]
+    lo, hi: [..., B, T, G]; targets: [..., B, S] float64 -> two [..., B, T, G]"""
+    t = targets[..., None, None, :]  # [..., B, 1, 1, S]
+    centre = targets.mean(-1)[..., None, None]  # phi's minimiser  [..., B, 1, 1]
 
     def phi(x):
         return ((x[..., None] - t) ** 2).sum(-1)
@@ -155,70 +166,75 @@ def exact_search(z_large: Tensor, z_small: Tensor, z_experts: Tensor, grid: Tens
     prepared = prepare(z_large, z_small, z_experts)
     target_fwd, target_rev, deltas, log_p, mean_p = prepared
     a_max = float(grid[-1])
-    eps_f, eps_r, slope = global_bounds(deltas, log_p, mean_p, a_max)
+    eps_f, eps_r, slope = global_bounds(deltas, log_p, mean_p, a_max, compiled)
     everything = one_expert_candidates(grid, n_experts)  # [T * G, T], the scan's order
 
     def scan():
         return grid_search(z_large, z_small, z_experts, everything)
 
-    # Beyond u S ~ 1e-4 the first-order model is no longer safe (logits in the thousands).
-    if not all(torch.isfinite(x).all() for x in (target_fwd, target_rev, mean_p, eps_f, slope)) \
-            or (U * a_max * deltas.abs().amax()) > 1e-4:
+    if everything.shape[0] == 1:  # one grid point, one expert: nothing to search
         return scan()
 
-    shape = (batch, n_experts, g)
-    known = torch.zeros(shape, dtype=torch.bool, device=grid.device)
-    found = [torch.zeros(shape, dtype=torch.float64, device=grid.device) for _ in range(4)]
+    # Beyond u S ~ 1e-4 the first-order model is no longer safe (logits in the thousands).
+    if not torch.isfinite(target_fwd.sum() + target_rev.sum() + eps_f.sum() + slope.sum()) \
+            or (U * a_max * deltas.abs().amax()) > 1e-4:
+        return scan()
+    # F and R side by side: [2, B, T, G] for values and bounds; the reference's error where
+    # nothing was evaluated (R's widened by how far it may fall over the grid); the targets.
+    own_unknown = torch.stack([eps_f, eps_r + slope * a_max])[..., None]  # [2, B, T, 1]
+    targets = torch.stack([target_fwd, target_rev]).double()  # [2, B, T]
 
-    def run(expert: Tensor, index: Tensor) -> None:  # [B, K] each: evaluate, remember
+    known = torch.zeros(batch, n_experts * g, dtype=torch.bool, device=grid.device)
+    found = torch.zeros(4, batch, n_experts * g, dtype=torch.float64, device=grid.device)  # F, R, their bounds
+
+    def run(expert: Tensor, index: Tensor) -> bool:  # [B, K] each: evaluate, remember; False if not finite
+        values = torch.stack(evaluate(compiled, log_p, deltas, mean_p, expert, grid[index]))  # [4, B, K]
         flat = expert * g + index  # [B, K]
-        for store, value in zip(found, evaluate(compiled, log_p, deltas, mean_p, expert, grid[index])):
-            store.view(batch, -1).scatter_(1, flat, value)
-        known.view(batch, -1).scatter_(1, flat, True)
+        found.scatter_(2, flat.expand(4, -1, -1), values)
+        known.scatter_(1, flat, True)
+        return bool(torch.isfinite(values.sum()))
 
     # First round: `per_round` evenly spread points of every expert's grid.
     first = torch.linspace(0, g - 1, per_round + 2, device=grid.device)[1:-1].round().long().unique()
-    run(torch.arange(n_experts, device=grid.device).repeat_interleave(first.numel()).expand(batch, -1),
-        first.repeat(n_experts).expand(batch, -1))
-
+    finite = run(torch.arange(n_experts, device=grid.device).repeat_interleave(first.numel()).expand(batch, -1),
+                 first.repeat(n_experts).expand(batch, -1))
     idx = torch.arange(g, device=grid.device)
     for _ in range(g):  # each round evaluates at least one new point per unsettled row
-        fwd, rev, err_fwd, err_rev = (torch.where(known, v, 0.0) for v in found)
-        if not (torch.isfinite(fwd).all() and torch.isfinite(rev).all()
-                and torch.isfinite(err_fwd).all() and torch.isfinite(err_rev).all()):
+        if not finite:
             return scan()
-        f_lo, f_hi = box(fwd, SAFETY * err_fwd, known, eps_f, torch.zeros_like(slope))
-        r_lo, r_hi = box(rev, SAFETY * err_rev, known, eps_r, slope * a_max)
-        if (f_lo > f_hi).any() or (r_lo > r_hi).any():  # not monotone within the bounds: distrust them
+        shaped = found.view(4, batch, n_experts, g)
+        lo, hi = box(shaped[:2], SAFETY * shaped[2:], known.view(batch, n_experts, g), own_unknown)
+        if (lo > hi).any():  # not monotone within the bounds: distrust them
             return scan()
-        f_min, f_max = phi_range(f_lo, f_hi, target_fwd)
-        r_min, r_max = phi_range(r_lo, r_hi, target_rev)
-        lower = (f_min + r_min) * (1 - 1e-5)  # J's own rounding: a few float32 operations
-        upper = (f_max + r_max) * (1 + 1e-5)
+        low, high = phi_range(lo, hi, targets)  # [2, B, T, G]
+        lower = low.sum(0) * (1 - 1e-5)  # J's own rounding: a few float32 operations
+        upper = high.sum(0) * (1 + 1e-5)
         best = upper.view(batch, -1).amin(-1)  # [B]
-        candidate = lower <= best[:, None, None]  # [B, T, G]; a tie with the minimum stays in
+        candidate = lower.view(batch, -1) <= best[:, None]  # [B, T * G]; a tie with the minimum stays in
         todo = candidate & ~known
         if not todo.any():
             break
         # Evaluate the unknown candidates nearest the best known point of their expert first
         # (the neighbours that prune the rest), the best expert's before the others'.
-        centre = torch.where(known, upper, math.inf).argmin(-1, keepdim=True)  # [B, T, 1]
+        centre = torch.where(known.view(batch, n_experts, g), upper, math.inf).argmin(-1, keepdim=True)
         far = (idx - centre).abs().double() + g * (upper.amin(-1, keepdim=True) > best[:, None, None])
-        order = torch.where(todo, far, math.inf).view(batch, -1)  # [B, T * G]
-        k = min(per_round * n_experts, int(todo.view(batch, -1).sum(-1).max()))
+        order = torch.where(todo, far.view(batch, -1), math.inf)  # [B, T * G]
+        want = int(todo.sum(-1).max())
+        k = min(max(2, min(per_round * n_experts, want)), n_experts * g)  # (K = 1 would compile again)
         pick = order.topk(k, -1, largest=False).indices  # [B, k]
         # Rows with fewer unknown candidates evaluate one of theirs again: harmless.
         pick = torch.where(torch.isfinite(order.gather(1, pick)), pick, pick[:, :1])
-        run(pick // g, pick % g)
+        finite = run(pick // g, pick % g)
 
-    return at_candidates(prepared, everything, candidate.view(batch, -1), scan)
+    return at_candidates(prepared, everything, candidate, scan)
 
 
 def at_candidates(prepared: tuple[Tensor, ...], everything: Tensor, candidate: Tensor,
                   scan) -> tuple[Tensor, Tensor]:
     """J at each row's candidates with the reference's code, the earliest minimum winning.
-    Rows with few candidates share one call; the others each get their own (the reference's
-    J of a row does not depend on the other rows, nor on the other candidates).
+    Rows with a few candidates share one call, the others another (the reference's J of a row
+    depends neither on the other rows nor on the other candidates, as long as each reduction
+    has several outputs).
     everything: [C, T]; candidate: [B, C] bool -> (weights [B, T], J [B])"""
     batch, n = candidate.shape
     count = candidate.sum(-1)  # [B]
@@ -226,11 +242,12 @@ def at_candidates(prepared: tuple[Tensor, ...], everything: Tensor, candidate: T
     few = count <= 4
     weights = torch.empty(batch, everything.shape[1], device=candidate.device)
     j_best = torch.empty(batch, device=candidate.device)
-    groups = [few.nonzero().flatten()] + [row.view(1) for row in (~few).nonzero().flatten()]
-    for rows in groups:
+    for rows in (few.nonzero().flatten(), (~few).nonzero().flatten()):
         if rows.numel() == 0:
             continue
-        width = int(count[rows].max())
+        # At least two outputs per reduction, as in the scan: torch splits a one-output sum
+        # over V across threads (another order, other bits).
+        width = max(2, int(count[rows].max()))
         chosen = order[rows, :width]  # ascending: the scan's order
         # Short rows repeat their first candidate: equal J in a later place never wins the tie.
         chosen = torch.where(chosen < n, chosen, chosen[:, :1])
