@@ -247,7 +247,7 @@ def at_candidates(prepared: tuple[Tensor, ...], everything: Tensor, candidate: T
             continue
         # At least two outputs per reduction, as in the scan: torch splits a one-output sum
         # over V across threads (another order, other bits).
-        width = max(2, int(count[rows].max()))
+        width = max(int(count[rows].max()), 2 if rows.numel() == 1 else 1)
         chosen = order[rows, :width]  # ascending: the scan's order
         # Short rows repeat their first candidate: equal J in a later place never wins the tie.
         chosen = torch.where(chosen < n, chosen, chosen[:, :1])
