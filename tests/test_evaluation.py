@@ -178,6 +178,11 @@ def test_weights_zero_greedy_generation_matches_hf_backend(lm_plain, hf_lm):
     theirs = hf_lm.generate_until(requests("generate_until", args))
     assert ours == theirs
     assert any(len(o) < len(max(ours, key=len)) for o in ours[len(PROMPTS):])  # some stopped early
+    # lm-eval allows `until` as one string: it is one stop, not one per character
+    full = lm_plain.generate_until(requests("generate_until", [(p, {"until": [], "max_gen_toks": 12}) for p in PROMPTS]))
+    word = next(o[1:4] for o in full if len(o) > 4)  # three characters that do occur, each of them early
+    one = [(p, {"until": word, "max_gen_toks": 12}) for p in PROMPTS]
+    assert lm_plain.generate_until(requests("generate_until", one)) == hf_lm.generate_until(requests("generate_until", one))
 
 
 # ---------------------------------------------------------------- lm-eval end to end
