@@ -26,7 +26,9 @@ def test_cells_cover_every_table_and_share_models(tmp_path):
     cells = bench.cells(tmp_path)
     keys = [c.key for c in cells]
     assert len(keys) == len(set(keys))
-    assert {c.table for c in cells} == {"single", "multi", "icl", "arithmetic"}
+    assert {c.table for c in cells} == set(bench.TABLES)
+    tops = [json.loads(c.recipe)["solver"]["grid"]["stop"] for c in cells if c.table == "range" and c.task == "qa"]
+    assert tops == list(bench.A_MAX_CHOICES)
     single = [c for c in cells if c.table == "single" and c.task == "math"]
     assert [c.method for c in single] == ["large", "large", "large", "large", "expert:math", "static:0.5",
                                           "static:1.0", "static:1.5", "dynamic"]
@@ -96,6 +98,25 @@ def test_regime_requirements():
     checks = {r: ok for r, _, ok in bench.regime(records, list(world.TASKS))}
     assert list(checks.values()) == [True, True, True, False]  # the qa expert gains only 5 points
     assert "| every small expert >= small base + 10 on its task | math +20.0" in bench.report(_records(vals), Path("."))
+
+
+def test_search_range_is_chosen_on_validation_and_shown_on_test(tmp_path):
+    def recs(values: dict[float, float], split: str) -> list[dict]:
+        out = []
+        for x, v in values.items():
+            label = "dynamic (ours)" if x == bench.PAPER_A_MAX else bench.range_label(x)
+            table = "single" if x == bench.PAPER_A_MAX else "range"
+            out.append({"key": f"{table}|{label}|qa", "table": table, "label": label, "world_task": "qa", "value": v,
+                        "metric": "exact_match,none", "split": split, "scores": [v] * 10})
+        return out
+
+    validation = recs({0.5: 0.3, 1.0: 0.5, 1.5: 0.5, 2.0: 0.4}, "validation")  # tie 1.0 / 1.5: the larger
+    assert bench.chosen_ranges({r["key"]: r for r in validation}, ["qa"]) == {"qa": 1.5}
+    test = recs({0.5: 0.1, 1.0: 0.2, 1.5: 0.3, 2.0: 0.6}, "test")  # on test the paper's range does best
+    text = bench.report(test, tmp_path, validation=validation)
+    row = next(line for line in text.splitlines() if line.startswith("| dynamic, range chosen on validation |"))
+    assert "| 30.0 |" in row  # the test score of the range chosen on validation, not the best test range
+    assert "chosen on the validation split (qa 1.5)" in text and "optimistic" not in text
 
 
 def test_bench_refuses_to_mix_splits(tmp_path):

@@ -704,22 +704,23 @@ def bench_paper(
     root: Path = typer.Option(ZOO_ROOT, envvar="LOGITFUSION_ZOO_ROOT", help="A zoo build folder (`logitfusion zoo build`); missing ceilings are trained first."),
     out: Path = typer.Option(Path("docs/results"), "--out", "-o", help="Folder for paper.jsonl (one line per cell, resumable), paper.md and the plots."),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated zoo tasks (math, truthful, qa, summ, mmlu); default all."),
-    tables: Optional[str] = typer.Option(None, help="Comma-separated tables to run (single, multi, icl, arithmetic); default all."),
+    tables: Optional[str] = typer.Option(None, help="Comma-separated tables to run (single, multi, icl, range, arithmetic); default all."),
     limit: Optional[int] = typer.Option(None, help="Examples per task (default: the whole split)."),
     batch_size: int = typer.Option(16, help="Requests decoded or scored together."),
-    split: str = typer.Option("test", help="validation (choose designs and settings there) or test (once they are frozen); keep each in its own --out folder."),
+    split: str = typer.Option("test", help="validation (choose designs and settings there) or test (once they are frozen). Keep validation results in OUT/validation: the test report chooses each expert's search range from them."),
 ):
     """Reproduce the paper's tables on the zoo: single-task, multi-task, ICL, task arithmetic,
     efficiency, weights over steps, gap closed. Results are appended as they come; rerun to resume."""
     import logging
 
     from . import bench, world, zoo
+    from .records import read_keyed
     task_list = [t.strip() for t in tasks.split(",")] if tasks else list(world.TASKS)
     table_list = [t.strip() for t in tables.split(",")] if tables else None
     bad = [t for t in task_list if t not in world.TASKS] + \
-          [t for t in table_list or [] if t not in ("single", "multi", "icl", "arithmetic")]
+          [t for t in table_list or [] if t not in bench.TABLES]
     if bad:
-        _fail(f"unknown task or table {bad}; tasks: {', '.join(world.TASKS)}; tables: single, multi, icl, arithmetic")
+        _fail(f"unknown task or table {bad}; tasks: {', '.join(world.TASKS)}; tables: {', '.join(bench.TABLES)}")
     if limit is not None and limit < 1:
         _fail(f"--limit must be >= 1, got {limit}")
     if split not in ("validation", "test"):
@@ -732,7 +733,10 @@ def bench_paper(
         records = bench.run(root, out, task_list, limit=limit, batch_size=batch_size, tables=table_list,
                             progress=_bench_progress(bar, "bench"), split=split)
     bench.weights_plots(root, out, split=split)
-    _write_bench_report("paper", out, lambda command: bench.report(records, root, command=command))
+    validation = out / "validation" / "paper.jsonl"  # where the search range per expert is chosen
+    chosen_on = list(read_keyed(validation).values()) if split == "test" and validation.exists() else None
+    _write_bench_report("paper", out, lambda command: bench.report(records, root, command=command,
+                                                                   validation=chosen_on))
 
 
 @bench_app.command("cmc")

@@ -192,8 +192,9 @@ def cells(root: str | Path, tasks: list[str] | None = None, targets: list[str] |
         model = root / path
         if not (model / "config.json").exists():
             init = {"large-alt": "--only init-alt ", "large-b": "--only init-b "}.get(label, "")
+            prose = path.replace("models/", "prose/", 1)  # its prose stage comes first (docs/zoo.md)
             raise CmcBenchError(f"{model} is missing: build it with `logitfusion zoo build --root {root} "
-                                f"{init}--only {path}`")
+                                f"{init}--only {prose} --only {path}`")
         mapping = None if _same_tokenizer(model, template) else "auto"
         instruct = recipe(model, deltas / "instruct", mapping=mapping, vocab_cache=cache)
         unlearn = recipe(model, deltas / "unlearn", mapping=mapping, vocab_cache=cache)
