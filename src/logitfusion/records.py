@@ -128,7 +128,7 @@ def reproduce_command(command: str, root) -> list[str]:
     """A bench report's command with its zoo build folder written as ROOT, and where that came from:
     the folder is the reporter's, a reader builds their own."""
     return ["    " + command.replace(str(root), "ROOT"), "",
-            f"ROOT is a zoo build folder (`logitfusion zoo build --root ROOT`, about 50 minutes on 2 CPU "
+            f"ROOT is a zoo build folder (`logitfusion zoo build --root ROOT`, about 85 minutes on 2 CPU "
             f"cores; this report's was {root}).", ""]
 
 
