@@ -1,13 +1,16 @@
-"""Loading the models a fusion runs: local Hugging Face directories, full models or LoRA adapters.
+"""Loading the models a fusion runs: local Hugging Face directories (full models or LoRA adapters)
+or GGUF files (llama.cpp, Ollama, LM Studio), which are dequantised into plain models.
 
-Security defaults: weights come from safetensors files unless the caller opts in to pickled
-`.bin` weights (`allow_pickle`), and `trust_remote_code` is off unless asked for.
+Security defaults: weights come from safetensors or GGUF files unless the caller opts in to
+pickled `.bin` weights (`allow_pickle`), and `trust_remote_code` is off unless asked for.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -101,19 +104,22 @@ class ModelSet:
 
 
 def model_kind(path: str | Path, role: str) -> str:
-    """'model' or 'adapter'; a clear LoadError for anything else."""
+    """'model' (a model directory or a GGUF) or 'adapter'; a clear LoadError for anything else."""
     p = Path(path)
     if not p.exists():
-        raise LoadError(f"{role}: path {str(p)!r} does not exist; give a local Hugging Face model directory")
+        raise LoadError(f"{role}: path {str(p)!r} does not exist; give a local Hugging Face model directory "
+                        "or a .gguf file")
+    if gguf_file(p, role) is not None:
+        return "model"
     if not p.is_dir():
         raise LoadError(f"{role}: {str(p)!r} is a file, not a model directory "
-                        "(expected a folder with config.json and *.safetensors)")
+                        "(expected a folder with config.json and *.safetensors, or a .gguf file)")
     if (p / "adapter_config.json").exists():
         return "adapter"
     if (p / "config.json").exists():
         return "model"
     raise LoadError(f"{role}: {str(p)!r} is not a Hugging Face model directory "
-                    "(no config.json, nor adapter_config.json for a PEFT adapter)")
+                    "(no config.json, nor adapter_config.json for a PEFT adapter, nor a .gguf file)")
 
 
 def _check_weight_format(p: Path, role: str, allow_pickle: bool, adapter: bool) -> None:
@@ -151,6 +157,8 @@ def check_device(device: str) -> None:
 
 def load_tokenizer(path: str | Path, role: str, opts: LoadOptions):
     from transformers import AutoTokenizer
+    if (gguf := gguf_file(path, role)) is not None:
+        return _gguf_tokenizer(gguf, role)
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=opts.trust_remote_code)
     except Exception as e:  # transformers raises many types here
@@ -160,6 +168,8 @@ def load_tokenizer(path: str | Path, role: str, opts: LoadOptions):
 def load_causal_lm(path: str | Path, role: str, opts: LoadOptions) -> nn.Module:
     from transformers import AutoModelForCausalLM
     p = Path(path)
+    if (gguf := gguf_file(p, role)) is not None:
+        return _gguf_model(gguf, role, opts)
     _check_weight_format(p, role, opts.allow_pickle, adapter=False)
     kwargs: dict[str, Any] = dict(dtype=opts.torch_dtype(), trust_remote_code=opts.trust_remote_code,
                                   use_safetensors=None if opts.allow_pickle else True)
@@ -172,6 +182,165 @@ def load_causal_lm(path: str | Path, role: str, opts: LoadOptions) -> nn.Module:
     if opts.device_map is None:
         model.to(opts.device)
     return model.eval()
+
+
+# -- GGUF files (llama.cpp, Ollama, LM Studio). transformers reads them (metadata, tokenizer, weights
+# through the `gguf` package) but keeps a GGUF quantizer on the model that refuses to save it; every
+# GGUF here is dequantised into a plain model, which saves, stacks and runs like any other.
+
+_GGUF_SPLIT = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
+_GGUF_FIX = "download or convert it again (llama.cpp's convert_hf_to_gguf.py writes a whole file)"
+
+
+def gguf_file(path: str | Path, role: str) -> Path | None:
+    """The GGUF file `path` names: a .gguf file, or a folder without config.json holding exactly one
+    .gguf; None when it is neither."""
+    p = Path(path)
+    if p.is_file():
+        found = [p] if p.suffix.lower() == ".gguf" else []
+    elif p.is_dir() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+        found = sorted(p.glob("*.gguf"))
+    else:
+        found = []
+    if len(found) > 1:
+        raise LoadError(f"{role}: {str(p)!r} holds {len(found)} GGUF files ({', '.join(f.name for f in found[:5])}); "
+                        f"name the one to load, e.g. {str(found[0])!r}")
+    if found and _GGUF_SPLIT.search(found[0].name):
+        raise LoadError(f"{role}: {str(found[0])!r} is one part of a split GGUF, which transformers cannot load; "
+                        "merge the parts first (llama.cpp: llama-gguf-split --merge FIRST_PART OUT.gguf)")
+    return found[0] if found else None
+
+
+def _gguf_architectures() -> set[str] | None:
+    """The GGUF architectures transformers turns into a causal LM (its own names and llama.cpp's
+    spellings of them, qwen2moe, gpt-oss...); None when this transformers does not say."""
+    try:
+        from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+        from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
+    except ImportError:
+        return None
+    names = set(GGUF_CONFIG_MAPPING) | set(GGUF_CONFIG_ARCHS)
+    names |= {n.replace("_", "") for n in names} | {n.replace("_", "-") for n in names}
+    return names - {"general", "tokenizer", "t5", "umt5", "t5encoder"}  # encoder-decoders: not causal LMs
+
+
+@lru_cache(maxsize=None)
+def _dequantisable(qtype) -> bool:
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, dequantize
+    try:  # one block of zeros: the gguf package answers for the types it can unpack
+        dequantize(np.zeros(GGML_QUANT_SIZES[qtype][1], dtype=np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    except Exception:  # any other complaint is about the zeros, not the type
+        return True
+    return True
+
+
+@dataclass
+class GgufInfo:
+    architecture: str
+    tokens: int
+    dtype: torch.dtype  # the file's float type (dtype "auto"); float32 for quantised files
+
+
+def inspect_gguf(f: Path, role: str) -> GgufInfo:
+    """Read a GGUF's header and refuse what cannot load, naming the file and the fix: not a GGUF,
+    truncated, an architecture or quantisation transformers cannot turn into a plain model, no
+    tokenizer. The tensors are only mapped, never read, so this is cheap on a 10 GB file."""
+    try:
+        from gguf import GGMLQuantizationType, GGUFReader
+    except ImportError:
+        raise LoadError(f"{role}: {str(f)!r} is a GGUF file, which needs the `gguf` package: pip install gguf") from None
+    with open(f, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise LoadError(f"{role}: {str(f)!r} is not a GGUF file (it does not start with the bytes 'GGUF'); "
+                            "give a .gguf from llama.cpp, Ollama or LM Studio, or a Hugging Face model directory")
+    size = f.stat().st_size
+    try:
+        reader = GGUFReader(str(f))
+    except Exception as e:  # the reader fails on a short file with whatever numpy says
+        raise LoadError(f"{role}: {str(f)!r} is truncated or damaged ({size} bytes; the GGUF reader says: {e}); "
+                        f"{_GGUF_FIX}") from None
+    ends = [int(t.data_offset) + int(t.n_bytes) for t in reader.tensors]
+    if ends and max(ends) > size:
+        raise LoadError(f"{role}: {str(f)!r} is truncated: its tensors need {max(ends)} bytes but the file has "
+                        f"{size}; {_GGUF_FIX}")
+    arch = _gguf_field(reader, "general.architecture")
+    known = _gguf_architectures()
+    if known is not None and arch not in known:
+        raise LoadError(f"{role}: {str(f)!r} is a GGUF of architecture {arch!r}, which transformers cannot load as "
+                        f"a causal LM (it reads {', '.join(sorted(known))}); use a model of one of those, or its "
+                        "original Hugging Face checkpoint")
+    bad = sorted({t.tensor_type.name for t in reader.tensors if not _dequantisable(t.tensor_type)})
+    if bad:
+        raise LoadError(f"{role}: {str(f)!r} holds tensors quantised as {', '.join(bad)}, which the gguf package "
+                        "cannot dequantise; use another quantisation of this model (F16, BF16, Q8_0, Q4_K_M, ...)")
+    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+    if not tokens:
+        raise LoadError(f"{role}: {str(f)!r} has no tokenizer (no tokenizer.ggml.tokens); fusion needs the "
+                        "vocabulary: use a GGUF written with its tokenizer, as llama.cpp's converter does")
+    floats = {t.tensor_type for t in reader.tensors if len(t.shape) > 1}
+    dtype = {frozenset({GGMLQuantizationType.F16}): torch.float16,
+             frozenset({GGMLQuantizationType.BF16}): torch.bfloat16}.get(frozenset(floats), torch.float32)
+    return GgufInfo(arch, len(tokens), dtype)
+
+
+def _gguf_field(reader, key: str):
+    field = reader.fields.get(key)
+    return field.contents() if field is not None else None
+
+
+def _gguf_tokenizer(f: Path, role: str):
+    """The tokenizer (and chat template) the GGUF carries. transformers' byte-level builder adds a
+    `<|endoftext|>` the file may not have (Llama 3's has not); such extras are dropped, or the
+    tokenizer would be one token longer than the model's vocabulary."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    n = inspect_gguf(f, role).tokens
+    try:
+        tok = AutoTokenizer.from_pretrained(str(f.parent), gguf_file=f.name)
+    except Exception as e:
+        raise LoadError(f"{role}: could not build a tokenizer from the GGUF {str(f)!r}: {e}") from e
+    if len(tok) <= n:
+        return tok
+    data = json.loads(tok.backend_tokenizer.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < n]
+    specials = {k: getattr(tok, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+                if getattr(tok, k) is not None and tok.convert_tokens_to_ids(getattr(tok, k)) < n}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+                                   chat_template=tok.chat_template, **specials)
+
+
+def _gguf_model(f: Path, role: str, opts: LoadOptions) -> nn.Module:
+    """Dequantise a GGUF into a plain model of the requested dtype ("auto": the file's float type)."""
+    from transformers import AutoModelForCausalLM, GgufConfig
+    if opts.device_map is not None:
+        raise LoadError(f"{role}: device_map cannot shard a GGUF while it is dequantised; convert it first "
+                        f"(logitfusion convert {str(f)!r} OUT_DIR) and give OUT_DIR instead")
+    info = inspect_gguf(f, role)
+    dtype = opts.torch_dtype()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(f.parent), gguf_file=f.name, dtype=info.dtype if dtype == "auto" else dtype,
+            trust_remote_code=False, quantization_config=GgufConfig(dequantize=True))
+    except Exception as e:
+        raise LoadError(f"{role}: could not load the GGUF {str(f)!r} as a causal LM: {e}") from e
+    # Dequantised, the weights are ordinary tensors; without the quantizer the model saves and runs
+    # like one read from safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.to(opts.device)
+    return model.eval()
+
+
+def load_gguf(path: str | Path, role: str, opts: LoadOptions):
+    """(plain model, tokenizer) from a GGUF file or a folder holding one."""
+    f = gguf_file(path, role)
+    if f is None:
+        raise LoadError(f"{role}: {str(path)!r} is not a .gguf file nor a folder holding one")
+    return _gguf_model(f, role, opts), _gguf_tokenizer(f, role)
 
 
 def check_same_vocabulary(tokenizers: dict[str, Any], show: int = 5) -> None:
@@ -266,7 +435,7 @@ def load_model_set(large: dict, small: dict | None, experts: list[dict], opts: L
     tokenizers = {role: load_tokenizer(spec["path"], role, opts) for role, spec in roles.items()}
     for e, kind in zip(experts, expert_kinds):
         has_tok = any((Path(e["path"]) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
-        if has_tok:  # an adapter or expert without tokenizer files inherits the small base's
+        if has_tok or gguf_file(e["path"], f"expert:{e['name']}") is not None:  # a GGUF always carries one  # an adapter or expert without tokenizer files inherits the small base's
             tokenizers[f"expert:{e['name']}"] = load_tokenizer(e["path"], f"expert:{e['name']}", opts)
     tokenizer = tokenizers["large"]
     side = {r: t for r, t in tokenizers.items() if r != "large"}
@@ -353,3 +522,25 @@ def _attach_adapters(small_model: nn.Module, adapters: list[tuple[dict, str]], o
             raise LoadError(f"{role}: could not attach LoRA adapter {str(path)!r} to the small base "
                             f"(is it an adapter of that model?): {e}") from e
     return peft_model.eval()
+
+
+def convert_gguf(src: str | Path, out: str | Path, dtype: str = "auto", overwrite: bool = False) -> Path:
+    """Write a GGUF as a plain Hugging Face model directory (config.json, model.safetensors, tokenizer
+    files), which loads without the `gguf` package and can be sharded with device_map."""
+    out = Path(out)
+    opts = LoadOptions(dtype=dtype)
+    opts.torch_dtype()  # an unknown dtype is refused before anything is read
+    if gguf_file(src, "convert") is None:
+        raise LoadError(f"convert: {str(src)!r} is not a .gguf file nor a folder holding one")
+    if out.exists() and not out.is_dir():
+        raise LoadError(f"convert: {str(out)!r} is a file; give a folder to write the model into")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LoadError(f"convert: {str(out)!r} is not empty; give an empty or new folder, or --overwrite to "
+                        "write into it")
+    model, tokenizer = load_gguf(src, "convert", opts)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.safetensors"), *out.glob("*.safetensors.index.json")]:
+        stale.unlink()  # shards of an earlier model would be read together with the new weights
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
