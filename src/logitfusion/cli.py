@@ -167,9 +167,9 @@ def generate(
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="A prompt to continue; repeat for several. Results print to stdout."),
     input: Optional[Path] = typer.Option(None, "--input", "-i", help='JSONL file of prompts, one {"id": ..., "prompt": ...} per line.'),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL file to append results to. A rerun skips prompt ids already written (resumes)."),
-    large: Optional[str] = typer.Option(None, help="Large model directory (instead of a recipe)."),
-    small: Optional[str] = typer.Option(None, help="Small base model directory (instead of a recipe)."),
-    expert: list[str] = typer.Option([], help="Expert as NAME=PATH: a full model or a LoRA adapter of the small base. Repeat for several."),
+    large: Optional[str] = typer.Option(None, help="Large model directory or .gguf file (instead of a recipe)."),
+    small: Optional[str] = typer.Option(None, help="Small base model directory or .gguf file (instead of a recipe)."),
+    expert: list[str] = typer.Option([], help="Expert as NAME=PATH: a full model (directory or .gguf) or a LoRA adapter of the small base. Repeat for several."),
     solver: Optional[str] = typer.Option(None, help="Override the recipe's solver: dynamic, dynamic:joint, static, static:A[,A...], large (large model alone), expert[:NAME] (an expert alone), delta[:A] (the recipe's delta model at strength A)."),
     alpha: list[float] = typer.Option([], help="Static fusion weight(s): one for all experts or one per expert (repeat). Implies --solver static. Proxy-tuning is --alpha 1."),
     grid: Optional[str] = typer.Option(None, help="Weight grid of the dynamic solver: start:stop:step (e.g. 0:2:0.1, the default) or explicit values 0,0.5,1."),
@@ -615,6 +615,27 @@ def merge(
     except _user_errors() as e:
         _fail(str(e))
     _say(f"wrote {out} (base + {lam} x sum of {len(expert)} expert delta(s))")
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="A .gguf file (or a folder holding one) from llama.cpp, Ollama or LM Studio."),
+    out: Path = typer.Argument(..., help="Output folder: config.json, model.safetensors and the tokenizer files (chat template included)."),
+    dtype: str = typer.Option("auto", help="dtype of the written weights: auto (the file's float type; float32 for quantised files), float32, bfloat16 or float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a folder that is not empty (its old weights are replaced)."),
+):
+    """Write a GGUF as a plain safetensors model directory. A .gguf also loads directly as
+    --large/--small/--expert or in a recipe (dequantised at every load); converting once loads faster,
+    needs no `gguf` package, and allows --device-map sharding."""
+    from .models import convert_gguf
+    start = time.perf_counter()
+    try:
+        convert_gguf(src, out, dtype=dtype, overwrite=overwrite)
+    except _user_errors() as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"could not write {str(out)!r}: {e.strerror}")
+    _say(f"wrote {out} from {src} ({time.perf_counter() - start:.1f} s)")
 
 
 delta_app = typer.Typer(help="Cross-model control: train a tiny delta model beside a frozen template LLM (method.md §7).",
