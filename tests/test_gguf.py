@@ -70,7 +70,7 @@ def _write_tokenizer(w, tok, chat_template):
         w.add_chat_template(chat_template)
 
 
-def write_gguf(model_dir, out, qtype="F32", arch="llama", chat_template=CHAT, raw_tensor=None):
+def write_gguf(model_dir, out, qtype="F32", arch="llama", chat_template=CHAT, raw_tensor=None, tokenizer=True):
     """The toy Llama in `model_dir` as a GGUF, its 2-D weights stored as `qtype` (norms stay F32,
     as llama.cpp keeps them). raw_tensor=(name, bytes, ggml type) adds one tensor written as is."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,7 +88,8 @@ def write_gguf(model_dir, out, qtype="F32", arch="llama", chat_template=CHAT, ra
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
     w.add_vocab_size(c.vocab_size)
-    _write_tokenizer(w, AutoTokenizer.from_pretrained(str(model_dir)), chat_template)
+    if tokenizer:
+        _write_tokenizer(w, AutoTokenizer.from_pretrained(str(model_dir)), chat_template)
     for name, a in _tensors(model):
         if a.ndim == 1 or qtype == "F32":
             w.add_tensor(name, a.astype(np.float32))
@@ -277,5 +278,7 @@ def test_other_bad_gguf_inputs(family, ggufs, tmp_path):
     split = tmp_path / "m-00001-of-00002.gguf"
     split.write_bytes(b"GGUF")
     assert "split GGUF" in _load_error(split, family)
+    bare = write_gguf(family["large"], tmp_path / "bare.gguf", tokenizer=False)
+    assert "has no tokenizer" in _load_error(bare, family)
     res = runner.invoke(app, ["generate", "--large", ggufs["large"], "--device-map", "auto", "--prompt", "x"])
     assert res.exit_code == 2 and "logitfusion convert" in res.output
