@@ -432,48 +432,92 @@ class Context:
 
 # ---------------------------------------------------------------- token choice
 
-def pick_tokens(logits: Tensor, seqs: Sequence[Seq]) -> Tensor:
+@dataclass
+class Rows:
+    """Each row's sampling parameters as tensors, built when rows join or leave (not per step),
+    with what `warp` and `sample` need to know on the host."""
+
+    temperature: Tensor  # [B] (1 for greedy rows: their mass goes to the argmax anyway)
+    top_k: Tensor  # [B], a huge number where off
+    top_p: Tensor  # [B]
+    greedy: Tensor  # [B] bool
+    generators: list[tuple[int, torch.Generator]]  # (row, its generator) for sampled rows
+    min_top_k: int | None  # smallest top_k set, None if none
+    any_top_p: bool
+    any_greedy: bool
+
+    @classmethod
+    def of(cls, seqs: Sequence[Seq], device) -> "Rows":
+        p = [s.params for s in seqs]
+        top_k = [x.top_k for x in p if x.top_k > 0]
+        return cls(torch.tensor([x.temperature or 1.0 for x in p], device=device),
+                   torch.tensor([x.top_k or 2**62 for x in p], device=device),
+                   torch.tensor([x.top_p for x in p], device=device),
+                   torch.tensor([x.temperature == 0 for x in p], dtype=torch.bool, device=device),
+                   [(i, s.generator) for i, s in enumerate(seqs) if s.generator is not None],
+                   min(top_k, default=None), any(x.top_p < 1 for x in p), any(x.temperature == 0 for x in p))
+
+    def __len__(self) -> int:
+        return self.temperature.shape[0]
+
+    @property
+    def sampled(self) -> bool:
+        return bool(self.generators)
+
+    def repeat(self, k: int) -> "Rows":
+        """Every row k times in a row (rows [B * k], as for the k positions of a speculative round)."""
+        return dataclasses.replace(
+            self, temperature=self.temperature.repeat_interleave(k), top_k=self.top_k.repeat_interleave(k),
+            top_p=self.top_p.repeat_interleave(k), greedy=self.greedy.repeat_interleave(k),
+            generators=[(i * k + j, g) for i, g in self.generators for j in range(k)])
+
+    def uniform(self, n: int, device, greedy_value: float) -> Tensor:
+        """[B, n] uniform draws, each sampled row from its own generator (so a sequence draws the same
+        numbers whatever else is in the batch); greedy rows get greedy_value. Per-row generators
+        have no batched draw in torch, so this is the one loop, over sampled rows only, writing
+        in place."""
+        out = torch.full((len(self), n), greedy_value, device=device)
+        for i, g in self.generators:
+            torch.rand(n, generator=g, device=device, out=out[i])
+        return out
+
+
+def pick_tokens(logits: Tensor, rows: Rows) -> Tensor:
     """Each row greedy or sampled with its own temperature / top-k / top-p. logits [B, V] -> [B]."""
-    if all(s.params.temperature == 0 for s in seqs):
+    if not rows.sampled:
         return logits.argmax(-1)
-    return sample(warp(logits, seqs), seqs)
+    return sample(warp(logits, rows), rows)
 
 
-def warp(logits: Tensor, seqs: Sequence[Seq]) -> Tensor:
+def warp(logits: Tensor, rows: Rows) -> Tensor:
     """The log-probabilities each row samples from: logits / temperature, then top-k and top-p
     (the most likely token is always kept). Greedy rows put all mass on the argmax. [B, V] -> [B, V]"""
     device, vocab = logits.device, logits.shape[-1]
-    temp = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=device)
     # Shifted so that the best token is 0 before dividing: a tiny temperature (1e-40, or 1e-300,
     # which is 0 in float32) then sends every other token to -inf (greedy) instead of making
     # inf - inf = NaN.
     logits = logits.float()
-    scaled = (logits - logits.amax(-1, keepdim=True)) / temp.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-    if any(0 < s.params.top_k < vocab or s.params.top_p < 1 for s in seqs):  # a sort only when truncating
-        top_k = torch.tensor([s.params.top_k or vocab for s in seqs], device=device)
-        top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
+    temp = rows.temperature.clamp_min(torch.finfo(torch.float32).tiny)
+    scaled = (logits - logits.amax(-1, keepdim=True)) / temp[:, None]
+    if (rows.min_top_k is not None and rows.min_top_k < vocab) or rows.any_top_p:  # a sort only when truncating
         sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
         probs = sorted_logits.softmax(-1)
         rank = torch.arange(vocab, device=device)[None]
-        keep = (rank < top_k[:, None]) & ((probs.cumsum(-1) - probs) < top_p[:, None])
+        keep = (rank < rows.top_k[:, None]) & ((probs.cumsum(-1) - probs) < rows.top_p[:, None])
         logp = sorted_logits.masked_fill(~keep, -math.inf).log_softmax(-1)
         logp = torch.empty_like(logp).scatter_(-1, order, logp)
     else:
         logp = scaled.log_softmax(-1)
-    if any(s.params.temperature == 0 for s in seqs):
-        greedy = torch.tensor([s.params.temperature == 0 for s in seqs], device=device)
+    if rows.any_greedy:
         argmax = torch.full_like(logp, -math.inf).scatter_(-1, logits.argmax(-1, keepdim=True), 0.0)
-        logp = torch.where(greedy[:, None], argmax, logp)
+        logp = torch.where(rows.greedy[:, None], argmax, logp)
     return logp
 
 
-def sample(logp: Tensor, seqs: Sequence[Seq]) -> Tensor:
-    """One token per row from log-probabilities [B, V] -> [B] (Gumbel-max). Each row's noise comes
-    from its sequence's own generator, so a sequence samples the same tokens whatever else is in
-    the batch; greedy rows (no generator) take the argmax."""
-    vocab, device = logp.shape[-1], logp.device
-    noise = torch.stack([torch.rand(vocab, generator=s.generator, device=device) if s.generator is not None
-                         else torch.full((vocab,), 0.5, device=device) for s in seqs])
+def sample(logp: Tensor, rows: Rows) -> Tensor:
+    """One token per row from log-probabilities [B, V] -> [B] (Gumbel-max), the noise from each
+    row's own generator (`Rows.uniform`); greedy rows take the argmax."""
+    noise = rows.uniform(logp.shape[-1], logp.device, 0.5)
     gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
     return (logp + gumbel).argmax(-1)
 
@@ -577,6 +621,7 @@ class Batch:
         tok = models.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.seqs: list[Seq] = []
+        self.sampling = Rows.of([], self.device)  # the rows' sampling parameters, as seqs change
         self.contexts: list[Context] = []  # one per group, once sequences exist
         self.logits: dict[str, Tensor] = {}  # next-token logits per model role, [B, V]
         self._eos = torch.tensor(sorted(models.eos_token_ids) or [-1], device=self.device)
@@ -627,6 +672,7 @@ class Batch:
                 for m, z in zip(group, logits.to(self.device)):
                     self.logits[m.role] = z if first else torch.cat([self.logits[m.role], z])
         self.seqs += joining.seqs
+        self.sampling = Rows.of(self.seqs, self.device)
         return joining.seqs
 
     def step(self) -> list[tuple[Seq, int]]:
@@ -639,7 +685,7 @@ class Batch:
             if self._can_speculate():
                 return self._speculative_round()
             choice = self._solve(self.logits)
-            tokens = pick_tokens(choice.logits, self.seqs)
+            tokens = pick_tokens(choice.logits, self.sampling)
             verdicts = self._verdicts(self.logits, choice, tokens)
             steps = self._trace(self.logits, choice)
             emitted = []
@@ -706,6 +752,7 @@ class Batch:
         if len(keep) == len(self.seqs):
             return
         self.seqs = [self.seqs[i] for i in keep]
+        self.sampling = Rows.of(self.seqs, self.device)
         if not keep:
             self.contexts, self.logits = [], {}
             return
@@ -760,13 +807,14 @@ class Batch:
         large_ctx = next(c for c in self.contexts if c.members == [large])
         draft_ctxs = [c for c in self.contexts if c is not large_ctx]
         small_roles = [m.role for m in self.members if m is not large]
-        sampling = any(s.params.temperature > 0 for s in self.seqs)
+        per_row = self.sampling
+        sampling = per_row.sampled
         for ctx in self.contexts:
             ctx.ensure_room(k)
         start = large_ctx.length
 
         choice0 = self._solve(self.logits)
-        drafts = [sample(self._residual(warp(choice0.logits, self.seqs)), self.seqs) if sampling
+        drafts = [sample(self._residual(warp(choice0.logits, per_row)), per_row) if sampling
                   else choice0.logits.argmax(-1)]  # [B] each
         draft_logq = []  # sampling: log q_j of the drafts d_1..d_{k-1}, [B, V] each
         small_side = [{r: self.logits[r] for r in small_roles}]  # logits at positions 0..k
@@ -779,8 +827,8 @@ class Batch:
                 z_e = torch.stack([z[m.role] for m in self.members[2:]], 1)
                 z_draft = fuse(z_s, z_s, z_e, choice0.weights)
                 if sampling:
-                    draft_logq.append(warp(z_draft, self.seqs))
-                    drafts.append(sample(draft_logq[-1], self.seqs))
+                    draft_logq.append(warp(z_draft, per_row))
+                    drafts.append(sample(draft_logq[-1], per_row))
                 else:
                     drafts.append(z_draft.argmax(-1))
         d = torch.stack(drafts, 1)  # [B, k]
@@ -793,7 +841,7 @@ class Batch:
         choice = self._solve(later)
         fused = choice.logits.argmax(-1)  # [B * k]
         if sampling:
-            logp = warp(choice.logits, [s for s in self.seqs for _ in range(k)]).view(batch, k, -1)
+            logp = warp(choice.logits, per_row.repeat(k)).view(batch, k, -1)
             accepted = self._accept(d, logp, torch.stack(draft_logq, 1))
             # The token emitted at position j is the draft d_{j+1} (the last position only ever
             # gives the next round's logits).
@@ -832,8 +880,7 @@ class Batch:
         drafted = d[:, 1:, None]  # [B, k - 1, 1]
         ratio = (logp[:, :-1].gather(-1, drafted) - logq.gather(-1, drafted))[..., 0].exp()  # [B, k - 1]
         # Greedy rows: ratio is 1 (the draft is the fused argmax) or 0, and u = 0 keeps exactly those.
-        u = torch.stack([torch.rand(k - 1, generator=s.generator, device=ratio.device) if s.generator is not None
-                         else torch.zeros(k - 1, device=ratio.device) for s in self.seqs])
+        u = self.sampling.uniform(k - 1, ratio.device, 0.0)
         accepted = (u < ratio).long().cumprod(-1).sum(-1)  # [B]
         for i, (seq, m) in enumerate(zip(self.seqs, accepted.tolist())):
             seq.rejected_q = logq[i, m].exp() if m < k - 1 and seq.generator is not None else None
