@@ -285,8 +285,8 @@ def recipe_check(path: Path = typer.Argument(..., help="Recipe file to validate.
 
 @recipe_app.command("init")
 def recipe_init(out: Path = typer.Argument(..., help="Where to write the recipe (.yaml)."),
-                large: str = typer.Option(..., help="Large model directory."),
-                small: Optional[str] = typer.Option(None, help="Small base model directory."),
+                large: str = typer.Option(..., help="Large model directory or .gguf file."),
+                small: Optional[str] = typer.Option(None, help="Small base model directory or .gguf file."),
                 expert: list[str] = typer.Option([], help="Expert as NAME=PATH; repeat for several."),
                 solver: str = typer.Option("dynamic", help="Solver kind: dynamic, static, large or expert.")):
     """Write a recipe file from model paths, with every default spelled out."""
