@@ -148,3 +148,23 @@ def test_time_per_token_is_flat_over_a_2000_token_stream():
     # Wall time on a shared machine is noisy: medians, and a generous bound.
     t_first, t_last = statistics.median(seconds[:500]), statistics.median(seconds[-500:])
     assert t_last < 2 * t_first, f"median per token: first 500 {t_first * 1e6:.0f} us, last 500 {t_last * 1e6:.0f} us"
+
+
+def test_a_tokenizer_that_rewrites_earlier_text_is_decoded_whole(family):
+    """clean_up_tokenization_spaces turns " ." into "." once the "." arrives: no window can
+    follow that, so such a tokenizer is decoded whole after every token, as before."""
+    tok = AutoTokenizer.from_pretrained(family["tokenizer"], clean_up_tokenization_spaces=True,
+                                        clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True)
+    tokens = tok("a b . c d ! e", add_special_tokens=False)["input_ids"]
+    assert full(tok, tokens) != full(tok, tokens[:3]) + full(tok, tokens[3:])  # it does rewrite
+    assert Detokenizer(tok).whole
+    # transformers ignores the setting for BPE unless forced: then the window is used
+    assert not Detokenizer(AutoTokenizer.from_pretrained(family["tokenizer"], clean_up_tokenization_spaces=True)).whole
+    for stops in (["b."], [". c"], ["d!"], ["e"], ["zz"]):
+        seq, got = Seq("p", SamplingParams(stop=stops)), None
+        for k, t in enumerate(tokens, 1):
+            seq.tokens.append(t)
+            if (cut := _find_stop(tok, seq)) is not None:
+                got = (k, cut)
+                break
+        assert got == reference_stop(tok, tokens, stops), stops

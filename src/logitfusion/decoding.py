@@ -917,6 +917,16 @@ def _skipped_ids(tok) -> frozenset[int]:
     return frozenset(i for i in candidates if tok.decode([i], skip_special_tokens=True) == "")
 
 
+@functools.lru_cache(maxsize=16)
+def _rewrites(tok) -> bool:
+    """Whether decoding rewrites earlier text (clean_up_tokenization_spaces: "a ." -> "a." once the
+    "." arrives). Asked of the tokenizer: transformers ignores the setting for BPE tokenizers."""
+    if not getattr(tok, "clean_up_tokenization_spaces", False):
+        return False
+    ids = tok("a . b", add_special_tokens=False)["input_ids"]
+    return tok.decode(ids, skip_special_tokens=True) != "a . b"
+
+
 class Detokenizer:
     """The text of a growing token list, equal to tokenizer.decode(tokens, skip_special_tokens=True)
     with each token costing a decode of a few recent tokens, never of the whole list.
@@ -934,7 +944,7 @@ class Detokenizer:
     def __init__(self, tokenizer):
         self.tok = tokenizer
         self.skip = _skipped_ids(tokenizer)
-        self.whole = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self.whole = _rewrites(tokenizer)
         self.n = 0  # tokens read
         self.window: list[int] = []  # recent tokens, specials left out
         self.base_tokens = 0  # the window's first tokens, whose text `base` is out
@@ -943,6 +953,7 @@ class Detokenizer:
         self.pieces: list[str] = []  # stable text, joined on demand
         self.length = 0  # len(stable)
         self.pending = ""
+        self.last = ""  # decoding whole: the whole text at the last token
         self.offsets: list[int] = []  # per token: len(stable) before it was read
         self.decoded = 0  # tokens handed to the tokenizer's decode (a cost that must stay flat)
 
@@ -991,7 +1002,7 @@ class Detokenizer:
         return delta
 
     def _whole(self, tokens: Sequence[int]) -> str:
-        text = self._decode(list(tokens))
+        text = self.last = self._decode(list(tokens))
         stable = text.rstrip(REPLACEMENT)
         delta = stable[self.length:] if stable.startswith(self.stable) else ""
         self._append(delta)
@@ -1026,7 +1037,7 @@ def _find_stop(tok, seq: Seq) -> int | None:
     start = seq.detok.length if seq.detok is not None else 0
     detok = seq.text(tok)
     if detok.whole:
-        text = detok.stable + detok.pending
+        text = detok.last
         found = [text.find(s) for s in seq.params.stop if s in text]
         return min(found) if found else None
     return detok.find(seq.params.stop, detok.tail(detok.length - start))
