@@ -476,9 +476,11 @@ class Rows:
         numbers whatever else is in the batch); greedy rows get greedy_value. Per-row generators
         have no batched draw in torch, so this is the one loop, over sampled rows only, writing
         in place."""
-        out = torch.full((len(self), n), greedy_value, device=device)
+        shape = (len(self), n)
+        out = torch.full(shape, greedy_value, device=device) if self.any_greedy else torch.empty(shape, device=device)
+        rows = out.unbind(0)
         for i, g in self.generators:
-            torch.rand(n, generator=g, device=device, out=out[i])
+            rows[i].uniform_(generator=g)  # what torch.rand(n, generator=g) draws
         return out
 
 
