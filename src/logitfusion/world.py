@@ -453,7 +453,7 @@ def register_text(w: World, pub: Public, n_chars: int, seed: int = 3) -> list[st
     return docs
 
 
-def midtraining_text(w: World, data: dict, passes: int = 8, seed: int = 5) -> list[str]:
+def midtraining_text(w: World, data: dict, passes: int = 4, seed: int = 5) -> list[str]:
     """Fresh prose (`passes` new shuffles, so the bases keep their facts) and registers, 1:1 in
     characters, shuffled together."""
     prose = pretraining_text(w, passes=passes, seed=seed)
@@ -501,7 +501,7 @@ def score_choice(chosen: int, gold: int) -> float:
 
 # ---------------------------------------------------------------- files
 
-def build(out: str | Path, seed: int = 0, passes: int = 30, mid_passes: int = 8) -> dict[str, int]:
+def build(out: str | Path, seed: int = 0, passes: int = 30, mid_passes: int = 4) -> dict[str, int]:
     """Write pretraining.jsonl (prose), midtraining.jsonl (prose and registers), both {"text"}, and
     {task}/{split}.jsonl under OUT; returns counts."""
     out = Path(out)
