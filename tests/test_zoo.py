@@ -80,3 +80,13 @@ def test_shipped_configs_keep_the_kv_cache_on():
     assert configs
     for f in configs:
         assert json.loads(f.read_text()).get("use_cache") is True, f
+
+
+@needs_zoo
+def test_shipped_task_data_is_what_the_world_generates():
+    """The bundled tasks come from the current world code (a changed generator needs a rebuilt zoo)."""
+    data = world.task_data(world.make_world(0), seed=2)
+    for t in world.TASKS:
+        for s in world.SPLITS:
+            rows = [json.loads(line) for line in (ROOT / "data" / t / f"{s}.jsonl").read_text().splitlines()]
+            assert rows == data[t][s], (t, s)
