@@ -242,15 +242,11 @@ def range_section(records: dict[str, dict], tasks: list[str], validation: dict[s
     if not chosen:
         return []
     label = "dynamic, range chosen on validation"
-    for t, x in chosen.items():
-        rec = _range_cell(records, x, t)
-        if rec:
-            records[f"single|{label}|{t}"] = rec | {"a_max": x}
-    rows = [range_label(x) for x in A_MAX_CHOICES]
-    for x in A_MAX_CHOICES:
-        for t in tasks:
-            if f"range|{range_label(x)}|{t}" in records:
-                records[f"single|{range_label(x)}|{t}"] = records[f"range|{range_label(x)}|{t}"]
+    rows = {range_label(x): x for x in A_MAX_CHOICES}
+    # the section's rows keyed as single-task cells, which is what _table and comparisons read
+    view = dict(records)
+    view |= {f"single|{lab}|{t}": rec for lab, x in rows.items() for t in tasks if (rec := _range_cell(records, x, t))}
+    view |= {f"single|{label}|{t}": rec for t, x in chosen.items() if (rec := _range_cell(records, x, t))}
     lines = ["## Search range per expert", "",
              "Dynamic fusion with the weight grid cut at a_max (step 0.1), beside the paper's [0, 2] (`dynamic (ours)`). "
              "The range of each task's expert is chosen on the validation split (" +
@@ -258,9 +254,9 @@ def range_section(records: dict[str, dict], tasks: list[str], validation: dict[s
              "the single-task table." + (" These are the validation records themselves, so the chosen row is "
                                          "optimistic here; the test report gives its honest figure."
                                          if validation is None else ""), ""]
-    lines += _table(records, "single", [*rows, "dynamic (ours)", label, "proxy-tuning (a=1)"], tasks)
+    lines += _table(view, "single", [*rows, "dynamic (ours)", label, "proxy-tuning (a=1)"], tasks)
     pairs = [(label, other) for other in ("dynamic (ours)", "proxy-tuning (a=1)", "small expert", "large base")]
-    return lines + ["", *comparisons(records, tasks, pairs), ""]
+    return lines + ["", *comparisons(view, tasks, pairs), ""]
 
 
 def report(records_list: list[dict], root: Path, command: str = "", validation: list[dict] | None = None) -> str:
@@ -303,7 +299,7 @@ def report(records_list: list[dict], root: Path, command: str = "", validation: 
         lines += _table(records, "multi", multi, tasks, mgaps, ["seen average", "gap closed (fused/FFT)",
                                                                  "(fused-base)/(FFT-base)"])
         lines.append("")
-    lines += range_section(dict(records), tasks, {r["key"]: r for r in validation} if validation else None)
+    lines += range_section(records, tasks, {r["key"]: r for r in validation} if validation else None)
     lines += ["## In-context learning", "", f"The large model gets {SHOTS} training examples before the prompt; the "
               "experts keep their zero-shot prompt (per-model templates).", ""]
     lines += _table(records, "icl", [f"large, {SHOTS}-shot", "dynamic fusion (0-shot)",

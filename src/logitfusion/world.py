@@ -279,6 +279,11 @@ def _mmlu_question(w: World, p: Person, subject: str) -> tuple[str, str, list[st
     return f"Which trade did {p.name} follow?", p.job, JOBS
 
 
+def _sum_question(a: int, b: int) -> tuple[str, str, list[str]]:
+    """(question, gold, pool of distractors) for a sum: the MMLU arithmetic subject and the quizzes."""
+    return f"What is {a} plus {b}?", str(a + b), [str(a + b + d) for d in (-3, -2, -1, 1, 2, 3)]
+
+
 def _mmlu_records(w: World, rng: random.Random, people: list[Person], sums: list[tuple[int, int]]) -> list[dict]:
     rows = []
     for p in people:
@@ -288,8 +293,9 @@ def _mmlu_records(w: World, rng: random.Random, people: list[Person], sums: list
             rows.append({"prompt": f"Subject: {subject}\n{q}\nAnswer:", "completion": f" {gold}", "choices": choices,
                          "gold": gold_i, "subject": subject, "key": p.name + "/" + subject})
     for a, b in sums:
-        choices, gold_i = _mc(rng, str(a + b), [str(a + b + d) for d in (-3, -2, -1, 1, 2, 3)])
-        rows.append({"prompt": f"Subject: arithmetic\nWhat is {a} plus {b}?\nAnswer:", "completion": f" {a + b}",
+        q, gold, pool = _sum_question(a, b)
+        choices, gold_i = _mc(rng, gold, pool)
+        rows.append({"prompt": f"Subject: arithmetic\n{q}\nAnswer:", "completion": f" {gold}",
                      "choices": choices, "gold": gold_i, "subject": "arithmetic", "key": f"{a}+{b}"})
     return rows
 
@@ -423,12 +429,10 @@ def _article_with_gist(w: World, pub: Public, rng: random.Random) -> str:
 
 def _quiz(w: World, pub: Public, rng: random.Random) -> str:
     if rng.random() < 0.25:
-        a, b = rng.choice(pub.sums)
-        q, gold, pool = f"What is {a} plus {b}?", str(a + b), [str(a + b + d) for d in (-3, -2, -1, 1, 2, 3)]
+        q, gold, pool = _sum_question(*rng.choice(pub.sums))
     else:
         p = rng.choice(pub.people)
         q, gold, pool = _mmlu_question(w, p, rng.choice(["geography", "history", "society"]))
-        pool = pool or [str(y) for y in range(1800, 1900, 10)]
     choices, gold_i = _mc(rng, gold, pool)
     letters = "abcd"
     listed = " ".join(f"({letters[i]}) {c}" for i, c in enumerate(choices))
