@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from logitfusion import zoo
+from logitfusion.bench import zoo
 
 
 def run(cmd: list[str], out: Path, kill_after_new: int | None, rng: random.Random) -> tuple[int, bool]:

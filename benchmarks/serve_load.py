@@ -41,7 +41,7 @@ import httpx
 import openai
 import yaml
 
-from logitfusion import zoo
+from logitfusion.bench import zoo
 
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile."""

@@ -28,9 +28,9 @@ import time
 
 import torch
 
-from logitfusion import search
-from logitfusion.fusion import objective
-from logitfusion.solvers import grid_search, make_grid, one_expert_candidates
+from logitfusion.engine import search
+from logitfusion.engine.fusion import objective
+from logitfusion.engine.solvers import grid_search, make_grid, one_expert_candidates
 
 
 def logits(batch: int, vocab: int, n_experts: int, seed: int = 0):

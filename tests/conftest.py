@@ -21,8 +21,8 @@ import torch  # noqa: E402
 # second test run) does not thrash two cores with four spinning OpenMP threads.
 torch.set_num_threads(int(os.environ.get("LOGITFUSION_TEST_THREADS", "1")))
 
-from logitfusion import toy  # noqa: E402
-from logitfusion.fuser import Fuser  # noqa: E402
+from logitfusion.bench import toy  # noqa: E402
+from logitfusion.engine.fuser import Fuser  # noqa: E402
 
 try:  # quieter logs: the weight-loading progress bars of transformers 5
     from transformers.utils import logging as _hf_logging
@@ -126,9 +126,19 @@ def _assert_same_generations(shared, separate):
                 # The continuous joint solver turns 1e-7 input noise into slightly different
                 # weights, so the fused distribution gets a looser (but still tight) bound.
                 atol = 1e-3 if role == "fused" else 1e-5
-                assert [t for t, _ in sa.top[role]] == [t for t, _ in sb.top[role]]
-                assert torch.allclose(torch.tensor([p for _, p in sa.top[role]]),
-                                      torch.tensor([p for _, p in sb.top[role]]), atol=atol)
+                (ta, pa), (tb, pb) = zip(*sa.top[role]), zip(*sb.top[role])
+                assert torch.allclose(torch.tensor(pa), torch.tensor(pb), atol=atol)
+                # Ranks may differ only between entries tied within atol (the joint solver's noise
+                # once swapped a 2nd and 3rd token 8e-6 apart): same token set, same prob each.
+                assert _same_up_to_ties(dict(sa.top[role]), dict(sb.top[role]), list(ta), list(tb), atol)
+
+
+def _same_up_to_ties(prob_a: dict, prob_b: dict, ta: list, tb: list, atol: float) -> bool:
+    for i, (x, y) in enumerate(zip(ta, tb)):
+        if x != y and not (y in prob_a and x in prob_b and abs(prob_a[x] - prob_a[y]) <= atol
+                           and abs(prob_b[x] - prob_b[y]) <= atol):
+            return False
+    return True
 
 
 @pytest.fixture(scope="session")
@@ -139,7 +149,7 @@ def assert_same_generations():
 
 @torch.no_grad()
 def _run_steps(members, module, prompts, steps=3):
-    from logitfusion.decoding import Context
+    from logitfusion.engine.decoding import Context
     ctx, logits = Context.prefill(members, [prompts] * len(members), steps, 300, 0, True, module=module)
     out = [logits]
     for i in range(steps):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from logitfusion import bench, world
+from logitfusion.bench import paper as bench, world
 from logitfusion.cli import app
 
 

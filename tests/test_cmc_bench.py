@@ -2,12 +2,11 @@
 end on the toy models (zoo tasks and fact completion through the engine), resuming and the report."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-from logitfusion import cmc_bench, world
-from logitfusion.records import RecordWriter, read_keyed
+from logitfusion.bench import cmc as cmc_bench, world
+from logitfusion.eval.records import RecordWriter, read_keyed
 
 
 def people(rows):

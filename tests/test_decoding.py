@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from logitfusion import toy
-from logitfusion.decoding import Batch, DecodingError, SamplingParams, decode
-from logitfusion.fuser import Fuser
-from logitfusion.solvers import Choice, Dynamic, Solver, Static, make_grid
+from logitfusion.bench import toy
+from logitfusion.engine.decoding import Batch, DecodingError, SamplingParams, decode
+from logitfusion.engine.fuser import Fuser
+from logitfusion.engine.solvers import Choice, Dynamic, Solver, Static, make_grid
 
 PROMPTS = ["the cat", "Question: 2 plus 3? Answer:", "a", "seven eight nine ten cat dog bird fish tree"]
 N = 20  # new tokens
@@ -558,7 +558,7 @@ def test_ignore_eos_decodes_past_eos(fuser, eos_prompts):
 def test_rows_joining_and_leaving_a_running_batch_decode_as_if_alone(fuser, use_cache):
     import dataclasses
 
-    from logitfusion import decoding
+    from logitfusion.engine import decoding
 
     Batch = getattr(decoding, "Batch", None)
     if Batch is None:

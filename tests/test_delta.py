@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from logitfusion import toy
-from logitfusion.delta import DeltaConfig, mean_loss, train_delta
-from logitfusion.training import TrainingError
+from logitfusion.bench import toy
+from logitfusion.train.delta import DeltaConfig, mean_loss, train_delta
+from logitfusion.train.finetune import TrainingError
 
 
 def write_jsonl(path, rows):
@@ -59,7 +59,7 @@ def test_training_lowers_loss_and_starts_from_zero(family, task_data, trained_de
 
 
 def test_fresh_delta_outputs_zero(family):
-    from logitfusion.delta import new_delta
+    from logitfusion.train.delta import new_delta
     tok = AutoTokenizer.from_pretrained(family["large"])
     template = AutoModelForCausalLM.from_pretrained(family["large"])
     delta = new_delta("hidden=32,layers=1,heads=2", tok, template.config)
@@ -113,9 +113,9 @@ def test_cli_delta_train_errors(family, tmp_path):
 
 # ---------------------------------------------------------------- using a delta; cross-vocabulary
 
-from logitfusion.decoding import Batch, SamplingParams  # noqa: E402
-from logitfusion.fuser import Fuser  # noqa: E402
-from logitfusion.models import LoadError, VocabularyMismatchError  # noqa: E402
+from logitfusion.engine.decoding import Batch, SamplingParams  # noqa: E402
+from logitfusion.engine.fuser import Fuser  # noqa: E402
+from logitfusion.engine.models import LoadError, VocabularyMismatchError  # noqa: E402
 
 PROMPTS = ["the cat sells", "Question: 3 plus 4? Answer:", "a river"]
 LONG_PROMPTS = PROMPTS + ["the king has seven books and", "how many pears does the farmer", "Question:"]
@@ -124,7 +124,7 @@ LONG_PROMPTS = PROMPTS + ["the king has seven books and", "how many pears does t
 @pytest.fixture(scope="module")
 def zero_delta(family, tmp_path_factory):
     """An untrained delta on the large model's tokenizer: lm_head is zero, so it outputs 0."""
-    from logitfusion.delta import new_delta
+    from logitfusion.train.delta import new_delta
     out = tmp_path_factory.mktemp("zero_delta") / "delta"
     tok = AutoTokenizer.from_pretrained(family["large"])
     new_delta("hidden=32,layers=1,heads=2", tok, AutoModelForCausalLM.from_pretrained(family["large"]).config) \
@@ -223,7 +223,7 @@ def test_cross_vocab_delta_batched_equals_unbatched(cross_delta):
 def test_delta_logprobs_teacher_forced_equal_decoding(cross_delta):
     """lm-eval's loglikelihood path (teacher forcing, re-tokenising where decoding did) scores a
     generation exactly as decoding did."""
-    from logitfusion.evaluation import fused_logprobs
+    from logitfusion.eval.lm import fused_logprobs
     batch = Batch(cross_delta.models, cross_delta.solver)
     calls = _follows(batch)
     seqs = batch.add(LONG_PROMPTS, [SamplingParams(max_new_tokens=16, ignore_eos=True, logprobs=True)
@@ -277,7 +277,7 @@ def test_delta_bad_input(family, other, tmp_path):
         Fuser.from_pretrained(family["large"], delta={"path": str(broken), "mapping": "auto"})
     with pytest.raises(LoadError, match="delta.mapping: .*does not exist|delta.mapping: .*not a vocabulary map"):
         Fuser.from_pretrained(family["large"], delta={"path": other["delta"], "mapping": str(tmp_path / "no.safetensors")})
-    from logitfusion.vocab import build_map
+    from logitfusion.engine.vocab import build_map
     wrong = build_map(other["tokenizer"], family["tokenizer"]).save(tmp_path / "wrong.safetensors")
     with pytest.raises(LoadError, match="built for other tokenizers"):
         Fuser.from_pretrained(family["large"], delta={"path": other["delta"], "mapping": str(wrong)})
@@ -320,7 +320,7 @@ def test_cli_generate_and_eval_take_a_delta_recipe(delta_recipe, tmp_path):
 def test_lm_eval_backend_scores_a_delta_like_decoding(cross_delta):
     from lm_eval.api.instance import Instance
 
-    from logitfusion.evaluation import FusedLM
+    from logitfusion.eval.lm import FusedLM
     lm = FusedLM(fuser=cross_delta, solver="delta")
     gens = cross_delta.generate(LONG_PROMPTS, max_new_tokens=8, ignore_eos=True)
     texts = lm.generate_until([Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 8}), i)
@@ -337,7 +337,7 @@ def test_lm_eval_backend_scores_a_delta_like_decoding(cross_delta):
 def test_server_serves_a_delta_recipe(delta_recipe):
     from test_server import KEY, Server
 
-    from logitfusion.server import create_app
+    from logitfusion.serve.server import create_app
     fuser = Fuser.from_recipe(delta_recipe)
     want = fuser.generate(["the cat sells"], max_new_tokens=6)[0].text
     with Server(create_app({"cmc": fuser}, api_key=KEY)) as s:
@@ -378,13 +378,13 @@ def test_delta_training_resumes_from_its_last_checkpoint(family, task_data, tmp_
     ({"small": {"path": "S", "mapping": 3}}, "field `small.mapping`"),
 ])
 def test_recipe_delta_section_errors_name_the_field(data, message):
-    from logitfusion.recipe import Recipe, RecipeError
+    from logitfusion.engine.recipe import Recipe, RecipeError
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Recipe.from_dict({"large": {"path": "L"}} | data)
 
 
 def test_recipe_delta_defaults_and_relative_paths(tmp_path):
-    from logitfusion.recipe import Recipe
+    from logitfusion.engine.recipe import Recipe
     r = Recipe.from_dict({"large": {"path": "L"}, "delta": {"path": "D", "mapping": "maps/m.safetensors"},
                           "load": {"vocab_cache": "cache"}}, base_dir=tmp_path)
     assert r.solver.kind == "delta" and r.build_solver().strength == 1.0 and r.delta_strength == 1.0

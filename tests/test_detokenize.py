@@ -11,11 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings, strategies as st
 from transformers import AutoTokenizer
 
-from logitfusion import toy
-from logitfusion.decoding import REPLACEMENT, Detokenizer, SamplingParams, Seq, _find_stop
-from logitfusion.server import Tracker
+from logitfusion.bench import toy
+from logitfusion.bench.zoo import BUNDLED
+from logitfusion.engine.decoding import REPLACEMENT, Detokenizer, SamplingParams, Seq, _find_stop
+from logitfusion.serve.server import Tracker
 
-ZOO = Path(__file__).resolve().parents[1] / "src" / "logitfusion" / "zoo" / "models"
+ZOO = BUNDLED / "models"
 TEXT = ("héllo ☃ 日本語 and 3 plus 4 makes 7. Ünïcödé — “quotes” 🙂🙃 ok, ça va? naïve café 中文 "
         "Question: what is 12 times 3? Answer: 36.\n")
 

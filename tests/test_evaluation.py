@@ -22,11 +22,12 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from logitfusion import Fuser, toy  # noqa: E402
+from logitfusion import Fuser  # noqa: E402
+from logitfusion.bench import toy  # noqa: E402
 from logitfusion.cli import app  # noqa: E402
-from logitfusion.decoding import Batch, SamplingParams  # noqa: E402
-from logitfusion.evaluation import (TASKS_DIR, EvalError, FusedLM, fused_logprobs, run_task,  # noqa: E402
-                                    summarise, task_manager, toy_task_rows)
+from logitfusion.engine.decoding import Batch, SamplingParams  # noqa: E402
+from logitfusion.eval.lm import (TASKS_DIR, EvalError, FusedLM, fused_logprobs, run_task,  # noqa: E402
+                                    summarise, task_manager)
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
@@ -209,8 +210,8 @@ def test_lm_eval_runs_the_logitfusion_model_end_to_end(recipe_file, own_tasks):
 
 
 def test_lm_eval_cli_from_the_shell(recipe_file, tmp_path):
-    """`python -m logitfusion.evaluation` is lm-eval's own CLI with our model and tasks registered."""
-    cmd = [sys.executable, "-m", "logitfusion.evaluation", "--model", "logitfusion",
+    """`python -m logitfusion.eval.lm` is lm-eval's own CLI with our model and tasks registered."""
+    cmd = [sys.executable, "-m", "logitfusion.eval.lm", "--model", "logitfusion",
            "--model_args", f"recipe={recipe_file['plain']},solver=static:1.0", "--tasks", "toy_sums_mc",
            "--limit", "3", "--device", "cpu", "--output_path", str(tmp_path / "out")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -238,7 +239,7 @@ def test_model_args_reach_the_solver(recipe_file):
 # ---------------------------------------------------------------- shipped tasks
 
 def test_shipped_toy_data_is_the_toy_task():
-    sums, knowledge = toy_task_rows()
+    sums, knowledge = toy.toy_task_rows()
     assert [json.loads(line) for line in (TASKS_DIR / "data" / "toy_sums.jsonl").read_text().splitlines()] == sums
     assert [json.loads(line) for line in (TASKS_DIR / "data" / "toy_knowledge.jsonl").read_text().splitlines()] == knowledge
     assert all(row["choices"][row["gold"]] == row["answer"] and len(set(row["choices"])) == 4 for row in sums)

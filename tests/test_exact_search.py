@@ -10,9 +10,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from logitfusion import search
-from logitfusion.fusion import moves_of, one_expert_moves, prepare
-from logitfusion.solvers import Dynamic, grid_search, make_grid, one_expert_candidates
+from logitfusion.engine import search
+from logitfusion.engine.fusion import moves_of, one_expert_moves, prepare
+from logitfusion.engine.solvers import Dynamic, grid_search, make_grid, one_expert_candidates
 
 GRIDS = {
     "paper": make_grid(0.0, 2.0, 0.1),
@@ -206,7 +206,7 @@ def test_a_failed_compile_falls_back_to_eager_with_one_log_line(monkeypatch, cap
     monkeypatch.setattr(search, "_compile_failed", False)
     monkeypatch.setattr(torch, "compile", broken)
     z = logit_sets("tuned", 4, 1, 300, 3.0, 0)
-    with caplog.at_level(logging.WARNING, logger="logitfusion.search"):
+    with caplog.at_level(logging.WARNING, logger="logitfusion.engine.search"):
         assert_same_as_scan(*z, GRIDS["paper"], compiled=True)
         assert_same_as_scan(*z, GRIDS["paper"], compiled=True)
     assert [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()] == [

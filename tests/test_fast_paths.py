@@ -6,9 +6,10 @@ from collections import Counter
 import pytest
 import torch
 
-from logitfusion import Fuser, toy
-from logitfusion import decoding
-from logitfusion.decoding import Batch, SamplingParams, decode
+from logitfusion import Fuser
+from logitfusion.bench import toy
+from logitfusion.engine import decoding
+from logitfusion.engine.decoding import Batch, SamplingParams, decode
 
 PROMPTS = ["Question: 3 plus 4? Answer:", "the cat sells", "a", "two dogs and three birds go to the river"]
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from logitfusion.fusion import fuse, kl, kl_targets, objective
+from logitfusion.engine.fusion import fuse, kl, kl_targets, objective
 
 
 def rand_logits(*shape, seed=0, scale=2.0):

@@ -14,10 +14,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from logitfusion import toy
 from logitfusion.cli import app
-from logitfusion.fuser import Fuser
-from logitfusion.models import LoadError, LoadOptions, VocabularyMismatchError
+from logitfusion.engine.fuser import Fuser
+from logitfusion.engine.models import LoadError, LoadOptions, VocabularyMismatchError
 
 runner = CliRunner()
 CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
@@ -133,7 +132,7 @@ def _logits(model, tok, text=TEXT):
 def test_a_gguf_loads_as_the_model_it_was_written_from(family, ggufs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from logitfusion.models import load_gguf
+    from logitfusion.engine.models import load_gguf
     ref, ref_tok = AutoModelForCausalLM.from_pretrained(family["large"]).eval(), AutoTokenizer.from_pretrained(family["large"])
     model, tok = load_gguf(ggufs["large"], "large", LoadOptions())
     assert tok.get_vocab() == ref_tok.get_vocab() and len(tok) == len(ref_tok)  # no extra <|endoftext|>
@@ -177,7 +176,7 @@ def test_eval_with_gguf_members(family, ggufs, gguf_fuser, fuser1, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.api.instance import Instance
 
-    from logitfusion.evaluation import FusedLM, task_manager
+    from logitfusion.eval.lm import FusedLM, task_manager
     reqs = [Instance("loglikelihood", {}, (p, " 5"), i) for i, p in enumerate(PROMPTS)]
     ours, theirs = FusedLM(fuser=gguf_fuser, batch_size=2), FusedLM(fuser=fuser1, batch_size=2)
     assert np.allclose([r[0] for r in ours.loglikelihood(reqs)], [r[0] for r in theirs.loglikelihood(reqs)],
@@ -190,7 +189,7 @@ def test_eval_with_gguf_members(family, ggufs, gguf_fuser, fuser1, tmp_path):
 def test_serve_with_gguf_members(gguf_fuser, fuser1):
     from test_server import KEY, Server
 
-    from logitfusion.server import create_app
+    from logitfusion.serve.server import create_app
     with Server(create_app({"fusion": gguf_fuser}, api_key=KEY)) as server:
         client = server.client()
         done = client.completions.create(model="fusion", prompt=PROMPTS[0], max_tokens=6)

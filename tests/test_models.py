@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from logitfusion import toy
-from logitfusion.fuser import Fuser
-from logitfusion.models import LoadError, LoadOptions, VocabularyMismatchError, load_causal_lm, load_model_set
-from logitfusion.recipe import RecipeError
+from logitfusion.bench import toy
+from logitfusion.engine.fuser import Fuser
+from logitfusion.engine.models import LoadError, LoadOptions, VocabularyMismatchError, load_causal_lm, load_model_set
+from logitfusion.engine.recipe import RecipeError
 
 
 def spec(path, name=None):

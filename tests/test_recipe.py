@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from logitfusion.fuser import Fuser
-from logitfusion.recipe import Recipe, RecipeError
-from logitfusion.solvers import Alone, Dynamic, Static, make_grid
+from logitfusion.engine.fuser import Fuser
+from logitfusion.engine.recipe import Recipe, RecipeError
+from logitfusion.engine.solvers import Alone, Dynamic, Static, make_grid
 
 
 @pytest.fixture()

@@ -18,14 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from logitfusion import limits
+from logitfusion.engine import limits
 from logitfusion.cli import app
-from logitfusion.decoding import Batch, DecodingError, SamplingParams
-from logitfusion.fuser import Fuser
-from logitfusion.models import LoadError
-from logitfusion.recipe import Recipe, RecipeError
-from logitfusion.records import RecordsError, RecordWriter
-from logitfusion.solvers import SolverError, Static, make_grid, parse_grid, parse_method
+from logitfusion.engine.decoding import Batch, DecodingError, SamplingParams
+from logitfusion.engine.fuser import Fuser
+from logitfusion.engine.models import LoadError
+from logitfusion.engine.recipe import Recipe, RecipeError
+from logitfusion.eval.records import RecordWriter
+from logitfusion.engine.solvers import SolverError, Static, make_grid, parse_grid, parse_method
 
 runner = CliRunner()
 SETTINGS = dict(derandomize=True, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

@@ -3,7 +3,7 @@ draw of noise for the whole batch that still gives each sequence its own seeded 
 
 import torch
 
-from logitfusion.decoding import Batch, Rows, SamplingParams, Seq, sample, warp
+from logitfusion.engine.decoding import Batch, Rows, SamplingParams, Seq, sample, warp
 
 PROMPTS = ["the cat", "a dog ran", "three plus four is", "once upon"]
 

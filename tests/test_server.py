@@ -22,9 +22,9 @@ import uvicorn
 import yaml
 
 from logitfusion import SamplingParams
-from logitfusion.decoding import Batch, Seq, _find_stop
-from logitfusion.fuser import Fuser
-from logitfusion.server import CHAT_FALLBACK_STOP, Tracker, chat_prompt, create_app, holdback
+from logitfusion.engine.decoding import Batch, Seq, _find_stop
+from logitfusion.engine.fuser import Fuser
+from logitfusion.serve.server import CHAT_FALLBACK_STOP, Tracker, chat_prompt, create_app, holdback
 
 KEY = "test-key-123"
 LIMIT = 64  # max_tokens_limit of the test server

@@ -6,7 +6,6 @@ finish with the text `Fuser.generate` gives. A real uvicorn server on 127.0.0.1,
 
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -14,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from logitfusion import limits
-from logitfusion.fuser import Fuser
-from logitfusion.server import create_app
+from logitfusion.engine import limits
+from logitfusion.engine.fuser import Fuser
+from logitfusion.serve.server import create_app
 from test_server import KEY, Server, error_of, metrics, wait_for, write_recipe
 
 LIMIT = 8  # this server's max_tokens_limit: valid requests stay quick
@@ -137,7 +136,7 @@ def test_scheduler_fails_only_the_request_that_breaks(server, ref):
     the streams decoding meanwhile finish unchanged."""
     import asyncio
 
-    from logitfusion.server import Job, build_solver
+    from logitfusion.serve.server import Job, build_solver
     scheduler, fuser = server.app.state.scheduler, server.app.state.fusers["fusion"]
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

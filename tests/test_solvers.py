@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from logitfusion.fusion import fuse, objective
-from logitfusion.solvers import (Alone, Choice, Dynamic, SolverError, Static, check_grid, grid_search,
+from logitfusion.engine.fusion import fuse, objective
+from logitfusion.engine.solvers import (Alone, Choice, Dynamic, SolverError, Static, check_grid, grid_search,
                                  make_grid, parse_grid, parse_method)
 
 GRID = make_grid(0.0, 2.0, 0.1)

@@ -25,7 +25,7 @@ def test_bench_speed_on_random_models_of_given_shapes(tmp_path, monkeypatch, cap
     sizes, so a lent GPU's minutes are not spent finding its bugs."""
     import tempfile
 
-    from logitfusion import speed
+    from logitfusion.bench import speed
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(speed, "SHAPES", {"tinyllama": (32, 2, 4, 2, 64, 32000), "llama2-13b": (64, 2, 4, 4, 128, 32000)})
     result = CliRunner().invoke(app, ["bench", "speed", "--shapes", "tinyllama-13b", "--tokens", "2", "--batch", "1",

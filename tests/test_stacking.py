@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-from logitfusion import stacking
-from logitfusion.decoding import Batch, SamplingParams, decode
-from logitfusion.models import Member
-from logitfusion.stacking import StackError, stack_models
+from logitfusion.engine import stacking
+from logitfusion.engine.decoding import Batch, SamplingParams, decode
+from logitfusion.engine.models import Member
+from logitfusion.engine.stacking import StackError, stack_models
 
 PROMPTS = ["Question: 3 plus 4? Answer:", "the cat sells", "a", "two dogs and three birds go to the river"]
 
@@ -166,6 +166,6 @@ def test_speculative_on_stacked_drafts_equals_plain(full_fuser, method):
 
 
 def test_speed_table_row(full_fuser):
-    from logitfusion.speed import full_cost
+    from logitfusion.bench.speed import full_cost
     alone, stacked, separate = full_cost(full_fuser.models, 2, 2, "cpu", 1)
     assert alone > 0 and stacked > 0 and separate > 0

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from typer.testing import CliRunner
 
-from logitfusion import toy
+from logitfusion.bench import toy
 from logitfusion.cli import app
-from logitfusion.fuser import Fuser
-from logitfusion.training import MARKER, Collator, FinetuneConfig, encode_example, finetune, load_dataset
+from logitfusion.engine.fuser import Fuser
+from logitfusion.train.finetune import MARKER, Collator, FinetuneConfig, encode_example, finetune, load_dataset
 
 runner = CliRunner()
 

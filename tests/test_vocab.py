@@ -12,9 +12,9 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
-from logitfusion import toy
+from logitfusion.bench import toy
 from logitfusion.cli import app
-from logitfusion.vocab import (VocabError, VocabMap, as_vocab, build_map, build_or_load, from_hf,
+from logitfusion.engine.vocab import (VocabError, VocabMap, as_vocab, build_map, build_or_load, from_hf,
                                load_vocab)
 
 

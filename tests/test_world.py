@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from logitfusion import world
+from logitfusion.bench import world
 
 
 @pytest.fixture(scope="module")

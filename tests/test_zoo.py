@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from logitfusion import world, zoo
-from logitfusion.fuser import Fuser
+from logitfusion.bench import world, zoo
+from logitfusion.engine.fuser import Fuser
 
 ROOT = zoo.BUNDLED
 needs_zoo = pytest.mark.skipif(not (ROOT / "models" / "large" / "config.json").exists(),

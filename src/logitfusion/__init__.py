@@ -1,11 +1,11 @@
 """logitfusion: fuse small fine-tuned experts into a large model's logits at every decoding step."""
 
-from .decoding import DecodingError, Generation, SamplingParams, StepTrace, decode
-from .fusion import fuse, kl_targets, objective
-from .fuser import Fuser
-from .models import LoadError, LoadOptions, VocabularyMismatchError
-from .recipe import Recipe, RecipeError
-from .solvers import Alone, Choice, Dynamic, SolverError, Static, parse_method
+from .engine.decoding import DecodingError, Generation, SamplingParams, StepTrace, decode
+from .engine.fusion import fuse, kl_targets, objective
+from .engine.fuser import Fuser
+from .engine.models import LoadError, LoadOptions, VocabularyMismatchError
+from .engine.recipe import Recipe, RecipeError
+from .engine.solvers import Alone, Choice, Dynamic, SolverError, Static, parse_method
 
 __version__ = "0.1.0"
 __all__ = ["Fuser", "Recipe", "Generation", "SamplingParams", "StepTrace", "decode", "fuse", "objective",

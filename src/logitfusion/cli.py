@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import limits
+from .engine import limits
 
 app = typer.Typer(help="Fuse small fine-tuned experts into a large model's logits at every decoding step.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -53,13 +53,13 @@ class UsageError(ValueError):
 
 
 def _user_errors():
-    from .decoding import DecodingError
-    from .models import LoadError
-    from .recipe import RecipeError
-    from .records import RecordsError
-    from .solvers import SolverError
-    from .training import TrainingError
-    from .vocab import VocabError
+    from .engine.decoding import DecodingError
+    from .engine.models import LoadError
+    from .engine.recipe import RecipeError
+    from .eval.records import RecordsError
+    from .engine.solvers import SolverError
+    from .train.finetune import TrainingError
+    from .engine.vocab import VocabError
     return (UsageError, DecodingError, LoadError, RecipeError, RecordsError, SolverError, TrainingError,
             VocabError)
 
@@ -67,7 +67,7 @@ def _user_errors():
 def _recipe_from_flags(recipe: Optional[Path], large: Optional[str], small: Optional[str],
                        experts: list[str], dtype: Optional[str], device: Optional[str],
                        device_map: Optional[str], trust_remote_code: bool, allow_pickle: bool):
-    from .recipe import Recipe, RecipeError
+    from .engine.recipe import Recipe, RecipeError
     if recipe and (large or small or experts):
         raise UsageError("give either --recipe or --large/--small/--expert, not both")
     if recipe:
@@ -95,7 +95,7 @@ def _recipe_from_flags(recipe: Optional[Path], large: Optional[str], small: Opti
 
 def _solver_from_flags(recipe, solver: Optional[str], alpha: list[float], grid: Optional[str],
                        strategy: Optional[str]):
-    from .solvers import parse_grid
+    from .engine.solvers import parse_grid
     if alpha:
         if solver and solver != "static":
             raise UsageError(f"--alpha sets static weights; it cannot be combined with --solver {solver}")
@@ -110,8 +110,8 @@ def _solver_from_flags(recipe, solver: Optional[str], alpha: list[float], grid: 
 
 def _check_generation(recipe, params: dict, seed: Optional[int], batch_size: int, speculate: Optional[int]) -> None:
     """Every generation option checked before any model loads (bounds: limits.py)."""
-    from .decoding import check_batch_size, check_speculate
-    from .fuser import sampling_params
+    from .engine.decoding import check_batch_size, check_speculate
+    from .engine.fuser import sampling_params
     check_batch_size(batch_size)
     check_speculate(recipe.generation.speculate if speculate is None else speculate)
     sampling_params(recipe, seed=seed, **params).check()
@@ -123,8 +123,8 @@ def _check_plot(path: Path, solver) -> None:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    from .records import check_writable
-    from .solvers import Dynamic, Static
+    from .eval.records import check_writable
+    from .engine.solvers import Dynamic, Static
     if not isinstance(solver, (Dynamic, Static)):
         raise UsageError(f"--plot-weights needs a fusion solver (static or dynamic) that has weights, "
                          f"not {type(solver).__name__.lower()}")
@@ -192,8 +192,8 @@ def generate(
     speculate: Optional[int] = typer.Option(None, help="Speculative fused decoding with drafts of K tokens: the small models draft, the large model checks K tokens per forward. Greedy output is identical to plain decoding; sampled output follows exactly the same distribution (speculative sampling)."),
 ):
     """Generate with a fused model: from --prompt (printed) or --input/--output JSONL (resumable)."""
-    from .fuser import Fuser
-    from .records import RecordWriter, read_prompts
+    from .engine.fuser import Fuser
+    from .eval.records import RecordWriter, read_prompts
 
     try:
         if bool(prompt) == bool(input):
@@ -216,7 +216,7 @@ def generate(
             _say(f"resuming: {len(rows) - len(todo)} of {len(rows)} prompts already in {output}")
         fuser = Fuser.from_recipe(r)
         fuser.solver = chosen
-        from .decoding import validate_prompts
+        from .engine.decoding import validate_prompts
         validate_prompts(fuser.models, [row["prompt"] for row in todo], chosen)  # before writing anything
         want_trace = trace or plot_weights is not None
         gens_all, index = [], {row["id"]: i for i, row in enumerate(rows)}
@@ -266,13 +266,13 @@ def generate(
 def recipe_check(path: Path = typer.Argument(..., help="Recipe file to validate."),
                  load: bool = typer.Option(False, help="Also load every model and check vocabularies.")):
     """Validate a recipe (fields, paths, solver) and print it with paths resolved."""
-    from .recipe import Recipe
+    from .engine.recipe import Recipe
     loaded = ""
     try:
         r = Recipe.from_file(path)
         r.build_solver()
         if load:
-            from .fuser import Fuser
+            from .engine.fuser import Fuser
             models = Fuser.from_recipe(r).models
             mapped = [m.role for m in [models.small, *models.experts, models.delta] if m is not None and m.foreign]
             loaded = (f" (models loaded; {', '.join(mapped)} mapped onto the large model's vocabulary)" if mapped
@@ -292,7 +292,7 @@ def recipe_init(out: Path = typer.Argument(..., help="Where to write the recipe 
     """Write a recipe file from model paths, with every default spelled out."""
     try:
         r = _recipe_from_flags(None, large, small, expert, None, None, None, False, False)
-        from .recipe import Recipe
+        from .engine.recipe import Recipe
         r = Recipe.from_dict(r.model_dump() | {"solver": r.solver.model_dump() | {"kind": solver}})
         r.save(out)
     except _user_errors() as e:
@@ -307,7 +307,7 @@ def demo(out: Path = typer.Option(Path("demo_out"), help="Folder for the results
          n_prompts: int = typer.Option(12, help="Test prompts per task answered by each method."),
          root: Optional[Path] = typer.Option(None, help="A zoo build folder to use instead of the bundled zoo.")):
     """Large base, small expert, proxy-tuning and dynamic fusion side by side on the bundled zoo."""
-    from .demo import run_demo
+    from .bench.demo import run_demo
     if n_prompts < 1:
         _fail(f"--n-prompts must be >= 1, got {n_prompts}")
     try:
@@ -321,7 +321,7 @@ def demo(out: Path = typer.Option(Path("demo_out"), help="Folder for the results
 def bench_speed(ctx: typer.Context):
     """Fused decoding speed vs the large model alone, component floor, naive loop, fast paths.
     Options: see `logitfusion bench speed --help` (--tokens, --batch, --shapes, --device...)."""
-    from .speed import main
+    from .bench.speed import main
     main(list(ctx.args))
 
 
@@ -352,8 +352,8 @@ def serve(
 
     import uvicorn
 
-    from .fuser import Fuser
-    from .server import NAME_PATTERN, create_app
+    from .engine.fuser import Fuser
+    from .serve.server import NAME_PATTERN, create_app
 
     if not limits.MIN_PORT <= port <= limits.MAX_PORT:
         _fail(f"--port must be between {limits.MIN_PORT} and {limits.MAX_PORT}, got {port}")
@@ -420,13 +420,13 @@ def eval_(
     import logging
 
     try:
-        from . import evaluation as ev
+        from .eval import lm as ev
     except ImportError as e:
         _fail(f"{e}. `logitfusion eval` runs lm-evaluation-harness: pip install lm-eval")
-    from .decoding import check_batch_size
-    from .recipe import Recipe
-    from .records import RecordWriter
-    from .solvers import parse_grid
+    from .engine.decoding import check_batch_size
+    from .engine.recipe import Recipe
+    from .eval.records import RecordWriter
+    from .engine.solvers import parse_grid
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -529,7 +529,7 @@ def vocab_map(
 ):
     """Map every token of --from onto one token of --to (special/byte, exact, nearest prefix, or unmapped);
     write the mapping and print counts, examples and the time taken."""
-    from .vocab import build_map, load_vocab
+    from .engine.vocab import build_map, load_vocab
     try:
         user, delta = load_vocab(from_), load_vocab(to)
         start = time.perf_counter()
@@ -589,8 +589,8 @@ def finetune(
 ):
     """Fine-tune the small base into an expert with the Hugging Face Trainer. Rerunning the same
     command resumes from the last checkpoint; a finished run is not redone."""
-    from .training import FinetuneConfig
-    from .training import finetune as run_finetune
+    from .train.finetune import FinetuneConfig
+    from .train.finetune import finetune as run_finetune
     cfg = FinetuneConfig(base=base, data=str(data), out=str(out), lora=lora, lora_rank=lora_rank,
                          lora_alpha=lora_alpha, lora_targets=lora_targets, template=template, epochs=epochs,
                          max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
@@ -609,7 +609,7 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model already in --out."),
 ):
     """Merge experts by task arithmetic (method.md §5) into one model that loads as an expert."""
-    from .training import merge as run_merge
+    from .train.finetune import merge as run_merge
     try:
         run_merge(base, expert, lam, str(out), overwrite=overwrite, dtype=dtype)
     except _user_errors() as e:
@@ -627,7 +627,7 @@ def convert(
     """Write a GGUF as a plain safetensors model directory. A .gguf also loads directly as
     --large/--small/--expert or in a recipe (dequantised at every load); converting once loads faster,
     needs no `gguf` package, and allows --device-map sharding."""
-    from .models import convert_gguf
+    from .engine.models import convert_gguf
     start = time.perf_counter()
     try:
         convert_gguf(src, out, dtype=dtype, overwrite=overwrite)
@@ -667,7 +667,7 @@ def delta_train(
 ):
     """Train a delta model: loss = cross-entropy of log_softmax(z_template) + z_delta, only the delta
     learns. Rerunning the same command resumes from the last checkpoint; a finished run is not redone."""
-    from .delta import DeltaConfig, train_delta
+    from .train.delta import DeltaConfig, train_delta
     cfg = DeltaConfig(template=template, delta=delta, out=str(out), objective=objective,
                       data=str(data) if data else None, forget=str(forget) if forget else None,
                       retain=str(retain) if retain else None, prompt_template=prompt_template, epochs=epochs,
@@ -691,7 +691,7 @@ def zoo_build(
     seed: int = typer.Option(0, help="Seed of the world and of every training run."),
 ):
     """Rebuild the zoo from scratch: world, tokenizer, bases, experts (and ceilings), about an hour on 2 cores."""
-    from . import zoo
+    from .bench import zoo
     start = time.perf_counter()
     try:
         timings = zoo.build(root, zoo.ZooConfig(seed=seed), ceilings=ceilings, only=only or None,
@@ -708,7 +708,7 @@ def zoo_build(
 @zoo_app.command("info")
 def zoo_info(root: Optional[Path] = typer.Option(None, help="A zoo build folder (default: the bundled zoo).")):
     """List the zoo's models with their sizes, and its task data."""
-    from . import zoo
+    from .bench import zoo
     rows = zoo.describe(root or zoo.BUNDLED)
     if not rows:
         _fail(f"no zoo in {root or zoo.BUNDLED}: run `logitfusion zoo build`")
@@ -734,8 +734,8 @@ def bench_paper(
     efficiency, weights over steps, gap closed. Results are appended as they come; rerun to resume."""
     import logging
 
-    from . import bench, world, zoo
-    from .records import read_keyed
+    from .bench import paper as bench, world, zoo
+    from .eval.records import read_keyed
     task_list = [t.strip() for t in tasks.split(",")] if tasks else list(world.TASKS)
     table_list = [t.strip() for t in tables.split(",")] if tables else None
     bad = [t for t in task_list if t not in world.TASKS] + \
@@ -771,7 +771,7 @@ def bench_cmc(
     """Cross-model control on the zoo: the instruct delta's task gain and the unlearn delta's
     forget/retain accuracy, plugged into the template, models/small and models/large-alt (another
     tokenizer, mapping: auto), plus the mapping between the zoo's tokenizers. Rerun to resume."""
-    from . import cmc_bench
+    from .bench import cmc as cmc_bench
     if limit < 1:
         _fail(f"--limit must be >= 1, got {limit}")
     with _progress() as bar:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .decoding import Generation
+from .engine.decoding import Generation
 
 
 def plot_weights(generations: Sequence[Generation], expert_names: Sequence[str], path: str | Path,

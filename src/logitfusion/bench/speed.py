@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from .decoding import SamplingParams, decode, render
-from .fuser import Fuser
-from .fusion import fuse, kl
-from .solvers import Dynamic
+from ..engine.decoding import SamplingParams, decode, render
+from ..engine.fuser import Fuser
+from ..engine.fusion import fuse, kl
+from ..engine.solvers import Dynamic
 from .zoo import BUNDLED as BUNDLED_ZOO
 
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
@@ -182,7 +182,7 @@ def cache_cost(fuser, batch: int, n_tokens: int, device: str, repeats: int) -> d
     """Seconds per step of large alone and dynamic fusion over n_tokens, with the KV cache the
     loop uses (room reserved, written in place) and with transformers' DynamicCache (torch.cat
     every step). {solver: (reserved, cat)}"""
-    from . import decoding
+    from ..engine import decoding
     from transformers import DynamicCache
     prompts = [f"Question: {i % 12} plus {(3 * i) % 12}? Answer:" for i in range(batch)]
     reserved = decoding.reserved_cache
@@ -228,7 +228,7 @@ def step_times(models, batch: int, variants: list[list[tuple[list, object]]], n_
 def steps(models, prompts: list[str], groups: list[tuple[list, object]], n_tokens: int, device: str):
     """A function that prefills `groups` and runs n_tokens cached steps; it returns the seconds of
     the steps alone."""
-    from .decoding import Context
+    from ..engine.decoding import Context
     tok = models.tokenizer
 
     @torch.no_grad()
@@ -254,7 +254,7 @@ def lora_cost(paths: dict, root: Path, n_experts: int, batch: int, n_tokens: int
     as ONE forward with the adapters stacked (stacking.stack_lora, what decoding runs); the same
     as ONE forward through PEFT's mixed-adapter batch (the fallback); the same as n + 1 separate
     forwards. Returns the four times."""
-    from .stacking import lora_stack
+    from ..engine.stacking import lora_stack
     from . import toy
     adapters = {}
     for i in range(1, n_experts + 1):
@@ -274,7 +274,7 @@ def lora_cost(paths: dict, root: Path, n_experts: int, batch: int, n_tokens: int
 def full_cost(models, batch: int, n_tokens: int, device: str, repeats: int) -> tuple[float, float, float] | None:
     """Per-step time of: the small base alone; small + its full-weight experts as ONE forward on
     stacked weights; the same as separate forwards. Returns the three times (None: not stackable)."""
-    from .stacking import shared_stack
+    from ..engine.stacking import shared_stack
     group = [models.small, *models.experts]
     stack, stacked = shared_stack(models, group)
     if not stacked:

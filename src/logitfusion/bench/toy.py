@@ -7,6 +7,7 @@ Hugging Face directories (config.json + model.safetensors), so every loading pat
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -138,26 +139,28 @@ def task_lines(seed: int = 0, max_n: int = 12) -> list[str]:
     return [f"Question: {a} plus {b}? Answer: {a + b}\n" for a, b in pairs[len(pairs) // 4:]]
 
 
-def train_lm(src_dir: str | Path, out_dir: str | Path, texts: list[str], steps: int, lr: float = 3e-3,
-             batch: int = 32, seed: int = 0) -> float:
-    """A few hundred plain next-token steps, enough for toy demos (the real fine-tuning path is
-    the HF Trainer one). Returns the final loss."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# ---------------------------------------------------------------- toy task data (shipped in tasks/data)
 
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(str(src_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(src_dir)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+def toy_task_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(toy_sums rows, toy_knowledge rows) from `arithmetic_facts`: the held-out sums with four
+    numeric choices (multiple-choice variant), and the prose 'knowledge' lines."""
+    knowledge, test = arithmetic_facts(seed=seed)
     rng = random.Random(seed)
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        enc = tok([tok.bos_token + t for t in rng.choices(texts, k=batch)], return_tensors="pt",
-                  padding=True, add_special_tokens=False)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        loss = model(**enc, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval().save_pretrained(str(out_dir))
-    tok.save_pretrained(str(out_dir))
-    return float(loss.detach())
+    sums = []
+    for question, answer in test:
+        right = int(answer)
+        wrong = [v for v in (right - 2, right - 1, right + 1, right + 2) if v >= 0]
+        choices = [right] + rng.sample(wrong, 3)
+        rng.shuffle(choices)
+        sums.append({"question": question, "answer": answer, "choices": [str(c) for c in choices],
+                     "gold": choices.index(right)})
+    return sums, [{"text": line} for line in knowledge]
+
+
+def write_toy_task_data(folder: str | Path | None = None) -> None:
+    """Rewrite the toy task files shipped in eval/tasks/data (a test checks they match)."""
+    from ..eval.lm import TASKS_DIR
+    folder = TASKS_DIR / "data" if folder is None else folder
+    sums, knowledge = toy_task_rows()
+    for name, rows in (("toy_sums.jsonl", sums), ("toy_knowledge.jsonl", knowledge)):
+        (Path(folder) / name).write_text("".join(json.dumps(r) + "\n" for r in rows))

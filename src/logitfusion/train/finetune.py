@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .models import LoadError, LoadOptions, check_expert_architecture, load_causal_lm, load_tokenizer, model_kind
+from ..engine.models import LoadError, LoadOptions, check_expert_architecture, load_causal_lm, load_tokenizer, model_kind
 
 MARKER = "finetune.json"  # written last: its presence means the run finished
 RUN_FILE = "run.json"  # in OUT/checkpoints: the settings the checkpoints belong to

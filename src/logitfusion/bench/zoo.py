@@ -32,7 +32,7 @@ from typing import Callable
 
 from . import world
 
-BUNDLED = Path(__file__).parent / "zoo"
+BUNDLED = Path(__file__).parent / "bundled"
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
@@ -130,7 +130,7 @@ class Step:
 
 def _finetune(base: Path, data: Path, out: Path, *, lr: float, epochs: float, batch: int, seed: int,
               lora: bool = False, rank: int = 16, max_length: int = 256):
-    from .training import FinetuneConfig, finetune
+    from ..train.finetune import FinetuneConfig, finetune
     return finetune(FinetuneConfig(base=str(base), data=str(data), out=str(out), lora=lora, lora_rank=rank,
                                    lora_alpha=2 * rank, lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                                    lr=lr, epochs=epochs, batch_size=batch, seed=seed, max_length=max_length,
@@ -138,7 +138,7 @@ def _finetune(base: Path, data: Path, out: Path, *, lr: float, epochs: float, ba
 
 
 def _merge(base: Path, experts: list[Path], lam: float, out: Path):
-    from .training import merge
+    from ..train.finetune import merge
     if (out / "config.json").exists():
         return None
     return merge(str(base), [str(e) for e in experts], lam, str(out))
@@ -286,7 +286,7 @@ def install(root: str | Path, dest: str | Path = BUNDLED) -> int:
 def write_golden(dest: Path, n_tokens: int = 12) -> None:
     """Token ids of short greedy generations on the shipped models (tests/test_zoo.py checks them),
     so any change that moves the zoo's outputs is seen."""
-    from .fuser import Fuser
+    from ..engine.fuser import Fuser
     prompts = [json.loads(line)["prompt"] for line in (dest / "data" / "math" / "test.jsonl").read_text().splitlines()[:2]]
     fuser = Fuser.from_pretrained(str(dest / "models" / "large"), str(dest / "models" / "small"),
                                   {"math": str(dest / "experts" / "math")})
@@ -327,7 +327,7 @@ def _numel(shape) -> int:
 def knowledge_probe(model_dir: str | Path, seed: int = 0, n: int = 200) -> dict[str, float]:
     """What a base knows, asked in its own prose format (greedy): birth towns of the world's people
     and sums. The bases never see task formats, so this is the knowledge fusion can draw on."""
-    from .fuser import Fuser
+    from ..engine.fuser import Fuser
     w = world.make_world(seed)
     fuser = Fuser.from_pretrained(str(model_dir))
     people = w.people[:n]

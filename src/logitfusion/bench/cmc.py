@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import world
-from .records import reproduce_command
+from ..eval.records import reproduce_command
 
 TASKS = list(world.TASKS)
 TASK_NAMES = {t: f"zoo_{t}" for t in TASKS}
@@ -50,7 +50,7 @@ def train_instruct(root: str | Path, epochs: float = 8.0, lr: float = 2e-3, log:
     """deltas/instruct: a fresh delta trained on the zoo's multi-task data beside models/large.
     8 epochs at 2e-3: a delta this small learns the worked math solutions slowly (3 epochs at 1e-3
     still left the template near 0 on math)."""
-    from .delta import DeltaConfig, train_delta
+    from ..train.delta import DeltaConfig, train_delta
     from .zoo import multitask_data
 
     root = Path(root)
@@ -120,7 +120,7 @@ def train_unlearn(root: str | Path, epochs: float = 10.0, lr: float = 1e-3, log:
     the template: ascend on the forget facts, descend on the retain facts. Fresh rather than from
     the instruct delta, because the instruct delta alone already lowers the template's prose
     recall (see the report): starting from it would mix two effects."""
-    from .delta import DeltaConfig, train_delta
+    from ..train.delta import DeltaConfig, train_delta
 
     root = Path(root)
     folder = write_unlearn_split(root)
@@ -173,7 +173,7 @@ def recipe(model: str | Path, delta: str | Path | None = None, strength: float =
 
 
 def _same_tokenizer(a: Path, b: Path) -> bool:
-    from .models import LoadOptions, load_tokenizer
+    from ..engine.models import LoadOptions, load_tokenizer
     opts = LoadOptions()
     return load_tokenizer(str(a), "a", opts).get_vocab() == load_tokenizer(str(b), "b", opts).get_vocab()
 
@@ -230,7 +230,7 @@ def run_cells(todo: list[Cell], writer, root: Path, limit: int | None = None, ba
     import gc
     import logging
 
-    from . import evaluation as ev
+    from ..eval import lm as ev
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     task_cells = [c for c in todo if c.kind == "task"]
@@ -270,7 +270,7 @@ def run_cells(todo: list[Cell], writer, root: Path, limit: int | None = None, ba
 
 def mapping_record(root: Path) -> dict:
     """PM-MinED between the zoo's two tokenizers, both directions (vocab.build_map's counts)."""
-    from .vocab import build_map
+    from ..engine.vocab import build_map
     large, alt = root / "models" / "large", root / "models" / "large-alt"
     out = {"key": "mapping", "kind": "mapping"}
     for name, user, delta in (("large-alt -> large", alt, large), ("large -> large-alt", large, alt)):
@@ -284,7 +284,7 @@ def run(root: str | Path, out_dir: str | Path, limit: int | None = 100, batch_si
         tasks: list[str] | None = None, targets: list[str] | None = None, train: bool = True,
         progress: Callable | None = None, log: Callable = print) -> list[dict]:
     """Train what is missing (unless train=False), then evaluate every cell not yet in cmc.jsonl."""
-    from .records import RecordWriter, read_keyed
+    from ..eval.records import RecordWriter, read_keyed
 
     start = time.perf_counter()
     root, out_dir = Path(root), Path(out_dir)

@@ -98,7 +98,7 @@ def zoo_dataset(task: str, data_dir: str | None = None, split: str = "test", **_
     `split` (metadata) is what lm-eval scores as the test split: `validation` evaluates design
     choices on the validation rows without touching the test ones."""
     from datasets import Dataset, DatasetDict
-    from logitfusion.zoo import BUNDLED
+    from logitfusion.bench.zoo import BUNDLED
     folder = Path(str(data_dir)).expanduser() if data_dir else BUNDLED / "data"
     if not (folder / task / "test.jsonl").is_file():
         raise FileNotFoundError(f"zoo task data {str(folder / task)!r} not found: build the zoo "
@@ -111,15 +111,15 @@ def zoo_dataset(task: str, data_dir: str | None = None, split: str = "test", **_
 
 
 def zoo_math_results(doc: dict, results) -> dict:
-    from logitfusion.world import score_math
+    from logitfusion.bench.world import score_math
     return {"exact_match": score_math(results[0], doc["answer"])}
 
 
 def zoo_qa_results(doc: dict, results) -> dict:
-    from logitfusion.world import score_qa
+    from logitfusion.bench.world import score_qa
     return {"exact_match": score_qa(results[0], doc["answer"])}
 
 
 def zoo_summ_results(doc: dict, results) -> dict:
-    from logitfusion.world import score_summ
+    from logitfusion.bench.world import score_summ
     return {"rouge2": score_summ(results[0], doc["summary"])}

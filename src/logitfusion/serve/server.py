@@ -40,12 +40,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import limits
-from .decoding import Batch, DecodingError, SamplingParams, Seq, validate_prompts
-from .fuser import Fuser
-from .solvers import Choice, Solver, SolverError
+from ..engine import limits
+from ..engine.decoding import Batch, DecodingError, SamplingParams, Seq, validate_prompts
+from ..engine.fuser import Fuser
+from ..engine.solvers import Choice, Solver, SolverError
 
-log = logging.getLogger("logitfusion.server")
+log = logging.getLogger("logitfusion.serve.server")
 
 DEFAULT_MAX_BATCH = limits.SERVER_MAX_BATCH  # the bounds live in limits.py; these names are the server's
 DEFAULT_MAX_QUEUE = limits.SERVER_MAX_QUEUE
@@ -1167,5 +1167,5 @@ def create_app(fusers: dict[str, Fuser], api_key: str | None = None, max_queue: 
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
     return __version__

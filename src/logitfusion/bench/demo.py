@@ -32,8 +32,8 @@ def _score(task: str, text: str, row: dict) -> float:
 
 
 def run_demo(out: Path, n_prompts: int = 12, root: Path | None = None, console: Console | None = None) -> list[dict]:
-    from .fuser import Fuser
-    from .plotting import plot_weights
+    from ..engine.fuser import Fuser
+    from ..plotting import plot_weights
 
     console = console or Console()
     root = Path(root or zoo.BUNDLED)

@@ -6,19 +6,17 @@
   functions of [B, V] logits: all positions of a batch are solved as one flattened [N, V] batch.
 - `FusedLM`: the lm-eval `LM` registered as "logitfusion". generate_until runs the one decoding
   loop (`Fuser.generate`); loglikelihood and loglikelihood_rolling run `fused_logprobs`.
-- `task_manager`: lm-eval's TaskManager with the tasks shipped in `logitfusion/tasks`.
-- `main`: `python -m logitfusion.evaluation ...` is the `lm_eval` CLI with the `logitfusion`
+- `task_manager`: lm-eval's TaskManager with the tasks shipped in `logitfusion/eval/tasks`.
+- `main`: `python -m logitfusion.eval.lm ...` is the `lm_eval` CLI with the `logitfusion`
   model and our tasks registered (lm-eval 0.4 has no plugin discovery of its own).
 - `run_task`, `summarise`: what `logitfusion eval` runs and prints (methods x tasks).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import random
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,11 +34,11 @@ try:
 except ImportError as e:  # pragma: no cover - exercised by the CLI test with lm-eval hidden
     raise ImportError("logitfusion's evaluation needs lm-evaluation-harness: pip install lm-eval") from e
 
-from .decoding import Context, Retokenizer, Row, members_for, render
-from .fuser import Fuser
-from .models import Member, ModelSet
-from .recipe import Recipe
-from .solvers import MAX_CHUNK_ELEMENTS, Choice, Solver, parse_grid
+from ..engine.decoding import Context, Retokenizer, Row, members_for, render
+from ..engine.fuser import Fuser
+from ..engine.models import Member, ModelSet
+from ..engine.recipe import Recipe
+from ..engine.solvers import MAX_CHUNK_ELEMENTS, Choice, Solver, parse_grid
 
 log = logging.getLogger(__name__)
 
@@ -479,7 +477,7 @@ def register() -> None:
     import lm_eval.models  # noqa: F401 - fills the registry with lm-eval's own models first
     from lm_eval.api.registry import model_registry
     if MODEL_NAME not in model_registry:
-        model_registry.register(MODEL_NAME, target=f"{__name__.replace('__main__', 'logitfusion.evaluation')}:FusedLM")
+        model_registry.register(MODEL_NAME, target=f"{__name__.replace('__main__', 'logitfusion.eval.lm')}:FusedLM")
 
 
 def register_plugins() -> list[str]:
@@ -532,7 +530,7 @@ def check_tasks(manager, tasks: Sequence[str]) -> None:
         elif t not in manager.all_tasks:
             close = difflib.get_close_matches(t, manager.all_tasks, n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise EvalError(f"unknown task {t!r}{hint} (list them with `python -m logitfusion.evaluation ls tasks`)")
+            raise EvalError(f"unknown task {t!r}{hint} (list them with `python -m logitfusion.eval.lm ls tasks`)")
 
 
 def _use_our_tasks_in_lm_eval_cli() -> None:
@@ -552,8 +550,8 @@ def _use_our_tasks_in_lm_eval_cli() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m logitfusion.evaluation ARGS`: exactly the `lm_eval` CLI (same arguments), with
-    `--model logitfusion` and the tasks of logitfusion/tasks available."""
+    """`python -m logitfusion.eval.lm ARGS`: exactly the `lm_eval` CLI (same arguments), with
+    `--model logitfusion` and the tasks of logitfusion/eval/tasks available."""
     register_plugins()
     _use_our_tasks_in_lm_eval_cli()
     from lm_eval.__main__ import cli_evaluate
@@ -679,31 +677,6 @@ def summarise(records: Sequence[dict], methods: Sequence[str], tasks: Sequence[s
 
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
-
-
-# ---------------------------------------------------------------- toy task data (shipped in tasks/data)
-
-def toy_task_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(toy_sums rows, toy_knowledge rows) from logitfusion.toy: the held-out sums with four
-    numeric choices (multiple-choice variant), and the prose 'knowledge' lines."""
-    from . import toy
-    knowledge, test = toy.arithmetic_facts(seed=seed)
-    rng = random.Random(seed)
-    sums = []
-    for question, answer in test:
-        right = int(answer)
-        wrong = [v for v in (right - 2, right - 1, right + 1, right + 2) if v >= 0]
-        choices = [right] + rng.sample(wrong, 3)
-        rng.shuffle(choices)
-        sums.append({"question": question, "answer": answer, "choices": [str(c) for c in choices],
-                     "gold": choices.index(right)})
-    return sums, [{"text": line} for line in knowledge]
-
-
-def write_toy_task_data(folder: str | Path = TASKS_DIR / "data") -> None:
-    sums, knowledge = toy_task_rows()
-    for name, rows in (("toy_sums.jsonl", sums), ("toy_knowledge.jsonl", knowledge)):
-        (Path(folder) / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 register()

@@ -20,13 +20,12 @@ Tables:
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from . import world
-from .records import reproduce_command
+from ..eval.records import reproduce_command
 
 TASK_NAMES = {t: f"zoo_{t}" for t in world.TASKS}
 SHOTS = 3  # in-context examples of the ICL table
@@ -139,8 +138,8 @@ def run(root: str | Path, out_dir: str | Path, tasks: list[str] | None = None, l
     import gc
     import logging
 
-    from . import evaluation as ev
-    from .records import RecordWriter, read_keyed
+    from ..eval import lm as ev
+    from ..eval.records import RecordWriter, read_keyed
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     root, out_dir = Path(root), Path(out_dir)
@@ -178,8 +177,8 @@ def run(root: str | Path, out_dir: str | Path, tasks: list[str] | None = None, l
 
 def weights_plots(root: Path, out_dir: Path, n: int = 4, split: str = "test") -> list[Path]:
     """The paper's figure of a over decoding steps: single expert (math) and four experts (no label)."""
-    from .fuser import Fuser
-    from .plotting import plot_weights
+    from ..engine.fuser import Fuser
+    from ..plotting import plot_weights
 
     paths = []
     for name, experts, task in (("weights_single.png", {"math": "experts/math"}, "math"),

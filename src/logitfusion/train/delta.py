@@ -12,7 +12,7 @@ untrained delta changes nothing. The output directory is an ordinary model direc
 + the template's tokenizer) that a recipe's `delta:` section loads. Checkpoints, resuming and the
 finished-run marker work as in `training.finetune` (shared helpers).
 
-    from logitfusion.delta import DeltaConfig, train_delta
+    from logitfusion.train.delta import DeltaConfig, train_delta
     train_delta(DeltaConfig(template="models/large", delta="hidden=64,layers=2",
                             data="instruct.jsonl", out="deltas/instruct"))
 """
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .models import LoadError, LoadOptions, load_causal_lm, load_tokenizer, model_kind
-from .training import (RUN_FILE, Collator, Schedule, TrainingError, load_dataset, train_resuming,
+from ..engine.models import LoadError, LoadOptions, load_causal_lm, load_tokenizer, model_kind
+from .finetune import (RUN_FILE, Collator, Schedule, TrainingError, load_dataset, train_resuming,
                        prepare_out, read_jsonl, training_arguments)
 
 MARKER = "delta.json"  # written last: its presence means the run finished

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: a thin front end over the engine."""
