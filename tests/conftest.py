@@ -149,7 +149,7 @@ def assert_same_generations():
 
 @torch.no_grad()
 def _run_steps(members, module, prompts, steps=3):
-    from logitfusion.engine.decoding import Context
+    from logitfusion.engine.context import Context
     ctx, logits = Context.prefill(members, [prompts] * len(members), steps, 300, 0, True, module=module)
     out = [logits]
     for i in range(steps):

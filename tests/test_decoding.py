@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from logitfusion.bench import toy
-from logitfusion.engine.decoding import Batch, DecodingError, SamplingParams, decode
+from logitfusion.engine.decoding import Batch, decode
 from logitfusion.engine.fuser import Fuser
+from logitfusion.engine.sampling import DecodingError, SamplingParams
 from logitfusion.engine.solvers import Choice, Dynamic, Solver, Static, make_grid
 
 PROMPTS = ["the cat", "Question: 2 plus 3? Answer:", "a", "seven eight nine ten cat dog bird fish tree"]

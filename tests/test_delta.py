@@ -113,7 +113,8 @@ def test_cli_delta_train_errors(family, tmp_path):
 
 # ---------------------------------------------------------------- using a delta; cross-vocabulary
 
-from logitfusion.engine.decoding import Batch, SamplingParams  # noqa: E402
+from logitfusion.engine.decoding import Batch  # noqa: E402
+from logitfusion.engine.sampling import SamplingParams  # noqa: E402
 from logitfusion.engine.fuser import Fuser  # noqa: E402
 from logitfusion.engine.models import LoadError, VocabularyMismatchError  # noqa: E402
 

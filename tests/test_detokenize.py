@@ -1,19 +1,21 @@
-"""Incremental detokenisation (decoding.Detokenizer): streams and stop strings decode a few recent
+"""Incremental detokenisation (detokenize.Detokenizer): streams and stop strings decode a few recent
 tokens per token, and must give exactly what decoding the whole sequence gives, on the project's
 real tokenizers (the zoo's byte-level BPE and SentencePiece-style ones, the toy tokenizers)."""
 
 import statistics
 import time
 import types
-from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, seed, settings, strategies as st
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from logitfusion.bench import toy
 from logitfusion.bench.zoo import BUNDLED
-from logitfusion.engine.decoding import REPLACEMENT, Detokenizer, SamplingParams, Seq, _find_stop
+from logitfusion.engine.decoding import Seq
+from logitfusion.engine.detokenize import REPLACEMENT, Detokenizer, find_stop
+from logitfusion.engine.sampling import SamplingParams
 from logitfusion.serve.server import Tracker
 
 ZOO = BUNDLED / "models"
@@ -97,7 +99,7 @@ def test_stop_strings_cut_where_the_whole_decode_cuts_and_streams_add_up(tokeniz
     tracker, pieces, got = Tracker(job, tok), [], None
     for k, t in enumerate(tokens, 1):
         seq.tokens.append(t)
-        if (cut := _find_stop(tok, seq)) is not None:
+        if (cut := find_stop(tok, seq)) is not None:
             seq.finish_reason, seq.stop_at, got = "stop", cut, (k, cut)
         delta = tracker.advance()
         pieces.append(delta["text"] if delta else "")
@@ -138,7 +140,7 @@ def test_time_per_token_is_flat_over_a_2000_token_stream():
     for t in tokens:
         before, start = tok.decoded, time.perf_counter()
         seq.tokens.append(t)
-        assert _find_stop(tok, seq) is None
+        assert find_stop(tok, seq) is None
         delta = tracker.advance()
         seconds.append(time.perf_counter() - start)
         cost.append(tok.decoded - before)
@@ -165,7 +167,7 @@ def test_a_tokenizer_that_rewrites_earlier_text_is_decoded_whole(family):
         seq, got = Seq("p", SamplingParams(stop=stops)), None
         for k, t in enumerate(tokens, 1):
             seq.tokens.append(t)
-            if (cut := _find_stop(tok, seq)) is not None:
+            if (cut := find_stop(tok, seq)) is not None:
                 got = (k, cut)
                 break
         assert got == reference_stop(tok, tokens, stops), stops

@@ -25,7 +25,8 @@ from typer.testing import CliRunner  # noqa: E402
 from logitfusion import Fuser  # noqa: E402
 from logitfusion.bench import toy  # noqa: E402
 from logitfusion.cli import app  # noqa: E402
-from logitfusion.engine.decoding import Batch, SamplingParams  # noqa: E402
+from logitfusion.engine.decoding import Batch  # noqa: E402
+from logitfusion.engine.sampling import SamplingParams  # noqa: E402
 from logitfusion.eval.lm import (TASKS_DIR, EvalError, FusedLM, fused_logprobs, run_task,  # noqa: E402
                                     summarise, task_manager)
 

@@ -9,7 +9,8 @@ import torch
 from logitfusion import Fuser
 from logitfusion.bench import toy
 from logitfusion.engine import decoding
-from logitfusion.engine.decoding import Batch, SamplingParams, decode
+from logitfusion.engine.decoding import Batch, decode
+from logitfusion.engine.sampling import SamplingParams
 
 PROMPTS = ["Question: 3 plus 4? Answer:", "the cat sells", "a", "two dogs and three birds go to the river"]
 

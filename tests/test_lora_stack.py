@@ -10,8 +10,9 @@ import torch
 from logitfusion import Fuser
 from logitfusion.bench import toy
 from logitfusion.engine import stacking
-from logitfusion.engine.decoding import Batch, SamplingParams, decode
+from logitfusion.engine.decoding import Batch, decode
 from logitfusion.engine.models import Member
+from logitfusion.engine.sampling import SamplingParams
 from logitfusion.engine.stacking import StackedLoRALinear, StackError, stack_lora
 
 PROMPTS = ["Question: 3 plus 4? Answer:", "the cat sells", "a", "two dogs and three birds go to the river"]

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 from logitfusion.engine import limits
 from logitfusion.cli import app
-from logitfusion.engine.decoding import Batch, DecodingError, SamplingParams
+from logitfusion.engine.decoding import Batch
+from logitfusion.engine.sampling import DecodingError, SamplingParams
 from logitfusion.engine.fuser import Fuser
 from logitfusion.engine.models import LoadError
 from logitfusion.engine.recipe import Recipe, RecipeError

@@ -1,9 +1,10 @@
-"""Per-row sampling parameters (decoding.Rows): built when rows join or leave, not per step; one
+"""Per-row sampling parameters (sampling.Rows): built when rows join or leave, not per step; one
 draw of noise for the whole batch that still gives each sequence its own seeded stream."""
 
 import torch
 
-from logitfusion.engine.decoding import Batch, Rows, SamplingParams, Seq, sample, warp
+from logitfusion.engine.decoding import Batch, Seq
+from logitfusion.engine.sampling import Rows, SamplingParams, sample, warp
 
 PROMPTS = ["the cat", "a dog ran", "three plus four is", "once upon"]
 

@@ -22,7 +22,8 @@ import uvicorn
 import yaml
 
 from logitfusion import SamplingParams
-from logitfusion.engine.decoding import Batch, Seq, _find_stop
+from logitfusion.engine.decoding import Batch, Seq
+from logitfusion.engine.detokenize import find_stop
 from logitfusion.engine.fuser import Fuser
 from logitfusion.serve.server import CHAT_FALLBACK_STOP, Tracker, chat_prompt, create_app, holdback
 
@@ -280,7 +281,7 @@ def follow(tok, text, stop=()):
     tracker, pieces = Tracker(job, tok), []
     for t in tok(text)["input_ids"]:
         seq.tokens.append(t)
-        if stop and (cut := _find_stop(tok, seq)) is not None:
+        if stop and (cut := find_stop(tok, seq)) is not None:
             seq.finish_reason, seq.stop_at = "stop", cut
         delta = tracker.advance()
         if delta:

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from logitfusion.engine import stacking
-from logitfusion.engine.decoding import Batch, SamplingParams, decode
+from logitfusion.engine.decoding import Batch, decode
 from logitfusion.engine.models import Member
+from logitfusion.engine.sampling import SamplingParams
 from logitfusion.engine.stacking import StackError, stack_models
 
 PROMPTS = ["Question: 3 plus 4? Answer:", "the cat sells", "a", "two dogs and three birds go to the river"]

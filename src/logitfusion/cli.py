@@ -53,7 +53,7 @@ class UsageError(ValueError):
 
 
 def _user_errors():
-    from .engine.decoding import DecodingError
+    from .engine.sampling import DecodingError
     from .engine.models import LoadError
     from .engine.recipe import RecipeError
     from .eval.records import RecordsError
@@ -110,7 +110,8 @@ def _solver_from_flags(recipe, solver: Optional[str], alpha: list[float], grid: 
 
 def _check_generation(recipe, params: dict, seed: Optional[int], batch_size: int, speculate: Optional[int]) -> None:
     """Every generation option checked before any model loads (bounds: limits.py)."""
-    from .engine.decoding import check_batch_size, check_speculate
+    from .engine.sampling import check_batch_size
+    from .engine.speculation import check_speculate
     from .engine.fuser import sampling_params
     check_batch_size(batch_size)
     check_speculate(recipe.generation.speculate if speculate is None else speculate)
@@ -423,7 +424,7 @@ def eval_(
         from .eval import lm as ev
     except ImportError as e:
         _fail(f"{e}. `logitfusion eval` runs lm-evaluation-harness: pip install lm-eval")
-    from .engine.decoding import check_batch_size
+    from .engine.sampling import check_batch_size
     from .engine.recipe import Recipe
     from .eval.records import RecordWriter
     from .engine.solvers import parse_grid

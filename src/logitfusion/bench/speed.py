@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from ..engine.decoding import SamplingParams, decode, render
+from ..engine.decoding import decode, render
+from ..engine.sampling import SamplingParams
 from ..engine.fuser import Fuser
 from ..engine.fusion import fuse, kl
 from ..engine.solvers import Dynamic
@@ -182,19 +183,19 @@ def cache_cost(fuser, batch: int, n_tokens: int, device: str, repeats: int) -> d
     """Seconds per step of large alone and dynamic fusion over n_tokens, with the KV cache the
     loop uses (room reserved, written in place) and with transformers' DynamicCache (torch.cat
     every step). {solver: (reserved, cat)}"""
-    from ..engine import decoding
+    from ..engine import context
     from transformers import DynamicCache
     prompts = [f"Question: {i % 12} plus {(3 * i) % 12}? Answer:" for i in range(batch)]
-    reserved = decoding.reserved_cache
+    reserved = context.reserved_cache
     caches = {"reserved": reserved, "cat": lambda config, capacity: DynamicCache(config=config)}
 
     def run(solver: str, cache):
         def go():
-            decoding.reserved_cache = cache
+            context.reserved_cache = cache
             try:
                 fuser.generate(prompts, solver=solver, max_new_tokens=n_tokens, ignore_eos=True, batch_size=batch)
             finally:
-                decoding.reserved_cache = reserved
+                context.reserved_cache = reserved
         return go
 
     best = best_times({(solver, name): run(solver, cache) for solver in ("large", "dynamic")
@@ -228,7 +229,7 @@ def step_times(models, batch: int, variants: list[list[tuple[list, object]]], n_
 def steps(models, prompts: list[str], groups: list[tuple[list, object]], n_tokens: int, device: str):
     """A function that prefills `groups` and runs n_tokens cached steps; it returns the seconds of
     the steps alone."""
-    from ..engine.decoding import Context
+    from ..engine.context import Context
     tok = models.tokenizer
 
     @torch.no_grad()

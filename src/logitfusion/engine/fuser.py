@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Sequence
 
 from . import limits
-from .decoding import (DecodingError, Generation, SamplingParams, check_batch_size, check_speculate, decode,
-                       seeds_for)
+from .decoding import Generation, decode
 from .models import ModelSet, load_model_set
 from .recipe import Recipe
+from .sampling import DecodingError, SamplingParams, check_batch_size, seeds_for
 from .solvers import Solver
+from .speculation import check_speculate
 
 
 class Fuser:

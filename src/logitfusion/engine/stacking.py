@@ -2,7 +2,7 @@
 ONE batched forward on stacked weights.
 
 `stack_models(models)` returns a module with the Hugging Face model's own forward whose batch is
-member-major, G groups of b rows (as `decoding.Context` lays rows out), and where the rows of
+member-major, G groups of b rows (as `context.Context` lays rows out), and where the rows of
 group g use model g's weights: every Linear is one bmm over the groups, every Embedding one
 lookup in a [G * V, H] table, any other module with parameters (RMSNorm...) its own forward
 vmapped over the groups. Everything between (attention, rotary buffers, cache) is the original

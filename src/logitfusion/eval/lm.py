@@ -34,7 +34,8 @@ try:
 except ImportError as e:  # pragma: no cover - exercised by the CLI test with lm-eval hidden
     raise ImportError("logitfusion's evaluation needs lm-evaluation-harness: pip install lm-eval") from e
 
-from ..engine.decoding import Context, Retokenizer, Row, members_for, render
+from ..engine.context import Context, Retokenizer, Row
+from ..engine.decoding import members_for, render
 from ..engine.fuser import Fuser
 from ..engine.models import Member, ModelSet
 from ..engine.recipe import Recipe

@@ -41,7 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import limits
-from ..engine.decoding import Batch, DecodingError, SamplingParams, Seq, validate_prompts
+from ..engine.decoding import Batch, Seq, validate_prompts
+from ..engine.sampling import DecodingError, SamplingParams
 from ..engine.fuser import Fuser
 from ..engine.solvers import Choice, Solver, SolverError
 
