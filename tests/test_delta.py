@@ -338,7 +338,7 @@ def test_lm_eval_backend_scores_a_delta_like_decoding(cross_delta):
 def test_server_serves_a_delta_recipe(delta_recipe):
     from test_server import KEY, Server
 
-    from logitfusion.serve.server import create_app
+    from logitfusion.serve import create_app
     fuser = Fuser.from_recipe(delta_recipe)
     want = fuser.generate(["the cat sells"], max_new_tokens=6)[0].text
     with Server(create_app({"cmc": fuser}, api_key=KEY)) as s:

@@ -16,7 +16,7 @@ from logitfusion.bench.zoo import BUNDLED
 from logitfusion.engine.decoding import Seq
 from logitfusion.engine.detokenize import REPLACEMENT, Detokenizer, find_stop
 from logitfusion.engine.sampling import SamplingParams
-from logitfusion.serve.server import Tracker
+from logitfusion.serve.tracker import Tracker
 
 ZOO = BUNDLED / "models"
 TEXT = ("héllo ☃ 日本語 and 3 plus 4 makes 7. Ünïcödé — “quotes” 🙂🙃 ok, ça va? naïve café 中文 "

@@ -189,7 +189,7 @@ def test_eval_with_gguf_members(family, ggufs, gguf_fuser, fuser1, tmp_path):
 def test_serve_with_gguf_members(gguf_fuser, fuser1):
     from test_server import KEY, Server
 
-    from logitfusion.serve.server import create_app
+    from logitfusion.serve import create_app
     with Server(create_app({"fusion": gguf_fuser}, api_key=KEY)) as server:
         client = server.client()
         done = client.completions.create(model="fusion", prompt=PROMPTS[0], max_tokens=6)

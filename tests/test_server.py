@@ -25,7 +25,9 @@ from logitfusion import SamplingParams
 from logitfusion.engine.decoding import Batch, Seq
 from logitfusion.engine.detokenize import find_stop
 from logitfusion.engine.fuser import Fuser
-from logitfusion.serve.server import CHAT_FALLBACK_STOP, Tracker, chat_prompt, create_app, holdback
+from logitfusion.serve import create_app
+from logitfusion.serve.serving import CHAT_FALLBACK_STOP, chat_prompt
+from logitfusion.serve.tracker import Tracker, holdback
 
 KEY = "test-key-123"
 LIMIT = 64  # max_tokens_limit of the test server

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from logitfusion.engine import limits
 from logitfusion.engine.fuser import Fuser
-from logitfusion.serve.server import create_app
+from logitfusion.serve import create_app
 from test_server import KEY, Server, error_of, metrics, wait_for, write_recipe
 
 LIMIT = 8  # this server's max_tokens_limit: valid requests stay quick
@@ -136,7 +136,8 @@ def test_scheduler_fails_only_the_request_that_breaks(server, ref):
     the streams decoding meanwhile finish unchanged."""
     import asyncio
 
-    from logitfusion.serve.server import Job, build_solver
+    from logitfusion.serve.scheduler import Job
+    from logitfusion.serve.serving import build_solver
     scheduler, fuser = server.app.state.scheduler, server.app.state.fusers["fusion"]
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

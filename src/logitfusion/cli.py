@@ -354,7 +354,7 @@ def serve(
     import uvicorn
 
     from .engine.fuser import Fuser
-    from .serve.server import NAME_PATTERN, create_app
+    from .serve import NAME_PATTERN, create_app
 
     if not limits.MIN_PORT <= port <= limits.MAX_PORT:
         _fail(f"--port must be between {limits.MIN_PORT} and {limits.MAX_PORT}, got {port}")
