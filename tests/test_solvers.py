@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from logitfusion.engine.fusion import fuse, objective
+from logitfusion.engine.registry import parse_method
 from logitfusion.engine.solvers import (Alone, Choice, Dynamic, SolverError, Static, check_grid, grid_search,
-                                 make_grid, parse_grid, parse_method)
+                                 make_grid, parse_grid)
 
 GRID = make_grid(0.0, 2.0, 0.1)
 

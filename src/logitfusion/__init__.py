@@ -5,7 +5,8 @@ from .engine.fusion import fuse, kl_targets, objective
 from .engine.fuser import Fuser
 from .engine.models import LoadError, LoadOptions, VocabularyMismatchError
 from .engine.recipe import Recipe, RecipeError
-from .engine.solvers import Alone, Choice, Dynamic, SolverError, Static, parse_method
+from .engine.registry import parse_method
+from .engine.solvers import Alone, Choice, Dynamic, SolverError, Static
 
 __version__ = "0.1.0"
 __all__ = ["Fuser", "Recipe", "Generation", "SamplingParams", "StepTrace", "decode", "fuse", "objective",

@@ -20,14 +20,15 @@ import json
 import math
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from . import limits
+from . import limits, registry
 from .models import LoadOptions
-from .solvers import Alone, Delta, Dynamic, SolverError, Static, Solver, check_grid, make_grid, parse_method
+from .registry import parse_method
+from .solvers import SolverError, Solver, check_grid, make_grid
 
 
 class RecipeError(ValueError):
@@ -99,7 +100,7 @@ class GridSpec(_Strict):
 
 
 class SolverSpec(_Strict):
-    kind: Literal["dynamic", "static", "large", "expert", "delta"] = "dynamic"
+    kind: str = "dynamic"  # one of registry.kinds()
     weights: list[float] = [1.0]  # static: one per expert, or one for all
     grid: GridSpec | list[float] = GridSpec()
     strategy: Literal["fast", "joint"] = "fast"
@@ -108,6 +109,13 @@ class SolverSpec(_Strict):
 
     def grid_values(self) -> list[float]:
         return self.grid.values() if isinstance(self.grid, GridSpec) else [float(a) for a in self.grid]
+
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in registry.kinds():
+            raise ValueError(f"unknown solver kind {v!r}; use one of {', '.join(registry.kinds())}")
+        return v
 
     @model_validator(mode="after")
     def _check(self):
@@ -158,22 +166,15 @@ class Recipe(_Strict):
         if "solver" not in self.model_fields_set and not self.experts:
             # nothing to fuse: the delta model on the large one, else the large model alone
             self.solver = SolverSpec(kind="delta" if self.delta else "large")
-        if self.solver.kind == "delta" and self.delta is None:
-            raise ValueError("solver kind 'delta' needs a `delta` section: {path: DELTA_MODEL, strength: 1.0}")
         if self.experts and self.small is None:
             raise ValueError("experts need the small base model they were fine-tuned from: add `small`")
         names = [e.name for e in self.experts]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"expert names must be unique; repeated: {dup}")
-        if self.solver.kind in ("dynamic", "static") and not self.experts:
-            raise ValueError(f"solver kind {self.solver.kind!r} needs at least one expert "
-                             "(or use kind: large)")
-        if self.solver.kind == "static" and len(self.solver.weights) not in (1, len(self.experts)):
-            raise ValueError(f"solver.weights has {len(self.solver.weights)} values for "
-                             f"{len(self.experts)} experts; give one per expert or one for all")
-        if self.solver.kind == "expert" and self.solver.expert not in names:
-            raise ValueError(f"solver.expert {self.solver.expert!r} is not one of the experts {names}")
+        problem = registry.check_recipe(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
     # -- files
@@ -238,20 +239,26 @@ class Recipe(_Strict):
 
     # -- what the recipe builds
 
+    def with_overrides(self, *, load: dict[str, Any] | None = None, solver: dict[str, Any] | None = None,
+                       **fields: Any) -> "Recipe":
+        """This recipe with some settings replaced, validated again. `load` and `solver` update
+        those sections key by key, where a value of None keeps the recipe's (so that unset command
+        line options change nothing); other keywords replace whole top-level fields."""
+        data = self.model_dump() | fields
+        for section, changes in (("load", load), ("solver", solver)):
+            data[section] = data[section] | {k: v for k, v in (changes or {}).items() if v is not None}
+        return Recipe.from_dict(data, source="recipe")
+
     def build_solver(self) -> Solver:
-        s = self.solver
+        """The recipe's solver, built from its method string by the registry's parser."""
         try:
-            if s.kind == "static":
-                return Static(list(s.weights))
-            if s.kind == "dynamic":
-                return Dynamic(s.grid_values(), strategy=s.strategy, a_max=s.a_max)
-            if s.kind == "large":
-                return Alone("large")
-            if s.kind == "delta":
-                return Delta(self.delta.strength)
-            return Alone("expert", [e.name for e in self.experts].index(s.expert))
+            return self.method(self.method_spec())
         except SolverError as e:
             raise RecipeError(f"solver: {e}") from None
+
+    def method_spec(self) -> str:
+        """The solver section as a method string ("static:0.5,1.5", "expert:math", "dynamic")."""
+        return registry.recipe_method(self)
 
     @property
     def delta_strength(self) -> float | None:

@@ -301,52 +301,6 @@ class Delta(Solver):
         return Choice(z_user.float().log_softmax(-1) + self.strength * z_delta.float())
 
 
-def parse_method(spec: str, expert_names: Sequence[str], grid: Sequence[float] | None = None,
-                 strategy: str | None = None, a_max: float | None = None,
-                 delta_strength: float | None = None) -> Solver:
-    """A solver from a short spec, as used by the CLI and evaluation:
-
-    "large" | "expert" (the first expert) | "expert:NAME" | "static" (a = 1) | "static:0.5" |
-    "static:0.5,1.0" (one per expert) | "dynamic" | "dynamic:fast" | "dynamic:joint" |
-    "delta" (the recipe's strength, `delta_strength`, else 1) | "delta:0.5"
-    """
-    kind, _, arg = spec.strip().partition(":")
-    if kind == "delta":
-        try:
-            solver = Delta(float(arg) if arg else (1.0 if delta_strength is None else delta_strength))
-        except ValueError:
-            raise SolverError(f"bad strength in {spec!r}; write e.g. delta or delta:0.5") from None
-        solver.check(len(expert_names))
-        if abs(solver.strength) > MAX_WEIGHT:  # overflows the fused logits, as a weight would
-            raise SolverError(f"delta strength must be between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}, got {solver.strength}")
-        return solver
-    if kind == "large" and not arg:
-        return Alone("large")
-    if kind == "expert":
-        if not expert_names:
-            raise SolverError("method 'expert' needs at least one expert")
-        name = arg or expert_names[0]
-        if name not in expert_names:
-            raise SolverError(f"unknown expert {name!r} in method {spec!r}; experts: {list(expert_names)}")
-        return Alone("expert", list(expert_names).index(name))
-    if kind == "static":
-        try:
-            weights = [float(w) for w in arg.split(",")] if arg else [1.0]
-        except ValueError:
-            raise SolverError(f"bad weights in {spec!r}; write e.g. static:1.0 or static:0.5,1.5") from None
-        solver = Static(weights)
-        solver.check(len(expert_names))
-        return solver
-    if kind == "dynamic":
-        strategy = arg or strategy or "fast"
-        kwargs = {"grid": list(grid)} if grid is not None else {}
-        solver = Dynamic(strategy=strategy, a_max=a_max, **kwargs)
-        solver.check(len(expert_names))
-        return solver
-    raise SolverError(f"unknown method {spec!r}; use large, expert[:NAME], static[:a,...], dynamic[:fast|joint], "
-                      "delta[:a]")
-
-
 def parse_grid(text: str) -> list[float]:
     """'0:2:0.1' (start:stop:step, inclusive) or '0,0.5,1' (explicit values)."""
     try:

@@ -1,0 +1,107 @@
+"""The solver registry is the one list of solver kinds: the CLI help, the recipe schema, the method
+grammar and the server all accept exactly the registered kinds."""
+
+import importlib
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from logitfusion.cli import app
+from logitfusion.engine import registry
+from logitfusion.engine.recipe import Recipe, RecipeError
+from logitfusion.engine.solvers import Alone, Delta, Dynamic, SolverError, Static
+
+KINDS = {"large", "expert", "static", "dynamic", "delta"}
+NAMES = ["math", "qa"]
+
+
+def _recipe(kind: str, **solver) -> Recipe:
+    data = {"large": {"path": "L"}, "small": {"path": "S"}, "delta": {"path": "D", "strength": 0.5},
+            "experts": [{"name": n, "path": n} for n in NAMES], "solver": {"kind": kind, **solver}}
+    if kind == "expert":
+        data["solver"].setdefault("expert", "qa")
+    return Recipe.from_dict(data)
+
+
+def test_the_registry_lists_every_kind_once():
+    assert set(registry.kinds()) == KINDS and len(registry.kinds()) == len(KINDS)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(registry.get("large"))
+    with pytest.raises(SolverError, match="unknown solver kind 'magic'"):
+        registry.get("magic")
+
+
+def _help_kinds(args: list[str], option: str) -> set[str]:
+    """The method kinds an option's help text names (the words before ':' '[' '(' or ',')."""
+    text = CliRunner().invoke(app, args + ["--help"], env={"COLUMNS": "400", "TERM": "dumb"}).output
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+    start = text.index(option)
+    help_text = text[start: text.index(" --", start + len(option))]
+    return {w for w in re.findall(r"[\s,]([a-z]+)(?=[:\[(,. ]|$)", help_text) if w in KINDS | {"magic"}}
+
+
+@pytest.mark.parametrize("args,option", [(["generate"], "--solver"), (["eval"], "--methods")])
+def test_cli_help_names_exactly_the_registered_kinds(args, option):
+    assert _help_kinds(args, option) == set(registry.kinds())
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_the_recipe_schema_and_the_method_grammar_accept_each_kind(kind):
+    recipe = _recipe(kind)
+    assert recipe.solver.kind == kind
+    built = recipe.build_solver()
+    again = recipe.method(recipe.method_spec())  # the recipe's solver round-trips through the grammar
+    assert type(built) is type(again) and vars(built).keys() == vars(again).keys()
+    assert type(registry.parse_method(kind, NAMES, delta_strength=0.5)) is type(built)
+
+
+def test_the_recipe_schema_refuses_an_unregistered_kind():
+    with pytest.raises(RecipeError, match=r"solver.kind.*unknown solver kind 'magic'; use one of "
+                                          + ", ".join(registry.kinds())):
+        _recipe("magic")
+
+
+def test_both_spellings_of_a_method_are_one_method():
+    a = registry.parse_method("static:0.5,1.5", NAMES)
+    b = registry.parse_method("static:0.5+1.5", NAMES)
+    assert isinstance(a, Static) and list(a.weights) == list(b.weights) == [0.5, 1.5]
+    assert registry.split_method(" static:0.5+1.5 ") == ("static", "0.5,1.5")
+    assert isinstance(registry.parse_method("dynamic:joint", NAMES), Dynamic)
+    assert registry.parse_method("expert:qa", NAMES).expert == 1
+    assert registry.parse_method("delta", NAMES, delta_strength=0.5).strength == 0.5
+    assert isinstance(registry.parse_method("large", NAMES), Alone)
+    assert isinstance(registry.parse_method("delta:2", NAMES), Delta)
+
+
+def test_recipe_method_spec_spells_out_the_solver_section():
+    assert _recipe("static", weights=[0.5, 1.5]).method_spec() == "static:0.5,1.5"
+    assert _recipe("expert", expert="math").method_spec() == "expert:math"
+    assert _recipe("dynamic").method_spec() == "dynamic"
+
+
+def _server_module():
+    """The module of the server's solver building (serve/ is being split into modules)."""
+    for name in ("logitfusion.serve.serving", "logitfusion.serve.server"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "build_solver"):
+            return module
+    pytest.skip("no build_solver in logitfusion.serve")
+
+
+def test_the_server_accepts_exactly_the_registered_kinds(fuser):
+    server = _server_module()
+    for kind in registry.kinds():
+        _, solver, spec, _ = server.build_solver(fuser, server.FusionOptions(solver=kind))
+        assert spec == kind and type(solver) is type(registry.parse_method(kind, fuser.expert_names))
+        subset = server.FusionOptions(solver=kind, experts=fuser.expert_names[:1])
+        if registry.get(kind).fuses_experts:
+            assert server.build_solver(fuser, subset)[3] == fuser.expert_names[:1]
+        else:
+            with pytest.raises(server.APIError, match="fusion.experts"):
+                server.build_solver(fuser, subset)
+    with pytest.raises(server.APIError, match="unknown method 'magic'"):
+        server.build_solver(fuser, server.FusionOptions(solver="magic"))
