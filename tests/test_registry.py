@@ -1,7 +1,6 @@
 """The solver registry is the one list of solver kinds: the CLI help, the recipe schema, the method
 grammar and the server all accept exactly the registered kinds."""
 
-import importlib
 import re
 
 import pytest
@@ -80,28 +79,20 @@ def test_recipe_method_spec_spells_out_the_solver_section():
     assert _recipe("dynamic").method_spec() == "dynamic"
 
 
-def _server_module():
-    """The module of the server's solver building (serve/ is being split into modules)."""
-    for name in ("logitfusion.serve.serving", "logitfusion.serve.server"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(module, "build_solver"):
-            return module
-    pytest.skip("no build_solver in logitfusion.serve")
-
-
 def test_the_server_accepts_exactly_the_registered_kinds(fuser):
-    server = _server_module()
+    from logitfusion.serve.protocol import APIError, FusionOptions
+    from logitfusion.serve.serving import build_solver
     for kind in registry.kinds():
-        _, solver, spec, _ = server.build_solver(fuser, server.FusionOptions(solver=kind))
+        _, solver, spec, _ = build_solver(fuser, FusionOptions(solver=kind))
         assert spec == kind and type(solver) is type(registry.parse_method(kind, fuser.expert_names))
-        subset = server.FusionOptions(solver=kind, experts=fuser.expert_names[:1])
-        if registry.get(kind).fuses_experts:
-            assert server.build_solver(fuser, subset)[3] == fuser.expert_names[:1]
+        subset = FusionOptions(solver=kind, experts=fuser.expert_names[:1])
+        if kind in registry.expert_subset_kinds():
+            assert build_solver(fuser, subset)[3] == fuser.expert_names[:1]
         else:
-            with pytest.raises(server.APIError, match="fusion.experts"):
-                server.build_solver(fuser, subset)
-    with pytest.raises(server.APIError, match="unknown method 'magic'"):
-        server.build_solver(fuser, server.FusionOptions(solver="magic"))
+            with pytest.raises(APIError, match="fusion.experts applies to the static and dynamic solvers"):
+                build_solver(fuser, subset)
+    assert set(registry.expert_subset_kinds()) == {k for k in registry.kinds() if registry.get(k).fuses_experts}
+    with pytest.raises(APIError, match="unknown method 'magic'"):
+        build_solver(fuser, FusionOptions(solver="magic"))
+    # both spellings of a method reach the server too
+    assert list(build_solver(fuser, FusionOptions(solver="static:0.5+1.5+1"))[1].weights) == [0.5, 1.5, 1.0]

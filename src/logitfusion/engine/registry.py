@@ -66,6 +66,11 @@ def get(name: str) -> SolverKind:
         raise SolverError(f"unknown solver kind {name!r}; use {', '.join(_KINDS)}") from None
 
 
+def expert_subset_kinds() -> tuple[str, ...]:
+    """The kinds that weigh experts, and so may fuse a subset of them (the server's fusion.experts)."""
+    return tuple(k.name for k in _KINDS.values() if k.fuses_experts)
+
+
 def grammar() -> str:
     return ", ".join(k.syntax for k in _KINDS.values())
 

@@ -13,7 +13,7 @@ from typing import Literal
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..engine import limits
+from ..engine import limits, registry
 from ..engine.fuser import Fuser
 from ..engine.sampling import DecodingError, SamplingParams
 from ..engine.solvers import Choice, Solver, SolverError
@@ -57,9 +57,10 @@ def build_solver(fuser: Fuser, options: FusionOptions | None) -> tuple[tuple, So
     subset = options.experts if options else None
     try:
         if subset is not None:
-            kind = spec.partition(":")[0] or fuser.recipe.solver.kind
-            if kind not in ("dynamic", "static"):
-                raise SolverError(f"fusion.experts applies to the dynamic and static solvers, not {kind!r}")
+            kind = registry.split_method(spec)[0] or fuser.recipe.solver.kind
+            if kind not in registry.expert_subset_kinds():
+                raise SolverError(f"fusion.experts applies to the {' and '.join(registry.expert_subset_kinds())} "
+                                  f"solvers, not {kind!r}")
             unknown = [e for e in subset if e not in names]
             if unknown or not subset or len(set(subset)) != len(subset):
                 raise SolverError(f"fusion.experts must be distinct names among {names}; got {subset}")
