@@ -66,6 +66,8 @@ def test_both_spellings_of_a_method_are_one_method():
     b = registry.parse_method("static:0.5+1.5", NAMES)
     assert isinstance(a, Static) and list(a.weights) == list(b.weights) == [0.5, 1.5]
     assert registry.split_method(" static:0.5+1.5 ") == ("static", "0.5,1.5")
+    assert registry.split_method("static:1e+3+2.+.5+-1") == ("static", "1e+3,2.,.5,-1")  # signs stay
+    assert list(registry.parse_method("static:1e+2+2", NAMES).weights) == [100.0, 2.0]
     assert isinstance(registry.parse_method("dynamic:joint", NAMES), Dynamic)
     assert registry.parse_method("expert:qa", NAMES).expert == 1
     assert registry.parse_method("delta", NAMES, delta_strength=0.5).strength == 0.5

@@ -8,11 +8,12 @@ the server all read this table, so adding a solver is a class in solvers.py plus
 
 Method grammar: KIND or KIND:ARG. Values inside ARG are separated by "," or "+" (the same
 thing: "+" exists because eval's --methods is itself a comma-separated list), so
-static:0.5,1.5 and static:0.5+1.5 are one method.
+static:0.5,1.5 and static:0.5+1.5 are one method; a "+" that is a sign (1e+38, +1.5) stays one.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -75,10 +76,14 @@ def grammar() -> str:
     return ", ".join(k.syntax for k in _KINDS.values())
 
 
+# "+" after a digit or a point ends a value; elsewhere it is a sign: 1e+38, +1.5.
+_PLUS_SEPARATOR = re.compile(r"(?<=[0-9.])\+")
+
+
 def split_method(spec: str) -> tuple[str, str]:
-    """(kind, argument) of a method string, with "+" read as ","."""
+    """(kind, argument) of a method string, with a "+" that separates values read as ","."""
     kind, _, arg = spec.strip().partition(":")
-    return kind, arg.replace("+", ",")
+    return kind, _PLUS_SEPARATOR.sub(",", arg)
 
 
 def parse_method(spec: str, expert_names: Sequence[str], grid: Sequence[float] | None = None,
