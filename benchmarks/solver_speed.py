@@ -29,6 +29,7 @@ import time
 import torch
 
 from logitfusion.engine import search
+from logitfusion.engine.compat import forward, returned_cache
 from logitfusion.engine.fusion import objective
 from logitfusion.engine.solvers import grid_search, make_grid, one_expert_candidates
 
@@ -50,12 +51,12 @@ def floor_forward(batch: int, vocab: int = 49152):
     model = LlamaForCausalLM(cfg).eval()
     prompt = torch.randint(0, vocab, (batch, 32))
     with torch.no_grad():
-        cache = model(prompt, use_cache=True).past_key_values
+        cache = returned_cache(model(prompt, use_cache=True))
     token = torch.randint(0, vocab, (batch, 1))
 
     def step():
         with torch.no_grad():
-            model(token, past_key_values=cache, use_cache=True)
+            forward(model, cache=cache, input_ids=token, use_cache=True)
         cache.crop(-1)  # back to the prompt: every timed step sees the same context
     return step
 

@@ -3,6 +3,7 @@ module against PEFT's mixed-adapter batch and each adapter alone, decoding token
 against separate forwards, and refusals falling back to PEFT's mixed-adapter batch."""
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -124,12 +125,15 @@ def test_refuses_what_it_does_not_compute_exactly(family, tmp_path, config, mess
         stack_lora(peft, ["__base__", "nope"])
 
 
-def test_refused_stack_falls_back_to_peft_mixed_batch(family, tmp_path, monkeypatch):
+def test_refused_stack_falls_back_to_peft_mixed_batch(family, tmp_path, monkeypatch, caplog):
     # lora_bias: PEFT's mixed-adapter batch runs it, the stack does not.
     odd = adapter(family["small"], tmp_path / "bias", 14, lora_bias=True)
     fuser = Fuser.from_pretrained(family["large"], family["small"], {"lora1": family["experts"]["lora1"], "odd": odd})
     solver = fuser.method("dynamic")
-    batch = Batch(fuser.models, solver)
+    with caplog.at_level(logging.WARNING, logger="logitfusion"):
+        batch = Batch(fuser.models, solver)
+    said = [r.getMessage() for r in caplog.records if r.name == "logitfusion"]
+    assert len(said) == 1 and "LoRA adapters lora1, odd cannot be stacked" in said[0] and "lora_bias" in said[0], said
     assert [[m.role for m in g] for g in batch.groups] == [["large"], ["small", "expert:lora1", "expert:odd"]]
     assert batch.modules[1] is fuser.models.small.model
     params = SamplingParams(max_new_tokens=6)

@@ -26,7 +26,8 @@ from logitfusion.engine.fuser import Fuser
 from logitfusion.engine.models import LoadError
 from logitfusion.engine.recipe import Recipe, RecipeError
 from logitfusion.eval.records import RecordWriter
-from logitfusion.engine.solvers import SolverError, Static, make_grid, parse_grid, parse_method
+from logitfusion.engine.registry import parse_method
+from logitfusion.engine.solvers import SolverError, Static, make_grid, parse_grid
 
 runner = CliRunner()
 SETTINGS = dict(derandomize=True, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

@@ -2,6 +2,7 @@
 the originals after stacking, the grouping in Batch, refusals, and decoding token for token."""
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -69,7 +70,7 @@ def test_vmapped_leaves_equal_the_specialised_ones(monkeypatch):
     models = [tiny_llama(seed) for seed in (1, 2, 3)]
     ids = torch.tensor([[1, 5, 9, 3], [2, 4, 6, 8]])
     fast = stack_models(models)(input_ids=ids.repeat(3, 1)).logits
-    monkeypatch.setattr(stacking, "_is_llama_rmsnorm", lambda m: False)
+    monkeypatch.setattr(stacking, "is_llama_rmsnorm", lambda m: False)
     vmapped = stack_models(models)
     assert isinstance(vmapped.model.norm, stacking.StackedModule)
     assert torch.allclose(vmapped(input_ids=ids.repeat(3, 1)).logits, fast, atol=1e-6)
@@ -125,12 +126,20 @@ def test_grouping(full_fuser, fuser, fuser1):
     assert len(Batch(full_fuser.models, full_fuser.method("dynamic"), share_forwards=False).groups) == 4
 
 
-def test_refused_stack_falls_back_to_separate_forwards(full_fuser, family, monkeypatch):
+def test_refused_stack_falls_back_to_separate_forwards(full_fuser, family, monkeypatch, caplog):
     odd = load(family["experts"]["expert1"])
     odd.config.rms_norm_eps = 1e-3  # the config differs (the module does not: decoding stays equal)
     models = dataclasses.replace(full_fuser.models, experts=[Member("expert:odd", odd)], stacks={})
     solver = full_fuser.method("dynamic")
-    assert roles(Batch(models, solver)) == [["large"], ["small"], ["expert:odd"]]
+    with caplog.at_level(logging.WARNING, logger="logitfusion"):
+        assert roles(Batch(models, solver)) == [["large"], ["small"], ["expert:odd"]]
+    # The fallback is said, with the reason, once (the refusal is remembered).
+    said = [r.getMessage() for r in caplog.records if r.name == "logitfusion"]
+    assert len(said) == 1 and "small, expert:odd cannot share one stacked forward" in said[0] \
+        and "rms_norm_eps" in said[0], said
+    caplog.clear()
+    Batch(models, solver)
+    assert not [r for r in caplog.records if r.name == "logitfusion"]
     params = SamplingParams(max_new_tokens=6)
     assert [g.token_ids for g in decode(models, PROMPTS, solver, params)] == \
         [g.token_ids for g in decode(models, PROMPTS, solver, params, share_forwards=False)]

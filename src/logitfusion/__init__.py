@@ -1,11 +1,12 @@
 """logitfusion: fuse small fine-tuned experts into a large model's logits at every decoding step."""
 
-from .engine.decoding import DecodingError, Generation, SamplingParams, StepTrace, decode
+from .engine.decoding import Generation, StepTrace, decode
 from .engine.fusion import fuse, kl_targets, objective
 from .engine.fuser import Fuser
 from .engine.models import LoadError, LoadOptions, VocabularyMismatchError
 from .engine.recipe import Recipe, RecipeError
 from .engine.registry import parse_method
+from .engine.sampling import DecodingError, SamplingParams
 from .engine.solvers import Alone, Choice, Dynamic, SolverError, Static
 
 __version__ = "0.1.0"

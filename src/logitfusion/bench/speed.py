@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.compat import forward, returned_cache
 from ..engine.decoding import decode, render
 from ..engine.sampling import SamplingParams
 from ..engine.fuser import Fuser
@@ -139,10 +140,10 @@ def naive_dynamic(models, prompts: list[str], n_tokens: int, grid: list[float]) 
             ids, mask, cache = state[m.role]
             step_ids = ids if cache is None else ids[:, -1:]
             pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, -step_ids.shape[1]:]
-            res = m.model(input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+            res = forward(m.model, cache=cache, input_ids=step_ids, attention_mask=mask, position_ids=pos,
                           use_cache=True, **m.forward_kwargs(len(prompts)))
             z[m.role] = res.logits[:, -1, : models.vocab_size].float()
-            state[m.role] = (ids, mask, res.past_key_values)
+            state[m.role] = (ids, mask, returned_cache(res))
         zl, zs = z[models.large.role], z[models.small.role]
         ze = torch.stack([z[m.role] for m in models.experts], 1)
         log_p, log_q = zl.log_softmax(-1), zs.log_softmax(-1)

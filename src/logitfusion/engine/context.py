@@ -5,7 +5,6 @@ following the user's text (`Retokenizer`, one `Row` per sequence).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .compat import forward, left_pad_cache, merge_caches, reserved_cache, select_cache
 from .models import Member
 
 # ---------------------------------------------------------------- members with another tokenizer
@@ -60,51 +60,6 @@ class Retokenizer:
 
 
 # ---------------------------------------------------------------- one model's context and cache
-
-@functools.cache
-def _reserved_layer():
-    from transformers.cache_utils import DynamicLayer
-
-    class ReservedLayer(DynamicLayer):
-        """Keys and values live in a buffer with room for the whole context: a step writes its
-        position in place, where DynamicLayer's torch.cat copies the whole cache every step
-        (steps 1.2x faster at batch 8 over 400 tokens on the zoo, CPU; `bench speed`). They stay
-        views of that buffer; code that replaces them (rows joining or leaving) gets a new
-        buffer at the next update."""
-
-        def __init__(self, capacity: int):
-            super().__init__()
-            self.capacity, self.buffer = capacity, None
-
-        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n, t = (self.keys.shape[-2] if self.keys.dim() == 4 else 0), key_states.shape[-2]
-            k, v = self.buffer or (None, None)
-            if (k is None or self.keys.data_ptr() != k.data_ptr() or self.keys.shape[:-2] != k.shape[:-2]
-                    or n + t > k.shape[-2]):
-                shape = (*key_states.shape[:-2], max(self.capacity, 2 * (n + t)), key_states.shape[-1])
-                k, v = key_states.new_empty(shape), value_states.new_empty(shape)
-                if n:
-                    k[..., :n, :], v[..., :n, :] = self.keys, self.values
-                self.buffer = (k, v)
-            k[..., n:n + t, :], v[..., n:n + t, :] = key_states, value_states
-            self.keys, self.values = k[..., :n + t, :], v[..., :n + t, :]
-            return self.keys, self.values
-
-    return ReservedLayer
-
-
-def reserved_cache(config, capacity: int):
-    """A DynamicCache whose plain layers reserve room for `capacity` positions up front (see
-    ReservedLayer). Other layer kinds (sliding windows...) are left as transformers makes them."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-    cache = DynamicCache(config=config)
-    if all(type(layer) is DynamicLayer for layer in cache.layers):
-        cache.layers = [_reserved_layer()(capacity) for _ in cache.layers]
-    return cache
-
 
 class Context:
     """Token buffers, attention mask and KV cache of one model module, left padded.
@@ -160,8 +115,8 @@ class Context:
         if self.members[0].adapter is not None and self.model is self.members[0].model:
             # PEFT's mixed-adapter batch picks each row's adapter; a stacked-LoRA module knows its groups.
             adapters["adapter_names"] = [m.adapter for m in self.members for _ in range(self.seqs)]
-        out = self.model(input_ids=self.ids[:, start: self.length], attention_mask=mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=self.use_cache, logits_to_keep=keep, **adapters)
+        out = forward(self.model, cache=self.cache, input_ids=self.ids[:, start: self.length], attention_mask=mask,
+                      position_ids=positions, use_cache=self.use_cache, logits_to_keep=keep, **adapters)
         logits = out.logits[:, -keep:, : self.vocab]  # padded embedding rows dropped
         if self.retok is not None:  # into the user's vocabulary: a gather, 0 where unmapped
             logits = logits.index_select(-1, self._index.clamp_min(0)).masked_fill(self._index < 0, 0)
@@ -233,18 +188,7 @@ class Context:
             return
         self.ids, self.mask = F.pad(self.ids, (n, 0)), F.pad(self.mask, (n, 0))
         self.length += n
-        for layer in self._layers():
-            layer.keys = F.pad(layer.keys, (0, 0, n, 0))
-            layer.values = F.pad(layer.values, (0, 0, n, 0))
-
-    def _layers(self):
-        if self.cache is None:
-            return []
-        layers = self.cache.layers
-        if any(type(layer).__name__ not in ("DynamicLayer", "ReservedLayer") for layer in layers):
-            raise NotImplementedError("joining a running batch needs a plain dynamic KV cache "
-                                      f"({self.members[0].role} uses {type(layers[0]).__name__})")
-        return layers
+        left_pad_cache(self.cache, n, self.members[0].role)
 
     def merge(self, other: "Context") -> None:
         """Add other's sequences after ours (both keep their own left padding)."""
@@ -262,9 +206,7 @@ class Context:
         if self.rows is not None:
             both = self.rows + other.rows
             self.rows = [both[i] for i in order.tolist()]
-        for mine, theirs in zip(self._layers(), other._layers()):
-            mine.keys = torch.cat([mine.keys, theirs.keys])[order]
-            mine.values = torch.cat([mine.values, theirs.values])[order]
+        merge_caches(self.cache, other.cache, order, self.members[0].role)
 
     def select(self, seqs: Tensor) -> None:
         """Keep only these sequences, and drop leading columns that no remaining row uses."""
@@ -276,6 +218,5 @@ class Context:
         used = self.mask[:, : self.length].any(0).nonzero()
         start = int(used[0]) if len(used) else 0
         self.ids, self.mask, self.length = self.ids[:, start:], self.mask[:, start:], self.length - start
-        for layer in self._layers():
-            layer.keys, layer.values = layer.keys[rows, :, start:], layer.values[rows, :, start:]
+        select_cache(self.cache, rows, start, self.members[0].role)
 

@@ -20,12 +20,13 @@ import torch
 from torch import Tensor
 
 from . import limits
+from .compat import warn_once
 from .context import Context, Retokenizer
 from .detokenize import Detokenizer, find_stop
 from .models import Member, ModelSet
 from .sampling import DecodingError, Rows, SamplingParams, pick_tokens, seeds_for
 from .solvers import Choice, Solver, SolverError
-from .speculation import can_speculate, check_speculate, speculative_round
+from .speculation import can_speculate, check_speculate, refusal, speculative_round
 from .stacking import lora_stack, shared_stack
 
 TOP_TOKENS = 5  # tokens per model shown in a trace
@@ -223,6 +224,10 @@ class Batch:
         self.speculate = speculate  # draft length k; 0 or 1 = plain decoding (greedy fusion only)
         self.members = members_for(models, solver)
         self.groups, self.modules, self.retoks = plan_forwards(models, self.members, share_forwards)
+        why_not = refusal(self)
+        self.speculative = why_not is None  # whether speculate > 1 runs speculative rounds
+        if speculate > 1 and why_not:
+            warn_once(f"speculate={speculate} ignored, decoding one token per step: {why_not}")
         self.device = self.members[0].device  # where fusion happens
         tok = models.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compat import gguf_architectures
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -211,19 +213,6 @@ def gguf_file(path: str | Path, role: str) -> Path | None:
     return found[0] if found else None
 
 
-def _gguf_architectures() -> set[str] | None:
-    """The GGUF architectures transformers turns into a causal LM (its own names and llama.cpp's
-    spellings of them, qwen2moe, gpt-oss...); None when this transformers does not say."""
-    try:
-        from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-        from transformers.integrations.gguf import GGUF_CONFIG_ARCHS
-    except ImportError:
-        return None
-    names = set(GGUF_CONFIG_MAPPING) | set(GGUF_CONFIG_ARCHS)
-    names |= {n.replace("_", "") for n in names} | {n.replace("_", "-") for n in names}
-    return names - {"general", "tokenizer", "t5", "umt5", "t5encoder"}  # encoder-decoders: not causal LMs
-
-
 @lru_cache(maxsize=None)
 def _dequantisable(qtype) -> bool:
     import numpy as np
@@ -267,7 +256,7 @@ def inspect_gguf(f: Path, role: str) -> GgufInfo:
         raise LoadError(f"{role}: {str(f)!r} is truncated: its tensors need {max(ends)} bytes but the file has "
                         f"{size}; {_GGUF_FIX}")
     arch = _gguf_field(reader, "general.architecture")
-    known = _gguf_architectures()
+    known = gguf_architectures()
     if known is not None and arch not in known:
         raise LoadError(f"{role}: {str(f)!r} is a GGUF of architecture {arch!r}, which transformers cannot load as "
                         f"a causal LM (it reads {', '.join(sorted(known))}); use a model of one of those, or its "

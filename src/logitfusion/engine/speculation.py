@@ -27,11 +27,19 @@ def check_speculate(speculate) -> None:
         raise DecodingError(problem)
 
 
+def refusal(batch: Batch) -> str | None:
+    """Why this batch's solver and members cannot run speculative rounds, or None."""
+    if not (batch.solver.uses_large and batch.solver.uses_small and len(batch.members) > 2):
+        return "speculation needs a method that reads the large model, the small one and an expert"
+    if not any(len(group) == 1 and group[0] is batch.models.large for group in batch.groups):
+        return "the large model does not run a forward of its own"
+    if any(m.foreign for m in batch.members):  # drafts are not re-tokenised
+        return "a member has a tokenizer of its own"
+    return None
+
+
 def can_speculate(batch: Batch) -> bool:
-    large_alone = any(ctx.members == [batch.models.large] for ctx in batch.contexts)
-    return (batch.speculate > 1 and batch.solver.uses_large and batch.solver.uses_small and large_alone
-            and len(batch.members) > 2
-            and not any(m.foreign for m in batch.members))  # drafts are not re-tokenised
+    return batch.speculate > 1 and batch.speculative
 
 
 def speculative_round(batch: Batch) -> list[tuple[Seq, int]]:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .compat import is_llama_rmsnorm, log, lora_adapters, lora_factors, lora_layer_classes, plain_lora_problem
 from .models import Member, ModelSet
 
 
@@ -127,16 +128,6 @@ class StackedRMSNorm(nn.Module):
         return (w * h).flatten(0, 1)
 
 
-def _is_llama_rmsnorm(m: nn.Module) -> bool:
-    """Modules whose forward is exactly LlamaRMSNorm's (Llama, Mistral, Qwen2/3 copy it verbatim;
-    Gemma's 1 + weight variant does not match and is vmapped instead)."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-    f, ref = type(m).forward, LlamaRMSNorm.forward
-    return (f is ref or (f.__code__.co_code == ref.__code__.co_code and f.__code__.co_names == ref.__code__.co_names
-                         and f.__code__.co_consts == ref.__code__.co_consts)) \
-        and hasattr(m, "variance_epsilon") and [n for n, _ in m.named_parameters()] == ["weight"]
-
-
 # ---------------------------------------------------------------- checks
 
 def _canonical_names(model: nn.Module) -> dict[str, str]:
@@ -222,7 +213,7 @@ def stack_models(models: list[nn.Module], names: list[str] | None = None) -> nn.
             new = StackedLinear(params["weight"], params.get("bias"))
         elif type(module) is nn.Embedding and module.max_norm is None:
             new = StackedEmbedding(params["weight"])
-        elif _is_llama_rmsnorm(module):
+        elif is_llama_rmsnorm(module):
             new = StackedRMSNorm(params["weight"], module.variance_epsilon)
         else:
             if not path:
@@ -231,6 +222,9 @@ def stack_models(models: list[nn.Module], names: list[str] | None = None) -> nn.
         parent, _, child = path.rpartition(".")
         setattr(out.get_submodule(parent), child, new)
         done.append(path)
+    vmapped = sorted({type(m._inner[0]).__name__ for m in out.modules() if isinstance(m, StackedModule)})
+    if vmapped:
+        log.info("stacked forward: %s run vmapped (slower than a specialised stacked module)", ", ".join(vmapped))
     return out
 
 
@@ -262,26 +256,6 @@ class StackedLoRALinear(nn.Module):
         return y + torch.bmm(h, self.b.transpose(1, 2)).to(y.dtype).view(y.shape)
 
 
-def _lora_check(path: str, layer: nn.Module, used: list[str]) -> None:
-    """Raise StackError unless `layer` applies the `used` adapters as plain LoRA on an nn.Linear
-    (what StackedLoRALinear computes exactly)."""
-    from peft.tuners.lora import Linear as LoraLinear
-    if type(layer) is not LoraLinear or type(layer.base_layer) is not nn.Linear:
-        raise StackError(f"{path}: LoRA on a {type(layer.get_base_layer()).__name__} ({type(layer).__name__}); "
-                         "only LoRA on plain nn.Linear layers is stacked")
-    if layer.merged or layer.disable_adapters:
-        raise StackError(f"{path}: adapters are merged into the base weights or disabled")
-    for name in used:
-        if layer.use_dora.get(name) or name in layer.lora_variant:
-            variant = "DoRA" if layer.use_dora.get(name) else type(layer.lora_variant[name]).__name__
-            raise StackError(f"adapter {name!r} is a LoRA variant ({variant}) on {path}; only plain LoRA is stacked")
-        if layer.lora_bias.get(name):
-            raise StackError(f"adapter {name!r} has a LoRA bias (lora_bias) on {path}")
-    kinds = {(layer.lora_A[n].weight.dtype, layer.lora_A[n].weight.device) for n in used}
-    if len(kinds) > 1:
-        raise StackError(f"{path}: the adapters' weights differ in dtype or device ({sorted(map(str, kinds))})")
-
-
 @torch.no_grad()
 def stack_lora(peft_model: nn.Module, groups: list[str]) -> nn.Module:
     """The base model of a PEFT LoRA model running rows [group 0: b rows, group 1: b rows, ...] in
@@ -292,7 +266,7 @@ def stack_lora(peft_model: nn.Module, groups: list[str]) -> nn.Module:
     from the adapters as they are now). Raises StackError for what it does not compute exactly
     as PEFT does (DoRA and other LoRA variants, lora_bias, LoRA on embeddings or other layer
     types, modules_to_save, merged or disabled adapters)."""
-    from peft.tuners.lora import LoraLayer
+    lora_layer, _ = lora_layer_classes()
     model = peft_model.get_base_model()  # the HF model, LoRA layers injected in place
     unknown = set(groups) - {"__base__"} - set(getattr(peft_model, "peft_config", {}))
     if unknown:
@@ -302,22 +276,25 @@ def stack_lora(peft_model: nn.Module, groups: list[str]) -> nn.Module:
     shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     out = copy.deepcopy(model, memo=dict(shared))
     for path, layer in list(out.named_modules()):
-        if not isinstance(layer, LoraLayer):
+        if not isinstance(layer, lora_layer):
             continue
-        used = [n for n in dict.fromkeys(groups) if n in layer.lora_A or n in layer.lora_embedding_A]
+        on_layer = lora_adapters(layer)
+        used = [n for n in dict.fromkeys(groups) if n in on_layer]
         if not used:  # no group's adapter targets this layer: the plain base layer
             new = layer.get_base_layer()
         else:
-            _lora_check(path, layer, used)
-            ref, rank = layer.lora_A[used[0]].weight, max(layer.lora_A[n].weight.shape[0] for n in used)
-            a = ref.new_zeros(len(groups), rank, layer.base_layer.in_features)  # [G, r, in]
-            b = ref.new_zeros(len(groups), layer.base_layer.out_features, rank)  # [G, out, r]
+            if problem := plain_lora_problem(path, layer, used):
+                raise StackError(problem)
+            factors = {n: lora_factors(layer, n) for n in used}  # (A [r, in], B [out, r])
+            ref, rank = factors[used[0]][0], max(f[0].shape[0] for f in factors.values())
+            base = layer.get_base_layer()
+            a = ref.new_zeros(len(groups), rank, base.in_features)  # [G, r, in]
+            b = ref.new_zeros(len(groups), base.out_features, rank)  # [G, out, r]
             for g, name in enumerate(groups):
                 if name in used:
-                    r = layer.lora_A[name].weight.shape[0]
-                    a[g, :r] = layer.lora_A[name].weight
-                    b[g, :, :r] = layer.lora_B[name].weight * layer.scaling[name]
-            new = StackedLoRALinear(layer.base_layer, a, b)
+                    r = factors[name][0].shape[0]
+                    a[g, :r], b[g, :, :r] = factors[name]
+            new = StackedLoRALinear(base, a, b)
         parent, _, child = path.rpartition(".")
         setattr(out.get_submodule(parent), child, new)
     # Anything else PEFT put in (modules_to_save, trainable tokens...) changes rows per adapter too.
@@ -347,7 +324,9 @@ def shared_stack(models: ModelSet, members: list[Member]) -> tuple[nn.Module | N
     if key not in models.stacks:
         try:
             models.stacks[key] = stack_models([m.model for m in group], [m.role for m in group])
-        except StackError:
+        except StackError as refusal:
+            log.warning("%s cannot share one stacked forward, so each runs its own (slower, same tokens): %s",
+                        ", ".join(m.role for m in group), refusal)
             models.stacks[key] = None  # an optimisation only: these members run separately
     stack = models.stacks[key]
     return (stack, group) if stack is not None else (None, [])
@@ -363,6 +342,8 @@ def lora_stack(models: ModelSet, members: list[Member]) -> nn.Module:
     if key not in models.stacks:
         try:
             models.stacks[key] = stack_lora(peft_model, adapters)
-        except StackError:
+        except StackError as refusal:
+            log.warning("LoRA adapters %s cannot be stacked, so they run through PEFT's per-adapter loop (slower, "
+                        "same tokens): %s", ", ".join(a for a in adapters if a != "__base__"), refusal)
             models.stacks[key] = None  # an optimisation only
     return models.stacks[key] if models.stacks[key] is not None else peft_model

@@ -18,9 +18,7 @@ import logging
 import math
 import os
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +32,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised by the CLI test with lm-eval hidden
     raise ImportError("logitfusion's evaluation needs lm-evaluation-harness: pip install lm-eval") from e
 
+from ..engine.compat import lean_lm_eval, lm_eval_cli_task_paths
 from ..engine.context import Context, Retokenizer, Row
 from ..engine.decoding import members_for, render
 from ..engine.fuser import Fuser
@@ -534,27 +533,11 @@ def check_tasks(manager, tasks: Sequence[str]) -> None:
             raise EvalError(f"unknown task {t!r}{hint} (list them with `python -m logitfusion.eval.lm ls tasks`)")
 
 
-def _use_our_tasks_in_lm_eval_cli() -> None:
-    """Make the lm-eval CLI's TaskManager (run, ls, validate) also index our tasks folder."""
-    import lm_eval.tasks as lm_tasks
-    base = lm_tasks.TaskManager
-    if getattr(base, "_logitfusion", False):
-        return
-
-    class TaskManager(base):  # type: ignore[misc, valid-type]
-        _logitfusion = True
-
-        def __init__(self, *args, include_path=None, **kwargs):
-            super().__init__(*args, include_path=task_paths(include_path), **kwargs)
-
-    lm_tasks.TaskManager = TaskManager
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m logitfusion.eval.lm ARGS`: exactly the `lm_eval` CLI (same arguments), with
     `--model logitfusion` and the tasks of logitfusion/eval/tasks available."""
     register_plugins()
-    _use_our_tasks_in_lm_eval_cli()
+    lm_eval_cli_task_paths(task_paths)
     from lm_eval.__main__ import cli_evaluate
     sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
     cli_evaluate()
@@ -579,28 +562,6 @@ def primary_metric(task: str, results: dict) -> tuple[str, float | None, bool]:
     return "none", None, True
 
 
-@contextmanager
-def _lean_lm_eval():
-    """simple_evaluate also collects environment details (torch's collect_env runs pip in
-    subprocesses: seconds per call), a git hash, and draws a tqdm bar per task. `run_task` records
-    none of them, so they are switched off while it runs (and restored after)."""
-    import lm_eval.api.task as lm_task
-    import lm_eval.evaluator as lm_evaluator
-    from tqdm import tqdm
-    saved = [(mod, name, getattr(mod, name)) for mod, name in
-             ((lm_evaluator, "add_env_info"), (lm_evaluator, "get_git_commit_hash"), (lm_task, "tqdm"))
-             if hasattr(mod, name)]
-    replacement = {"add_env_info": lambda storage: None, "get_git_commit_hash": lambda: None,
-                   "tqdm": partial(tqdm, disable=True)}
-    for mod, name, _ in saved:
-        setattr(mod, name, replacement[name])
-    try:
-        yield
-    finally:
-        for mod, name, value in saved:
-            setattr(mod, name, value)
-
-
 def run_task(lm: FusedLM, method: str, task: str, manager, limit: float | None = None,
              num_fewshot: int | None = None, max_gen_toks: int | None = None, per_doc: bool = False) -> dict:
     """One (method, task) cell through lm_eval.simple_evaluate; returns its JSONL record, with
@@ -612,7 +573,7 @@ def run_task(lm: FusedLM, method: str, task: str, manager, limit: float | None =
     t0 = time.perf_counter()
     if limit is not None and limit >= 1:
         limit = int(limit)
-    with _lean_lm_eval():
+    with lean_lm_eval():
         out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                               gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
                               log_samples=per_doc, bootstrap_iters=0)
