@@ -675,10 +675,13 @@ def _run_method(fuser, rows: list[dict], method: str, bc: BenchConfig) -> tuple[
 
 
 def bench_real(root: str | Path, out: str | Path, tasks: tuple[str, ...] | None = None,
-               bc: BenchConfig | None = None, log: Callable[[str], None] = print) -> list[dict]:
+               bc: BenchConfig | None = None, log: Callable[[str], None] = print,
+               command: str | None = None) -> list[dict]:
     """Every method on every task's test prompts; a fixed weight chosen on validation. Appends to
-    OUT/real.jsonl per (task, split, method) and skips those already there; writes OUT/real.md."""
+    OUT/real.jsonl per (task, split, method) and skips those already there; writes OUT/real.md.
+    `command` (as typed) is kept with the run's start and duration in OUT/real.runs.json."""
     from ..engine.fuser import Fuser
+    started, t_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
     root, out = Path(root), Path(out)
     bc = bc or BenchConfig()
     cfg = RealConfig(**{k: tuple(v) if isinstance(v, list) else v
@@ -715,8 +718,42 @@ def bench_real(root: str | Path, out: str | Path, tasks: tuple[str, ...] | None 
             run("test", method)
         run("test", f"static:{best}", label="static:val-best")
     records = _records(jsonl)
+    runs_file = out / "real.runs.json"
+    runs = json.loads(runs_file.read_text()) if runs_file.exists() else []
+    if len(records) > len(done):  # a run that only found its results already written is not one
+        runs.append({"command": command or "bench_real(...)", "started": started,
+                     "seconds": round(time.perf_counter() - t_start, 1), "records": len(records) - len(done)})
+        runs_file.write_text(json.dumps(runs, indent=1))
     write_report(root, out, records)
     return records
+
+
+def goals(records: list[dict]) -> list[str]:
+    """The issue's three goals, each stated with the figures it was judged on."""
+    test = [r for r in records if r["split"] == "test"]
+    tasks = sorted({r["task"] for r in test})
+    by = {(r["task"], r["method"]): r for r in test}
+    fused = [m for m in {r["method"] for r in test} if m.startswith(("static", "dynamic"))]
+    if not tasks or not fused:
+        return []
+    mean = lambda m, k="both": sum(by[(t, m)][k] for t in tasks if (t, m) in by) / len(tasks)  # noqa: E731
+    best = max(fused, key=mean)
+    lines = []
+    ok = mean(best) > max(mean("large"), mean("expert")) if ("large" in {m for _, m in by}) else False
+    lines.append(f"- best fused method on correct-and-in-format ({best}, mean {100 * mean(best):.0f}%) beats both "
+                 f"the large model alone ({100 * mean('large'):.0f}%) and the expert alone "
+                 f"({100 * mean('expert'):.0f}%): **{'yes' if ok else 'no'}**")
+    if "dynamic" in fused and "static:1.0" in fused:
+        d, s = mean("dynamic"), mean("static:1.0")
+        lines.append(f"- dynamic fusion ({100 * d:.0f}%) not below proxy-tuning a=1 ({100 * s:.0f}%) on the bench "
+                     f"average: **{'yes' if d >= s else 'no'}**")
+    speed = lambda m: sum(by[(t, m)]["tokens_per_s"] for t in tasks) / len(tasks)  # noqa: E731
+    for m in ("static:1.0", "dynamic"):
+        if m in fused:
+            slow = speed("large") / speed(m)
+            lines.append(f"- {m} tokens/s at batch 8 within 1.5x of the large model alone: {speed(m):.1f} vs "
+                         f"{speed('large'):.1f}, {slow:.2f}x slower: **{'yes' if slow <= 1.5 else 'no'}**")
+    return lines
 
 
 def write_report(root: Path, out: Path, records: list[dict]) -> Path:
@@ -758,6 +795,20 @@ def write_report(root: Path, out: Path, records: list[dict]) -> Path:
             lines += ["", "Dynamic weight of the expert, mean over prompts, by step: "
                       + " ".join(f"{w:.2f}" for w in dyn["weights_mean_by_step"])]
         lines.append("")
+    g = goals(records)
+    if g:
+        lines += ["## Goals of issue 13", "", *g, ""]
+    runs_file = out / "real.runs.json"
+    cfg_file = root / "config.json"
+    lines += ["## How it was made", ""]
+    if cfg_file.exists():
+        c = json.loads(cfg_file.read_text())
+        lines.append(f"- build: `logitfusion real build --root {root}` (student layers {c['student_layers']}, "
+                     f"{c['teacher_prompts']} teacher prompts, {c['distil_epochs']} distillation epochs, "
+                     f"{sum(timings.values()) / 60:.0f} min in all on this machine)")
+    for r in json.loads(runs_file.read_text()) if runs_file.exists() else []:
+        lines.append(f"- `{r['command']}`: started {r['started']}, {r['seconds'] / 60:.1f} min")
+    lines.append("")
     path = out / "real.md"
     path.write_text("\n".join(lines) + "\n")
     return path
