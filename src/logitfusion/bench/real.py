@@ -790,6 +790,16 @@ def write_report(root: Path, out: Path, records: list[dict]) -> Path:
                 name = r["method"] + (f" (= {r['solver']})" if r["method"] != r["solver"] else "")
                 lines.append(f"| {name} | {100 * r['format']:.0f}% | {100 * r['correct']:.0f}% | "
                              f"{100 * r['both']:.0f}% | {r['tokens_per_s']:.1f} |")
+        shown = [r for r in records if r["task"] == task and r["split"] == "test" and r["method"] != "static:val-best"]
+        if shown and shown[0].get("answers"):
+            lines += ["", "First test questions, answered by each method:", "",
+                      "| question | gold | " + " | ".join(r["method"] for r in shown) + " |",
+                      "|---|---|" + "---|" * len(shown)]
+            rows = _read_jsonl(root / "data" / task / "test.jsonl") if (root / "data" / task / "test.jsonl").exists() else []
+            question = {r["id"]: r["question"] for r in rows}
+            for i, a in enumerate(shown[0]["answers"][:3]):
+                cells = [_cell(r["answers"][i]["text"]) if i < len(r["answers"]) else "" for r in shown]
+                lines.append(f"| {question.get(a['id'], a['id'])} | {a['answer']} | " + " | ".join(cells) + " |")
         dyn = next((r for r in records if r["task"] == task and r["split"] == "test" and "weights_mean_by_step" in r), None)
         if dyn:
             lines += ["", "Dynamic weight of the expert, mean over prompts, by step: "
@@ -812,6 +822,10 @@ def write_report(root: Path, out: Path, records: list[dict]) -> Path:
     path = out / "real.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _cell(text: str) -> str:
+    return "`" + text.strip().replace("|", "\\|").replace("`", "'").replace("\n", " ") + "`" if text.strip() else "(empty)"
 
 
 def side_by_side(root: str | Path, n: int = 3, methods=("large", "expert", "static:0.5", "dynamic"),
