@@ -55,6 +55,8 @@ def test_build_runs_every_step_and_a_rerun_skips_them(built):
     again = []
     real.build(root, cfg, on_step=lambda n, s, t: again.append((n, s)))
     assert again == [(n, "skipped") for n in names]
+    with pytest.raises(ValueError, match="distil_epochs: 3.0 now 9.0"):
+        real.build(root, real.RealConfig(**{**cfg.__dict__, "distil_epochs": 9.0}))
     m = json.loads((root / "measure.json").read_text())
     assert m["small"]["layers"] == 2 and m["large"]["layers"] == 3
     for key in ("ppl_heldout", "ppl_general", "step_cost"):

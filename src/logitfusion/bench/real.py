@@ -84,6 +84,9 @@ class RealConfig:
     cost_context: int = 64
 
 
+LOCAL_SETTINGS = ("wheel", "benchmarks")  # where inputs come from: they may change between runs
+
+
 # ---------------------------------------------------------------- tasks
 
 CAPITALS = [
@@ -278,7 +281,14 @@ def build(root: str | Path, cfg: RealConfig | None = None, only: list[str] | Non
     cfg = cfg or RealConfig()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    settings = json.loads(json.dumps(asdict(cfg)))
+    if (root / "config.json").exists():  # a build is resumed with the settings it was started with
+        old = json.loads((root / "config.json").read_text())
+        differ = sorted(k for k in settings if k not in LOCAL_SETTINGS and old.get(k) != settings[k])
+        if differ:
+            raise ValueError(f"{root} holds a build with other settings ({', '.join(f'{k}: {old.get(k)} now {settings[k]}' for k in differ)}); "
+                             "rerun with its settings, or give another --root")
+    (root / "config.json").write_text(json.dumps(settings, indent=1))
     timings_file = root / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     on_step = on_step or (lambda name, state, s: print(f"real: {name} {state}" + (f" ({s:.0f}s)" if s else "")))
