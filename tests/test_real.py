@@ -114,3 +114,16 @@ def test_bench_appends_records_resumes_and_reports(built, tmp_path):
     assert len(again) == len(recs) and len(logs) == len(recs)  # nothing rerun
     md = (out / "real.md").read_text()
     assert "| dynamic |" in md and "ppl held-out" in md and "Validation" in md
+
+
+def test_distillation_resumes_from_its_last_checkpoint(built):
+    root, cfg, *_ = built
+    record = root / "models" / "small" / "distil.json"
+    before = json.loads(record.read_text())
+    record.unlink()  # as if killed after checkpoint-2 of 3
+    for extra in (root / "models" / "small" / "checkpoints").glob("checkpoint-3"):
+        import shutil
+        shutil.rmtree(extra)
+    real.build(root, cfg, only=["small"], on_step=lambda *a: None)
+    after = json.loads(record.read_text())
+    assert after["resumed_from"].endswith("checkpoint-2") and after["steps"] == before["steps"] == 3
