@@ -1,7 +1,9 @@
 """Fused decoding speed vs the large model alone, in one run. Same as `logitfusion bench speed`;
-see logitfusion/speed.py (`--help`) for what is measured."""
+see logitfusion/bench/speed.py (`--help`) for what is measured."""
 
-from logitfusion.bench.speed import main
+import sys
+
+from logitfusion.cli import app
 
 if __name__ == "__main__":
-    main()
+    app(["bench", "speed", *sys.argv[1:]], prog_name="decode_speed.py")

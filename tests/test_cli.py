@@ -130,3 +130,27 @@ def test_console_script_help_explains_every_option():
     for option in ["--recipe", "--solver", "--alpha", "--grid", "--trace", "--plot-weights", "--expert",
                    "--input", "--output", "--seed", "--stop", "--device-map", "--trust-remote-code"]:
         assert option in out
+
+
+def test_the_command_table_lists_every_command_in_order():
+    out = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    names = ["generate", "demo", "version", "serve", "eval", "finetune", "merge", "convert",
+             "recipe", "bench", "vocab", "delta", "zoo"]
+    positions = [out.index(f"│ {n} ") for n in names]
+    assert positions == sorted(positions)
+    for group, commands in {"recipe": ["check", "init"], "bench": ["speed", "paper", "cmc"], "vocab": ["map"],
+                            "delta": ["train"], "zoo": ["build", "info"]}.items():
+        sub = runner.invoke(app, [group, "--help"], env={"COLUMNS": "200"}).output
+        positions = [sub.index(f"│ {c} ") for c in commands]
+        assert positions == sorted(positions), group
+
+
+def test_read_jsonl_skips_blank_lines_stops_at_limit_and_names_a_bad_line(tmp_path):
+    from logitfusion.eval.records import RecordsError, read_jsonl
+    p = tmp_path / "rows.jsonl"
+    p.write_text('{"a": 1}\n\n{"a": 2}\n{"a": 3}\nnot json\n')
+    assert read_jsonl(p, limit=2) == [{"a": 1}, {"a": 2}]
+    with pytest.raises(RecordsError, match=r"rows.jsonl:5: not valid JSON"):
+        read_jsonl(p)
+    with pytest.raises(RecordsError, match="not found"):
+        read_jsonl(tmp_path / "missing.jsonl")

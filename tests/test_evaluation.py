@@ -27,8 +27,8 @@ from logitfusion.bench import toy  # noqa: E402
 from logitfusion.cli import app  # noqa: E402
 from logitfusion.engine.decoding import Batch  # noqa: E402
 from logitfusion.engine.sampling import SamplingParams  # noqa: E402
-from logitfusion.eval.lm import (TASKS_DIR, EvalError, FusedLM, fused_logprobs, run_task,  # noqa: E402
-                                    summarise, task_manager)
+from logitfusion.eval.lm import TASKS_DIR, EvalError, FusedLM, fused_logprobs, task_manager  # noqa: E402
+from logitfusion.eval.matrix import run_task, summarise  # noqa: E402
 
 from lm_eval.api.instance import Instance  # noqa: E402
 

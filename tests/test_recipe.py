@@ -278,3 +278,18 @@ def test_fuser_method_uses_recipe_grid(recipe_dir):
     assert s.grid == [0.0, 0.5] and s.strategy == "joint"
     assert f.method("dynamic:fast").strategy == "fast"
     assert f.method("expert:lora").expert == 1
+
+
+def test_with_overrides_updates_sections_and_validates_again():
+    r = Recipe.from_dict(base(solver={"kind": "static", "weights": [0.5, 1.5]}, load={"dtype": "bfloat16"}))
+    same = r.with_overrides(load={"dtype": None, "device": None}, solver={})  # None keeps the recipe's
+    assert same == r
+    o = r.with_overrides(load={"device": "meta", "trust_remote_code": True}, solver={"kind": "dynamic"})
+    assert (o.load.dtype, o.load.device, o.load.trust_remote_code) == ("bfloat16", "meta", True)
+    assert o.solver.kind == "dynamic" and o.solver.weights == [0.5, 1.5] and r.solver.kind == "static"
+    one = [{"name": "e1", "path": "models/e1"}]
+    assert r.with_overrides(experts=one, solver={"weights": [2.0]}).experts[0].name == "e1"
+    with pytest.raises(RecipeError, match="solver.weights has 2 values for 1 experts"):
+        r.with_overrides(experts=[{"name": "e1", "path": "models/e1"}])  # static weights: one per expert
+    with pytest.raises(RecipeError, match="load.dtype"):
+        r.with_overrides(load={"dtype": "float8"})

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import world
-from ..eval.records import reproduce_command
+from ..eval.records import read_jsonl, reproduce_command
 
 TASKS = list(world.TASKS)
 TASK_NAMES = {t: f"zoo_{t}" for t in TASKS}
@@ -231,6 +231,7 @@ def run_cells(todo: list[Cell], writer, root: Path, limit: int | None = None, ba
     import logging
 
     from ..eval import lm as ev
+    from ..eval.matrix import run_task
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     task_cells = [c for c in todo if c.kind == "task"]
@@ -248,11 +249,9 @@ def run_cells(todo: list[Cell], writer, root: Path, limit: int | None = None, ba
             common = {"key": c.key, "kind": c.kind, "target": c.target, "variant": c.variant, "data": c.data}
             if c.kind == "task":
                 lm.set_method(c.method)
-                rec = ev.run_task(lm, c.method, TASK_NAMES[c.data], manager, limit=limit) | common
+                rec = run_task(lm, c.method, TASK_NAMES[c.data], manager, limit=limit) | common
             else:
-                rows = [json.loads(line) for line in (root / "data" / "unlearn" / f"{c.data}.jsonl")
-                        .read_text().splitlines() if line.strip()]
-                rows = rows[:limit] if limit else rows
+                rows = read_jsonl(root / "data" / "unlearn" / f"{c.data}.jsonl", limit=limit or None)
                 t0 = time.perf_counter()
                 acc, texts = fact_accuracy(lm.fuser, c.method, rows, batch_size)
                 rec = common | {"method": c.method, "metric": "exact_match", "value": acc, "n": len(rows),
@@ -338,12 +337,20 @@ def _mean(values: list[float | None]) -> float | None:
 
 def report(records_list: list[dict], root: Path, command: str = "") -> str:
     records = {r["key"]: r for r in records_list}
-    about = {label: what for label, _, what in TARGETS}
     targets = [t for t, _, _ in TARGETS if any(r.get("target") == t for r in records_list)]
-    tasks = [t for t in TASKS if any(r.get("kind") == "task" and r.get("data") == t for r in records_list)]
-    metric = {t: next((r["metric"].split(",")[0] for r in records_list
-                       if r.get("kind") == "task" and r.get("data") == t), "-") for t in tasks}
-    limit = next((r.get("limit") for r in records_list if r.get("kind") == "task"), None)
+    lines = _intro(records_list, root, targets)
+    lines += _task_section(records, records_list, targets)
+    if any(r.get("kind") == "unlearn" for r in records_list):
+        lines += _unlearn_section(records, records_list, root, targets)
+    if "mapping" in records:
+        lines += _mapping_section(records["mapping"])
+    lines += _reproduce_section(records_list, root, command)
+    return "\n".join(lines) + "\n"
+
+
+def _intro(records_list: list[dict], root: Path, targets: list[str]) -> list[str]:
+    """What was measured on which models, and the deltas' sizes and training."""
+    about = {label: what for label, _, what in TARGETS}
     lines = ["# Cross-model control on the zoo", "",
              "Every figure below was measured by the command at the end (greedy decoding through the engine; "
              "scores x100). The deltas were trained beside the frozen template `models/large` and are plugged, "
@@ -366,83 +373,103 @@ def report(records_list: list[dict], root: Path, command: str = "") -> str:
     if sizes:
         lines += ["Deltas (both of spec `" + INSTRUCT_SPEC + "`, each trained from a fresh start): " +
                   "; ".join(sizes) + ".", ""]
+    return lines
 
-    if tasks:
-        lines += ["## Instruction / task gain", "",
-                  "The instruct delta (trained on the multi-task data: math, qa, summ, truthful; mmlu unseen) at "
-                  "strength 1 vs the model alone, zoo test splits through lm-eval (`evaluation.FusedLM`), "
-                  + (f"first {limit} examples per task." if limit else "whole test splits."), ""]
-        head = ["model", "method"] + [f"{t} ({metric[t]})" for t in tasks] + ["average"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        worse = []
-        for t in targets:
-            alone = [_value(records, "task", t, "alone", x) for x in tasks]
-            fused = [_value(records, "task", t, "instruct", x) for x in tasks]
-            gain = [None if a is None or f is None else f - a for a, f in zip(alone, fused)]
-            for label, vals, fmt in (("alone", alone, _fmt), ("+ instruct delta", fused, _fmt),
-                                     ("gain", gain, _signed)):
-                lines.append("| " + " | ".join([t, label] + [fmt(v) for v in vals] + [fmt(_mean(vals))]) + " |")
-            worse += [f"{t}/{x} ({_signed(g)})" for x, g in zip(tasks, gain) if g is not None and g < 0]
-        lines += ["", ("The delta lowers the score on: " + ", ".join(worse) + ".") if worse
-                  else "The delta does not lower the score on any (model, task) cell.", ""]
 
-    if any(r.get("kind") == "unlearn" for r in records_list):
-        people = root / "data" / "unlearn" / "people.json"
-        n_people = len(json.loads(people.read_text())["forget"]) if people.exists() else "?"
-        lines += ["## Unlearning", "",
-                  f"`data/unlearn/` (from the world seed alone): the three facts (birth town, birth year, job) of "
-                  f"{n_people} people to **forget**, of {N_RETAIN} others to **retain** (the set gradient difference "
-                  "descends on), and of every remaining person **heldout** (no delta was trained on them), as "
-                  "prose completions such as `NAME grew up in the town of` -> ` TOWN`: the bases learnt these "
-                  "facts in pretraining, so this is knowledge the models really have. Greedy completion through "
-                  "`Fuser.generate`, exact match of the first word. *before* = the model alone, *after* = the "
-                  "model + the unlearn delta (a fresh delta trained by gradient difference beside the template). "
-                  "The instruct delta's row shows what a delta trained on task formats does to this recall.", ""]
-        lines += ["| model | variant | forget | retain | heldout |", "|---|---|---|---|---|"]
-        for t in targets:
-            for v, label in (("alone", "before (model alone)"), ("unlearn", "after (+ unlearn delta)"),
-                             ("instruct", "+ instruct delta")):
-                vals = [_value(records, "unlearn", t, v, s) for s in ("forget", "retain", "heldout")]
-                lines.append("| " + " | ".join([t, label] + [_fmt(x) for x in vals]) + " |")
-        n = {s: next((r.get("n") for r in records_list if r.get("kind") == "unlearn" and r.get("data") == s), None)
-             for s in ("forget", "retain", "heldout")}
-        lines += ["", f"Questions per set: forget {n['forget']}, retain {n['retain']}, heldout {n['heldout']}.", ""]
-        lines += _unlearn_verdicts(records, targets)
-        # What "forgotten" looks like: gradient ascent leaves no plausible wrong answer, it derails.
-        shown = [(t, records.get(f"unlearn|{t}|unlearn|forget", {}).get("examples", [])[:1]) for t in targets]
-        lines += [f"- after, on a forget prompt ({t}): `{ex[0][0]}` -> `{ex[0][2].strip()}` (fact: {ex[0][1]})"
-                  for t, ex in shown if ex] + [""]
+def _task_section(records: dict[str, dict], records_list: list[dict], targets: list[str]) -> list[str]:
+    """The instruct delta's gain per (model, task); empty without task records."""
+    tasks = [t for t in TASKS if any(r.get("kind") == "task" and r.get("data") == t for r in records_list)]
+    if not tasks:
+        return []
+    metric = {t: next((r["metric"].split(",")[0] for r in records_list
+                       if r.get("kind") == "task" and r.get("data") == t), "-") for t in tasks}
+    limit = next((r.get("limit") for r in records_list if r.get("kind") == "task"), None)
+    lines = ["## Instruction / task gain", "",
+              "The instruct delta (trained on the multi-task data: math, qa, summ, truthful; mmlu unseen) at "
+              "strength 1 vs the model alone, zoo test splits through lm-eval (`evaluation.FusedLM`), "
+              + (f"first {limit} examples per task." if limit else "whole test splits."), ""]
+    head = ["model", "method"] + [f"{t} ({metric[t]})" for t in tasks] + ["average"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    worse = []
+    for t in targets:
+        alone = [_value(records, "task", t, "alone", x) for x in tasks]
+        fused = [_value(records, "task", t, "instruct", x) for x in tasks]
+        gain = [None if a is None or f is None else f - a for a, f in zip(alone, fused)]
+        for label, vals, fmt in (("alone", alone, _fmt), ("+ instruct delta", fused, _fmt),
+                                 ("gain", gain, _signed)):
+            lines.append("| " + " | ".join([t, label] + [fmt(v) for v in vals] + [fmt(_mean(vals))]) + " |")
+        worse += [f"{t}/{x} ({_signed(g)})" for x, g in zip(tasks, gain) if g is not None and g < 0]
+    lines += ["", ("The delta lowers the score on: " + ", ".join(worse) + ".") if worse
+              else "The delta does not lower the score on any (model, task) cell.", ""]
 
-    if "mapping" in records:
-        m = records["mapping"]
-        lines += ["## Vocabulary mapping (PM-MinED)", "",
-                  "Between the zoo's two tokenizers (`vocab.build_map`): byte-level BPE of 1024 tokens "
-                  "(`models/large`, `models/small`) and SentencePiece-style BPE of 1200 tokens "
-                  "(`models/large-alt`). The bench uses the first direction (the user model is large-alt, the "
-                  "delta reads the template's tokens). For two real tokenizers (the Mistral files of "
-                  "`mistral-common`) see [vocab.md, Measured](../vocab.md#measured).", "",
-                  "| user -> delta | tokens | exact | approx | special | byte | unmapped | seconds |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for name in ("large-alt -> large", "large -> large-alt"):
-            c = m[name]["counts"]
-            lines.append(f"| {name} | {m[name]['size']} | " + " | ".join(str(c[k]) for k in
-                         ("exact", "approx", "special", "byte", "unmapped")) + f" | {m[name]['seconds']} |")
-        ex = m["large-alt -> large"]["examples"].get("approx", [])
-        if ex:
-            lines += ["", "Approximate examples (large-alt token -> template token): " +
-                      ", ".join(f"`{u}` -> `{d}`" for _, u, _, d in ex) + "."]
-        lines.append("")
+    return lines
 
+
+def _unlearn_section(records: dict[str, dict], records_list: list[dict], root: Path,
+                     targets: list[str]) -> list[str]:
+    """Forget / retain / heldout recall before and after the unlearn delta."""
+    people = root / "data" / "unlearn" / "people.json"
+    n_people = len(json.loads(people.read_text())["forget"]) if people.exists() else "?"
+    lines = ["## Unlearning", "",
+              f"`data/unlearn/` (from the world seed alone): the three facts (birth town, birth year, job) of "
+              f"{n_people} people to **forget**, of {N_RETAIN} others to **retain** (the set gradient difference "
+              "descends on), and of every remaining person **heldout** (no delta was trained on them), as "
+              "prose completions such as `NAME grew up in the town of` -> ` TOWN`: the bases learnt these "
+              "facts in pretraining, so this is knowledge the models really have. Greedy completion through "
+              "`Fuser.generate`, exact match of the first word. *before* = the model alone, *after* = the "
+              "model + the unlearn delta (a fresh delta trained by gradient difference beside the template). "
+              "The instruct delta's row shows what a delta trained on task formats does to this recall.", ""]
+    lines += ["| model | variant | forget | retain | heldout |", "|---|---|---|---|---|"]
+    for t in targets:
+        for v, label in (("alone", "before (model alone)"), ("unlearn", "after (+ unlearn delta)"),
+                         ("instruct", "+ instruct delta")):
+            vals = [_value(records, "unlearn", t, v, s) for s in ("forget", "retain", "heldout")]
+            lines.append("| " + " | ".join([t, label] + [_fmt(x) for x in vals]) + " |")
+    n = {s: next((r.get("n") for r in records_list if r.get("kind") == "unlearn" and r.get("data") == s), None)
+         for s in ("forget", "retain", "heldout")}
+    lines += ["", f"Questions per set: forget {n['forget']}, retain {n['retain']}, heldout {n['heldout']}.", ""]
+    lines += _unlearn_verdicts(records, targets)
+    # What "forgotten" looks like: gradient ascent leaves no plausible wrong answer, it derails.
+    shown = [(t, records.get(f"unlearn|{t}|unlearn|forget", {}).get("examples", [])[:1]) for t in targets]
+    lines += [f"- after, on a forget prompt ({t}): `{ex[0][0]}` -> `{ex[0][2].strip()}` (fact: {ex[0][1]})"
+              for t, ex in shown if ex] + [""]
+    return lines
+
+
+def _mapping_section(m: dict) -> list[str]:
+    """Counts and examples of the mapping between the zoo's two tokenizers."""
+    lines = ["## Vocabulary mapping (PM-MinED)", "",
+              "Between the zoo's two tokenizers (`vocab.build_map`): byte-level BPE of 1024 tokens "
+              "(`models/large`, `models/small`) and SentencePiece-style BPE of 1200 tokens "
+              "(`models/large-alt`). The bench uses the first direction (the user model is large-alt, the "
+              "delta reads the template's tokens). For two real tokenizers (the Mistral files of "
+              "`mistral-common`) see [vocab.md, Measured](../vocab.md#measured).", "",
+              "| user -> delta | tokens | exact | approx | special | byte | unmapped | seconds |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name in ("large-alt -> large", "large -> large-alt"):
+        c = m[name]["counts"]
+        lines.append(f"| {name} | {m[name]['size']} | " + " | ".join(str(c[k]) for k in
+                     ("exact", "approx", "special", "byte", "unmapped")) + f" | {m[name]['seconds']} |")
+    ex = m["large-alt -> large"]["examples"].get("approx", [])
+    if ex:
+        lines += ["", "Approximate examples (large-alt token -> template token): " +
+                  ", ".join(f"`{u}` -> `{d}`" for _, u, _, d in ex) + "."]
+    lines.append("")
+    return lines
+
+
+def _reproduce_section(records_list: list[dict], root: Path, command: str) -> list[str]:
+    """The command, and the time of every run (kept in cmc.jsonl)."""
     total = sum(r.get("seconds", 0) for r in records_list if r.get("kind") in ("task", "unlearn"))
-    lines += ["## Reproduce", "", *reproduce_command(command or f"logitfusion bench cmc --root {root} --out docs/results",
-                                                     root),
-              f"Evaluation time summed over all cells: {total / 60:.1f} minutes (one process, CPU)."]
+    lines = ["## Reproduce", "", *reproduce_command(command or f"logitfusion bench cmc --root {root} --out docs/results",
+                                                    root),
+             f"Evaluation time summed over all cells: {total / 60:.1f} minutes (one process, CPU)."]
     runs = sorted((r for r in records_list if r.get("kind") == "run"), key=lambda r: int(r["key"].split("|")[1]))
     for r in runs:
         trained = f", trained {', '.join(r['trained'])}" if r["trained"] else ""
         lines.append(f"- run {r['key'].split('|')[1]}: {r['seconds'] / 60:.1f} minutes ({r['cells']} cells{trained}; "
                      "cells already in cmc.jsonl are not re-run)")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _shape(model: Path) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import world
-from ..eval.records import reproduce_command
+from ..eval.records import read_jsonl, reproduce_command
 
 TASK_NAMES = {t: f"zoo_{t}" for t in world.TASKS}
 SHOTS = 3  # in-context examples of the ICL table
@@ -87,7 +87,7 @@ def _recipe(root: Path, large: str, experts: dict[str, str] | None = None, large
 
 def few_shot_template(root: Path, task: str, k: int = SHOTS) -> str:
     """k training examples (prompt + completion) before the prompt; taken from the train split."""
-    rows = [json.loads(line) for line in (root / "data" / task / "train.jsonl").read_text().splitlines()[:k]]
+    rows = read_jsonl(root / "data" / task / "train.jsonl", limit=k)
     return "".join(r["prompt"] + r["completion"] + "\n\n" for r in rows) + "{prompt}"
 
 
@@ -139,6 +139,7 @@ def run(root: str | Path, out_dir: str | Path, tasks: list[str] | None = None, l
     import logging
 
     from ..eval import lm as ev
+    from ..eval.matrix import run_task
     from ..eval.records import RecordWriter, read_keyed
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -163,7 +164,7 @@ def run(root: str | Path, out_dir: str | Path, tasks: list[str] | None = None, l
             if progress:
                 progress(done, len(todo), f"{c.table}: {c.label} on {c.task}")
             lm.set_method(c.method)
-            rec = ev.run_task(lm, c.method, TASK_NAMES[c.task], manager, limit=limit, per_doc=True)
+            rec = run_task(lm, c.method, TASK_NAMES[c.task], manager, limit=limit, per_doc=True)
             rec |= {"key": c.key, "table": c.table, "label": c.label, "world_task": c.task, "split": split}
             writer.write([rec])
             records[c.key] = rec
@@ -175,6 +176,14 @@ def run(root: str | Path, out_dir: str | Path, tasks: list[str] | None = None, l
     return list(records.values())
 
 
+def validation_records(out_dir: Path) -> list[dict] | None:
+    """The validation run's records in OUT/validation, where the test report chooses each expert's
+    search range; None when there is no validation run."""
+    from ..eval.records import read_keyed
+    validation = Path(out_dir) / "validation" / "paper.jsonl"
+    return list(read_keyed(validation).values()) if validation.exists() else None
+
+
 def weights_plots(root: Path, out_dir: Path, n: int = 4, split: str = "test") -> list[Path]:
     """The paper's figure of a over decoding steps: single expert (math) and four experts (no label)."""
     from ..engine.fuser import Fuser
@@ -184,7 +193,7 @@ def weights_plots(root: Path, out_dir: Path, n: int = 4, split: str = "test") ->
     for name, experts, task in (("weights_single.png", {"math": "experts/math"}, "math"),
                                 ("weights_multi.png", {s: f"experts/{s}" for s in world.SEEN_TASKS}, "math")):
         fuser = Fuser.from_recipe(json.loads(_recipe(root, "models/large", experts)))
-        rows = [json.loads(line) for line in (root / "data" / task / f"{split}.jsonl").read_text().splitlines()[:n]]
+        rows = read_jsonl(root / "data" / task / f"{split}.jsonl", limit=n)
         gens = fuser.generate([r["prompt"] for r in rows], solver="dynamic", max_new_tokens=32, stop=["\n"],
                               trace=True)
         paths.append(plot_weights(gens, fuser.expert_names, out_dir / name,

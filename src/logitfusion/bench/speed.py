@@ -17,12 +17,12 @@ A and B applied by bmm, and PEFT's mixed-adapter batch; full fine-tunes: stacked
 one forward per model.
 Speed does not depend on trained weights, so `--shapes` builds random-initialised models of
 real shapes (TinyLlama-1.1B small + Llama-2-7B/13B large) for GPU measurements.
-Best of --repeats timed runs after one warm-up.
+Best of --repeats timed runs after one warm-up. The options are the `bench speed` command's
+(cli/bench.py); `main` takes them as keywords.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import platform
@@ -30,14 +30,15 @@ import resource
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from ..engine.compat import forward, returned_cache
 from ..engine.decoding import decode, render
-from ..engine.sampling import SamplingParams
 from ..engine.fuser import Fuser
 from ..engine.fusion import fuse, kl
+from ..engine.sampling import SamplingParams
 from ..engine.solvers import Dynamic
 from .zoo import BUNDLED as BUNDLED_ZOO
 
@@ -287,107 +288,102 @@ def full_cost(models, batch: int, n_tokens: int, device: str, repeats: int) -> t
 
 # ---------------------------------------------------------------- main
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="logitfusion bench speed", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=32, help="new tokens per sequence")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--experts", type=int, default=4, help="experts for the multi-expert rows")
-    ap.add_argument("--models", type=Path, default=BUNDLED_ZOO, help="zoo folder (default: the bundled zoo)")
-    ap.add_argument("--shapes", choices=["tinyllama-7b", "tinyllama-13b"], help="random models of real shapes")
-    ap.add_argument("--speculate", type=int, nargs="*", default=[2, 4], help="draft lengths to time")
-    ap.add_argument("--long-tokens", type=int, default=400,
-                    help="new tokens for the KV-cache table (reserved room vs torch.cat)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--naive", action=argparse.BooleanOptionalAction, default=True,
-                    help="also time the naive reference loop (slow)")
-    args = ap.parse_args(argv)
-    torch.manual_seed(0)
+SHAPE_PAIRS = ("tinyllama-7b", "tinyllama-13b")  # --shapes: TinyLlama-1.1B small + Llama-2 large
 
-    if args.shapes:
-        root = Path(tempfile.gettempdir()) / f"logitfusion-shapes-{args.shapes}-{args.dtype}"
-        paths = shaped_models(root, args.shapes, args.experts, getattr(torch, args.dtype), args.device)
+
+def _load(models: Path, shapes: str | None, n_experts: int, device: str, dtype: str):
+    """(model paths, a Fuser with every expert, the same models with the first expert only)."""
+    if shapes:
+        root = Path(tempfile.gettempdir()) / f"logitfusion-shapes-{shapes}-{dtype}"
+        paths = shaped_models(root, shapes, n_experts, getattr(torch, dtype), device)
     else:
-        paths = zoo_models(args.models, args.experts)
-    load = {"dtype": args.dtype, "device": args.device}
-    many = Fuser.from_pretrained(paths["large"], paths["small"], paths["experts"], load=load)
+        paths = zoo_models(models, n_experts)
+    many = Fuser.from_pretrained(paths["large"], paths["small"], paths["experts"],
+                                 load={"dtype": dtype, "device": device})
     # The same loaded models with the first expert only (one copy of the large model in memory).
     one = Fuser(dataclasses.replace(many.models, experts=many.models.experts[:1], stacks={}), many.solver,
                 many.recipe)
+    return paths, many, one
+
+
+def _methods(one, many, prompts: list[str], batch: int, tokens: int, speculate, n_experts: int):
+    """{row label: a function decoding the prompts once} and tokens per large forward of the
+    speculative rows."""
     models = many.models
     tok, large = models.tokenizer, models.large.model
-    grid = [round(0.1 * i, 1) for i in range(21)]
-    print(f"# decode_speed: torch {torch.__version__}, {platform.machine()}, device {args.device}, "
-          f"dtype {args.dtype}, {torch.get_num_threads()} CPU threads, "
-          f"{torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.processor()}")
-    print(f"# models: {args.shapes or 'the zoo'}; {args.tokens} new tokens, greedy, EOS ignored; "
-          f"vocab {models.vocab_size}; best of {args.repeats} rounds in which the methods take turns\n")
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(models.large.device)
 
-    for batch in args.batch:
-        prompts = [f"Question: {i % 12} plus {(3 * i) % 12}? Answer:" for i in range(batch)]
-        enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(models.large.device)
+    def ours(fuser, method, k=0, temperature=0.0):
+        return lambda: fuser.generate(prompts, solver=method, max_new_tokens=tokens, ignore_eos=True,
+                                      batch_size=batch, speculate=k, temperature=temperature, seed=0)
 
-        def ours(fuser, method, speculate=0, temperature=0.0):
-            return lambda: fuser.generate(prompts, solver=method, max_new_tokens=args.tokens, ignore_eos=True,
-                                          batch_size=batch, speculate=speculate, temperature=temperature, seed=0)
+    def unshared(fuser, method):  # every model its own forward: no stacking, no shared LoRA batch
+        params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+        return lambda: decode(fuser.models, prompts, fuser.method(method), params, share_forwards=False)
 
-        def unshared(fuser, method):  # every model its own forward: no stacking, no shared LoRA batch
-            params = SamplingParams(max_new_tokens=args.tokens, ignore_eos=True)
-            return lambda: decode(fuser.models, prompts, fuser.method(method), params, share_forwards=False)
+    def hf_generate():
+        with torch.no_grad():
+            large.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                           pad_token_id=tok.pad_token_id)
 
-        def hf_generate():
-            with torch.no_grad():
-                large.generate(**enc, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
-                               pad_token_id=tok.pad_token_id)
+    fns = {"HF generate, large alone": hf_generate, "ours, large alone": ours(one, "large"),
+           "ours, static a=0, 1 expert": ours(one, "static:0"), "ours, proxy-tuning a=1": ours(one, "static:1"),
+           "ours, dynamic, 1 expert": ours(one, "dynamic")}
+    per_forward = {}  # speculative rows: tokens emitted per large-model forward
+    for k, temperature in [(k, 0.0) for k in speculate] + [(max(speculate, default=0), 1.0)]:
+        if k < 2:
+            continue
+        label = f"ours, dynamic, 1 expert, speculative {'sampling (T=1) ' if temperature else ''}k={k}"
+        fns[label] = ours(one, "dynamic", k, temperature)
+        per_forward[label] = tokens_per_forward(one, fns[label], tokens)
+    fns[f"ours, dynamic fast, {n_experts} experts"] = ours(many, "dynamic:fast")
+    fns[f"ours, dynamic fast, {n_experts} experts, separate forwards"] = unshared(many, "dynamic:fast")
+    fns[f"ours, dynamic joint, {n_experts} experts"] = ours(many, "dynamic:joint")
+    return fns, per_forward
 
-        fns = {"HF generate, large alone": hf_generate, "ours, large alone": ours(one, "large"),
-               "ours, static a=0, 1 expert": ours(one, "static:0"), "ours, proxy-tuning a=1": ours(one, "static:1"),
-               "ours, dynamic, 1 expert": ours(one, "dynamic")}
-        per_forward = {}  # speculative rows: tokens emitted per large-model forward
-        for k, temperature in [(k, 0.0) for k in args.speculate] + [(max(args.speculate, default=0), 1.0)]:
-            if k < 2:
-                continue
-            label = f"ours, dynamic, 1 expert, speculative {'sampling (T=1) ' if temperature else ''}k={k}"
-            fns[label] = ours(one, "dynamic", k, temperature)
-            per_forward[label] = tokens_per_forward(one, fns[label], args.tokens)
-        fns[f"ours, dynamic fast, {args.experts} experts"] = ours(many, "dynamic:fast")
-        fns[f"ours, dynamic fast, {args.experts} experts, separate forwards"] = unshared(many, "dynamic:fast")
-        fns[f"ours, dynamic joint, {args.experts} experts"] = ours(many, "dynamic:joint")
-        # The component floor: every model's cached steps timed alone, in the same rounds.
-        floor_members = [models.large, models.small, *models.experts]
-        fns.update({f"floor {m.role}": steps(models, prompts, [([m], None)], args.tokens, args.device)
-                    for m in floor_members})
-        t = best_times(fns, args.repeats, args.device)
-        floors = [t.pop(f"floor {m.role}") for m in floor_members]
-        floor1, floor_many = sum(floors[:3]), sum(floors)
-        naive = None
-        if args.naive:  # slow: timed once
-            with torch.no_grad():
-                naive = best_time(lambda: naive_dynamic(models, prompts, args.tokens, grid), 1, args.device)
 
-        base = t["ours, large alone"]
-        print(f"## batch {batch}\n")
-        print("| method | tokens/s | time / large alone | time / component floor |")
-        print("|---|---:|---:|---:|")
-        for label, seconds in t.items():
-            floor = floor_many if f"{args.experts} experts" in label else floor1
-            fl = f"{seconds / floor:.2f}x" if "static" in label or "proxy" in label or "dynamic" in label else ""
-            print(f"| {label} | {batch * args.tokens / seconds:.0f} | {seconds / base:.2f}x | {fl} |")
-        print(f"| component floor, large + small + 1 expert | {batch * args.tokens / floor1:.0f} | "
-              f"{floor1 / base:.2f}x | 1.00x |")
-        print(f"| component floor, large + small + {args.experts} experts | {batch * args.tokens / floor_many:.0f} | "
-              f"{floor_many / base:.2f}x | 1.00x |")
-        if naive is not None:
-            ours_fast = t[f"ours, dynamic fast, {args.experts} experts"]
-            print(f"| naive reference loop, dynamic, {args.experts} experts | {batch * args.tokens / naive:.0f} | "
-                  f"{naive / base:.2f}x | {naive / floor_many:.2f}x |")
-            print(f"\nnaive / ours (dynamic fast, {args.experts} experts, batch {batch}): {naive / ours_fast:.1f}x")
-        for label, n in per_forward.items():
-            print(f"\n{label}: {n:.2f} tokens per sequence per large-model forward (prefill included)", end="")
-        print("\n")
-    print(f"## experts that are LoRA adapters of the small base ({args.experts} adapters, rank 8)\n")
+def _decoding_table(one, many, batch: int, tokens: int, repeats: int, speculate, n_experts: int, device: str,
+                    naive: bool) -> None:
+    """One batch size: every method's tokens/s against the large model alone and the component floor."""
+    models = many.models
+    prompts = [f"Question: {i % 12} plus {(3 * i) % 12}? Answer:" for i in range(batch)]
+    fns, per_forward = _methods(one, many, prompts, batch, tokens, speculate, n_experts)
+    # The component floor: every model's cached steps timed alone, in the same rounds.
+    floor_members = [models.large, models.small, *models.experts]
+    fns.update({f"floor {m.role}": steps(models, prompts, [([m], None)], tokens, device) for m in floor_members})
+    t = best_times(fns, repeats, device)
+    floors = [t.pop(f"floor {m.role}") for m in floor_members]
+    floor1, floor_many = sum(floors[:3]), sum(floors)
+    naive_s = None
+    if naive:  # slow: timed once
+        grid = [round(0.1 * i, 1) for i in range(21)]
+        with torch.no_grad():
+            naive_s = best_time(lambda: naive_dynamic(models, prompts, tokens, grid), 1, device)
+    base, n = t["ours, large alone"], batch * tokens
+    print(f"## batch {batch}\n")
+    print("| method | tokens/s | time / large alone | time / component floor |")
+    print("|---|---:|---:|---:|")
+    for label, seconds in t.items():
+        floor = floor_many if f"{n_experts} experts" in label else floor1
+        fl = f"{seconds / floor:.2f}x" if "static" in label or "proxy" in label or "dynamic" in label else ""
+        print(f"| {label} | {n / seconds:.0f} | {seconds / base:.2f}x | {fl} |")
+    print(f"| component floor, large + small + 1 expert | {n / floor1:.0f} | {floor1 / base:.2f}x | 1.00x |")
+    print(f"| component floor, large + small + {n_experts} experts | {n / floor_many:.0f} | "
+          f"{floor_many / base:.2f}x | 1.00x |")
+    if naive_s is not None:
+        ours_fast = t[f"ours, dynamic fast, {n_experts} experts"]
+        print(f"| naive reference loop, dynamic, {n_experts} experts | {n / naive_s:.0f} | "
+              f"{naive_s / base:.2f}x | {naive_s / floor_many:.2f}x |")
+        print(f"\nnaive / ours (dynamic fast, {n_experts} experts, batch {batch}): {naive_s / ours_fast:.1f}x")
+    for label, k in per_forward.items():
+        print(f"\n{label}: {k:.2f} tokens per sequence per large-model forward (prefill included)", end="")
+    print("\n")
+
+
+def _stacked_tables(paths: dict, models, batches, tokens: int, repeats: int, n_experts: int, load: dict,
+                    device: str) -> None:
+    """The small base with its experts as one forward: LoRA adapters, then full fine-tunes."""
+    print(f"## experts that are LoRA adapters of the small base ({n_experts} adapters, rank 8)\n")
     print("small alone: the plain base model. Stacked: small + adapters as one forward, every adapter's A and B "
           "stacked and applied by bmm (what decoding runs). PEFT mixed: one forward through PEFT's per-row "
           "`adapter_names` (a loop over adapters in every LoRA layer; the fallback). Separate: one PEFT forward "
@@ -396,18 +392,17 @@ def main(argv: list[str] | None = None) -> None:
           "same, separate forwards | stacked / small alone | PEFT mixed / small alone | separate / stacked |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     lora_root = Path(tempfile.gettempdir()) / "logitfusion-bench-lora"  # random adapters, never in the zoo
-    for batch in args.batch:
-        alone, stacked, mixed, separate = lora_cost(paths, lora_root, args.experts, batch, args.tokens, load,
-                                                    args.device, args.repeats)
+    for batch in batches:
+        alone, stacked, mixed, separate = lora_cost(paths, lora_root, n_experts, batch, tokens, load, device, repeats)
         print(f"| {batch} | {alone * 1e3:.2f} | {stacked * 1e3:.2f} | {mixed * 1e3:.2f} | {separate * 1e3:.2f} | "
               f"{stacked / alone:.2f}x | {mixed / alone:.2f}x | {separate / stacked:.2f}x |")
     print()
-    print(f"## experts that are full fine-tunes of the small base ({args.experts} experts, weights stacked)\n")
+    print(f"## experts that are full fine-tunes of the small base ({n_experts} experts, weights stacked)\n")
     print("| batch | small alone, ms/step | small + full experts, stacked forward | same, separate forwards | "
           "stacked / small alone | separate / stacked |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for batch in args.batch:
-        times = full_cost(models, batch, args.tokens, args.device, args.repeats)
+    for batch in batches:
+        times = full_cost(models, batch, tokens, device, repeats)
         if times is None:
             print(f"| {batch} | the small base and its experts cannot be stacked (not full models of one config) |")
             continue
@@ -415,29 +410,56 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {batch} | {alone * 1e3:.2f} | {shared * 1e3:.2f} | {separate * 1e3:.2f} | "
               f"{shared / alone:.2f}x | {separate / shared:.2f}x |")
     print()
-    long = min(args.long_tokens, (models.large.context or 512) - 64)
+
+
+def _cache_and_solver_tables(one, models, batches, long_tokens: int, repeats: int, n_experts: int,
+                             device: str) -> None:
+    long = min(long_tokens, (models.large.context or 512) - 64)
     print(f"## the KV cache: room reserved up front vs torch.cat every step (1 expert, {long} tokens)\n")
     print("| batch | large alone, reserved, ms/step | same, cat | dynamic, reserved | same, cat | cat / reserved |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for batch in args.batch:
-        c = cache_cost(one, batch, long, args.device, args.repeats)
+    for batch in batches:
+        c = cache_cost(one, batch, long, device, repeats)
         print(f"| {batch} | {c['large'][0] * 1e3:.2f} | {c['large'][1] * 1e3:.2f} | {c['dynamic'][0] * 1e3:.2f} | "
               f"{c['dynamic'][1] * 1e3:.2f} | {c['large'][1] / c['large'][0]:.2f}x, {c['dynamic'][1] / c['dynamic'][0]:.2f}x |")
     print()
     print("## the weight solver alone (dynamic, fast path, 21-point grid, random logits)\n")
-    print(f"| batch | vocabulary | 1 expert, ms/step | {args.experts} experts, ms/step |")
+    print(f"| batch | vocabulary | 1 expert, ms/step | {n_experts} experts, ms/step |")
     print("|---:|---:|---:|---:|")
-    for batch in args.batch:
+    for batch in batches:
         for vocab in sorted({models.vocab_size, 32000}):
-            one_ms, many_ms = (solver_cost(batch, vocab, n, args.device, 10 * args.repeats) * 1e3
-                               for n in (1, args.experts))
+            one_ms, many_ms = (solver_cost(batch, vocab, n, device, 10 * repeats) * 1e3 for n in (1, n_experts))
             print(f"| {batch} | {vocab} | {one_ms:.2f} | {many_ms:.2f} |")
     print()
-    if args.device.startswith("cuda"):
+
+
+def main(tokens: int = 32, batch: Sequence[int] = (1, 8), repeats: int = 3, experts: int = 4,
+         models: Path | None = None, shapes: str | None = None, speculate: Sequence[int] = (2, 4),
+         long_tokens: int = 400, device: str = "cpu", dtype: str = "float32", naive: bool = True) -> None:
+    """Run every table and print it (markdown). models: a zoo folder (default: the bundled zoo);
+    shapes: random models of real shapes instead (SHAPE_PAIRS)."""
+    if shapes is not None and shapes not in SHAPE_PAIRS:
+        raise ValueError(f"shapes must be one of {', '.join(SHAPE_PAIRS)}, got {shapes!r}")
+    torch.manual_seed(0)
+    paths, many, one = _load(models or BUNDLED_ZOO, shapes, experts, device, dtype)
+    m = many.models
+    print(f"# decode_speed: torch {torch.__version__}, {platform.machine()}, device {device}, "
+          f"dtype {dtype}, {torch.get_num_threads()} CPU threads, "
+          f"{torch.cuda.get_device_name() if device.startswith('cuda') else platform.processor()}")
+    print(f"# models: {shapes or 'the zoo'}; {tokens} new tokens, greedy, EOS ignored; "
+          f"vocab {m.vocab_size}; best of {repeats} rounds in which the methods take turns\n")
+    for b in batch:
+        _decoding_table(one, many, b, tokens, repeats, list(speculate), experts, device, naive)
+    _stacked_tables(paths, m, batch, tokens, repeats, experts, {"dtype": dtype, "device": device}, device)
+    _cache_and_solver_tables(one, m, batch, long_tokens, repeats, experts, device)
+    if device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     else:
         print(f"peak process memory (RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m logitfusion.bench.speed ARGS` is `logitfusion bench speed ARGS`
+    import sys
+
+    from logitfusion.cli import app
+    app(["bench", "speed", *sys.argv[1:]], prog_name="python -m logitfusion.bench.speed")

@@ -9,13 +9,12 @@
 - `task_manager`: lm-eval's TaskManager with the tasks shipped in `logitfusion/eval/tasks`.
 - `main`: `python -m logitfusion.eval.lm ...` is the `lm_eval` CLI with the `logitfusion`
   model and our tasks registered (lm-eval 0.4 has no plugin discovery of its own).
-- `run_task`, `summarise`: what `logitfusion eval` runs and prints (methods x tasks).
+- `run_task`, `summarise` (in matrix.py): what `logitfusion eval` runs and prints (methods x tasks).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised by the CLI test with lm-eval hidden
     raise ImportError("logitfusion's evaluation needs lm-evaluation-harness: pip install lm-eval") from e
 
-from ..engine.compat import lean_lm_eval, lm_eval_cli_task_paths
+from ..engine.compat import lm_eval_cli_task_paths
 from ..engine.context import Context, Retokenizer, Row
 from ..engine.decoding import members_for, render
 from ..engine.fuser import Fuser
@@ -284,16 +283,15 @@ class FusedLM(LM):
             grid = parse_grid(grid)
         elif isinstance(grid, (int, float)):
             grid = [float(grid)]
-        self.solver = self.fuser.recipe.method(spec.replace("+", ","), self.fuser.expert_names, grid,
-                                               self.strategy, self.a_max)
+        self.solver = self.fuser.recipe.method(spec, self.fuser.expert_names, grid, self.strategy, self.a_max)
         return self.solver
 
     def _recipe_spec(self) -> str:
         """The recipe's solver as a method spec (so that grid=... or weights=... apply to it)."""
-        s = self.fuser.recipe.solver
-        if s.kind == "static":
-            return "static:" + ",".join(str(w) for w in (self.static_weights or s.weights))
-        return {"expert": f"expert:{s.expert}"}.get(s.kind, s.kind)
+        recipe = self.fuser.recipe
+        if recipe.solver.kind == "static" and self.static_weights:
+            return "static"  # set_method spells out weights=...
+        return recipe.method_spec()
 
     @property
     def models(self) -> ModelSet:
@@ -442,32 +440,31 @@ def _recipe_for(recipe, experts=None, ceiling: bool = False, device: str | None 
                 trust_remote_code: bool = False) -> Recipe:
     """The recipe with model_args applied: an expert subset, the ceiling alone, load overrides."""
     r = recipe if isinstance(recipe, Recipe) else Recipe.from_file(recipe)
-    data = r.model_dump()
+    fields, solver = {}, {}
     wanted = _names(experts)
     if wanted is not None:
         known = [e.name for e in r.experts]
         unknown = [n for n in wanted if n not in known]
         if unknown:
             raise EvalError(f"experts {unknown} are not in the recipe; its experts: {known}")
-        keep = [i for i, e in enumerate(data["experts"]) if e["name"] in wanted]
-        data["experts"] = [data["experts"][i] for i in keep]
-        if len(data["solver"]["weights"]) == len(known) > 1:  # static weights: one per expert
-            data["solver"]["weights"] = [data["solver"]["weights"][i] for i in keep]
-        if data["solver"]["kind"] == "expert" and data["solver"]["expert"] not in wanted:
-            data["solver"] |= {"kind": "expert", "expert": wanted[0]}
+        keep = [i for i, name in enumerate(known) if name in wanted]
+        fields["experts"] = [r.experts[i].model_dump() for i in keep]
+        if len(r.solver.weights) == len(known) > 1:  # static weights: one per expert
+            solver["weights"] = [r.solver.weights[i] for i in keep]
+        if r.solver.kind == "expert" and r.solver.expert not in wanted:
+            solver["expert"] = wanted[0]
     if ceiling:
         if r.ceiling is None:
             raise EvalError("ceiling=true needs a recipe with `ceiling: {path: ...}` (a fine-tuned large model)")
-        data |= {"large": data["ceiling"], "small": None, "experts": [], "ceiling": None, "solver": {"kind": "large"}}
+        fields |= {"large": r.ceiling.model_dump(), "small": None, "experts": [], "ceiling": None}
+        solver = {"kind": "large"}
+    load = {"dtype": dtype or None, "trust_remote_code": bool(trust_remote_code) or None}  # None keeps the recipe's
     if device:
         if device.startswith("cuda") and not torch.cuda.is_available():
             log.warning("device=%s is not available here; using the recipe's device %s", device, r.load.device)
-        elif data["load"].get("device_map") is None:
-            data["load"]["device"] = device
-    if dtype:
-        data["load"]["dtype"] = dtype
-    data["load"]["trust_remote_code"] = data["load"]["trust_remote_code"] or bool(trust_remote_code)
-    return Recipe.from_dict(data, source="recipe")
+        elif r.load.device_map is None:
+            load["device"] = device
+    return r.with_overrides(load=load, solver=solver, **fields)
 
 
 # ---------------------------------------------------------------- registration and tasks
@@ -541,104 +538,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     from lm_eval.__main__ import cli_evaluate
     sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
     cli_evaluate()
-
-
-# ---------------------------------------------------------------- the methods x tasks matrix
-
-def primary_metric(task: str, results: dict) -> tuple[str, float | None, bool]:
-    """(name, value, higher is better) of a task's headline metric: the first metric of its
-    metric_list under its first filter (lm-eval's own tables list them in that order)."""
-    row = results["results"].get(task, {})
-    config = results.get("configs", {}).get(task, {})
-    names = [m["metric"] for m in config.get("metric_list", []) if isinstance(m.get("metric"), str)]
-    filters = [f["name"] for f in config.get("filter_list") or []] or ["none"]
-    candidates = [f"{m},{f}" for m in names for f in filters] + \
-                 [k for k in row if "," in k and "_stderr" not in k]
-    for key in candidates:
-        if isinstance(row.get(key), (int, float)):
-            metric = key.split(",")[0]
-            better = results.get("higher_is_better", {}).get(task, {}).get(metric, True)
-            return key, float(row[key]), bool(better)
-    return "none", None, True
-
-
-def run_task(lm: FusedLM, method: str, task: str, manager, limit: float | None = None,
-             num_fewshot: int | None = None, max_gen_toks: int | None = None, per_doc: bool = False) -> dict:
-    """One (method, task) cell through lm_eval.simple_evaluate; returns its JSONL record, with
-    `scores` (the headline metric of each document, in document order) when `per_doc` is set,
-    for paired comparisons between methods."""
-    import time
-
-    from lm_eval import simple_evaluate
-    t0 = time.perf_counter()
-    if limit is not None and limit >= 1:
-        limit = int(limit)
-    with lean_lm_eval():
-        out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                              gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
-                              log_samples=per_doc, bootstrap_iters=0)
-    name = Path(task).stem if task.endswith(".yaml") else task
-    if name not in out["results"]:  # a YAML file: its task name is inside
-        name = next(iter(out["results"]))
-    metric, value, better = primary_metric(name, out)
-    metrics = {k: v for k, v in out["results"][name].items()
-               if "," in k and isinstance(v, (int, float)) and "_stderr" not in k and math.isfinite(v)}
-    n = out.get("n-samples", {}).get(name, {}).get("effective")
-    record = {"key": f"{method}|{task}", "method": method, "task": task, "metric": metric, "value": value,
-              "higher_is_better": better, "metrics": metrics, "n": n, "limit": limit,
-              "seconds": round(time.perf_counter() - t0, 2)}
-    if per_doc:
-        docs = sorted(out["samples"][name], key=lambda d: d["doc_id"])
-        record["scores"] = [float(d[metric.split(",")[0]]) for d in docs]
-    return record
-
-
-def _fmt(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"
-
-
-def summarise(records: Sequence[dict], methods: Sequence[str], tasks: Sequence[str]) -> str:
-    """Markdown: one table per task, then averages over the tasks whose headline metric is
-    higher-is-better, with method.md §6's gap closed when a `ceiling` row is present:
-    fused / FFT and (fused - base) / (FFT - base), ratios of averages, base = `large`."""
-    by_key = {r["key"]: r for r in records}
-    lines = []
-    for task in tasks:
-        rows = [by_key.get(f"{m}|{task}") for m in methods]
-        metric = next((r["metric"] for r in rows if r), "-")
-        lines += [f"### {task} ({metric})", "", "| method | score |", "|---|---|"]
-        lines += [f"| {m} | {_fmt(r['value'] if r else None)} |" for m, r in zip(methods, rows)]
-        lines.append("")
-    scored = [t for t in tasks if all(by_key.get(f"{m}|{t}", {}).get("higher_is_better", True) for m in methods)]
-    skipped = [t for t in tasks if t not in scored]
-
-    def average(method: str) -> float | None:
-        values = [by_key[f"{method}|{t}"]["value"] for t in scored if f"{method}|{t}" in by_key]
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values and len(values) == len(scored) else None
-
-    avg = {m: average(m) for m in methods}
-    ceiling, base = avg.get("ceiling"), avg.get("large")
-    gap = ceiling is not None
-    lines += [f"### average over {len(scored)} task(s)" + (f" (not averaged, lower is better: {', '.join(skipped)})"
-                                                            if skipped else ""), ""]
-    head = "| method | average |" + (" gap closed (fused/FFT) | (fused-base)/(FFT-base) |" if gap else "")
-    lines += [head, "|---|---|" + ("---|---|" if gap else "")]
-    for m in methods:
-        row = f"| {m} | {_fmt(avg[m])} |"
-        if gap:
-            ratio = avg[m] / ceiling if avg[m] is not None and ceiling else None
-            strict = ((avg[m] - base) / (ceiling - base) if avg[m] is not None and base is not None
-                      and ceiling != base else None)
-            row += f" {_pct(ratio)} | {_pct(strict)} |"
-        lines.append(row)
-    if gap and base is None:
-        lines += ["", "(add the `large` method for the (fused-base)/(FFT-base) figure)"]
-    return "\n".join(lines) + "\n"
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
 
 
 register()

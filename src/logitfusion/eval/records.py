@@ -35,6 +35,21 @@ def _json_line(p: Path, n: int, raw: bytes) -> dict:
     return row
 
 
+def read_jsonl(path: str | Path, limit: int | None = None, what: str = "records file") -> list[dict]:
+    """The JSON objects of a JSONL file, blank lines skipped, the first `limit` only when given;
+    an error naming the file and line for anything else."""
+    p = Path(path)
+    if not p.exists():
+        raise RecordsError(f"{what} {str(p)!r} not found")
+    rows = []
+    for n, raw in _lines(p, what):
+        if limit is not None and len(rows) >= limit:
+            break
+        if raw.strip():
+            rows.append(_json_line(p, n, raw))
+    return rows
+
+
 def read_prompts(path: str | Path) -> list[dict]:
     """Prompts file: one JSON object per line with "prompt" (and optionally "id")."""
     p = Path(path)
@@ -138,4 +153,4 @@ def read_keyed(path: str | Path, key: str = "key") -> dict[str, dict]:
     p = Path(path)
     if not p.exists():
         return {}
-    return {rec[key]: rec for rec in (_json_line(p, n, raw) for n, raw in _lines(p, "results file") if raw.strip())}
+    return {rec[key]: rec for rec in read_jsonl(p, what="results file")}

@@ -1,0 +1,5 @@
+"""`python -m logitfusion.cli` is the `logitfusion` command."""
+
+from . import app
+
+app()
