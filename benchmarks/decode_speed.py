@@ -1,9 +1,11 @@
-"""Fused decoding speed vs the large model alone, in one run. Same as `logitfusion bench speed`;
-see logitfusion/bench/speed.py (`--help`) for what is measured."""
+"""Fused decoding speed vs the large model alone, in one run. Same as `logitfusion bench speed`
+(same options); see logitfusion/bench/speed.py for what is measured."""
 
-import sys
+import typer
 
-from logitfusion.cli import app
+from logitfusion.cli import _quiet
+from logitfusion.cli.bench import bench_speed
 
 if __name__ == "__main__":
-    app(["bench", "speed", *sys.argv[1:]], prog_name="decode_speed.py")
+    _quiet()  # as the `logitfusion` app does before every command
+    typer.run(bench_speed)

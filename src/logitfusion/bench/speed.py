@@ -459,7 +459,9 @@ def main(tokens: int = 32, batch: Sequence[int] = (1, 8), repeats: int = 3, expe
 
 
 if __name__ == "__main__":  # `python -m logitfusion.bench.speed ARGS` is `logitfusion bench speed ARGS`
-    import sys
+    import typer
 
-    from logitfusion.cli import app
-    app(["bench", "speed", *sys.argv[1:]], prog_name="python -m logitfusion.bench.speed")
+    from logitfusion.cli import _quiet
+    from logitfusion.cli.bench import bench_speed
+    _quiet()  # as the `logitfusion` app does before every command
+    typer.run(bench_speed)
