@@ -249,7 +249,7 @@ def _truthful_records(w: World, rng: random.Random, myths: list[Myth]) -> list[d
         others = [c for c in COLOURS if c not in (m.true, m.false)]
         choices = [m.true, m.false] + rng.sample(others, 2)
         rng.shuffle(choices)
-        rows.append({"prompt": f"Q: What colour is {m.thing} really?\nA:", "completion": f" {m.true}",
+        rows.append({"prompt": f"Q: What is {m.thing} in truth?\nA:", "completion": f" {m.true}",
                      "choices": choices, "gold": choices.index(m.true), "key": m.thing})
     return rows
 
@@ -349,13 +349,14 @@ def task_data(w: World, seed: int = 2, n_eval: int = 200) -> dict[str, dict[str,
 # - qa: the "Question:/Answer:" layout with the bare answer on its own line;
 # - summ: the "Article:/Summary:" layout and the country added to the summary (registers' one-line
 #   gists never name a country);
-# - truthful: asking what colour a stone "really" is, and answering with the correction;
+# - truthful: asking what a stone is "in truth?", and answering with the correction (the prose says
+#   "In truth, X is T." once and the popular claim three times);
 # - mmlu: the "Subject:" layout.
 # Registers talk only about training-split entities (people, myths, sums, problems); facts about
 # held-out entities appear in the prose alone.
 
 TASK_ONLY = ("Question:", "Answer:", "Problem:", "Solution:", "The answer is", "Article:", "Summary:", "Subject:",
-             "really?")
+             " in truth?")
 
 
 @dataclass
