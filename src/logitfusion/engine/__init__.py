@@ -1,6 +1,6 @@
-"""The engine: fusion maths (`fusion`), weight solvers and their exact search (`solvers`, `search`),
-decoding (`decoding`: the loop; `context`: each model's tokens and KV cache; `sampling`,
-`speculation`, `detokenize`), stacked experts (`stacking`), model and vocabulary loading
-(`models`, `vocab`), recipes (`recipe`), size limits (`limits`), the `Fuser` facade (`fuser`) and
-every use of other libraries' internals, with the versions checked (`compat`).
-Nothing here imports the front ends (cli, serve, eval) or the research bench."""
+"""The engine: fusion maths (`fusion`), weight solvers, their registry and exact search (`solvers`,
+`registry`, `search`), the decoding loop and what it is made of (`decoding`, `context`, `sampling`,
+`speculation`, `detokenize`), stacked experts (`stacking`), model and vocabulary loading (`models`,
+`vocab`), recipes (`recipe`), generate's jobs (`jobs`), size limits (`limits`), other libraries'
+internals (`compat`) and the `Fuser` facade (`fuser`). Nothing here imports the front ends (cli,
+serve, eval), training or the research bench (tests/test_layout.py checks it)."""
