@@ -491,8 +491,7 @@ class Scripted(Solver):
     """Decodes a fixed token script through the real loop (runs the real large model, then puts
     all the mass on the next scripted token), so stop strings can be tested on chosen text."""
 
-    uses_small = False
-    experts = ()
+    reads = frozenset({"large"})
 
     def __init__(self, script):
         self.script, self.step = list(script), 0

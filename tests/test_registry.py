@@ -85,11 +85,13 @@ def test_the_server_accepts_exactly_the_registered_kinds(fuser):
     from logitfusion.serve.protocol import APIError, FusionOptions
     from logitfusion.serve.serving import build_solver
     for kind in registry.kinds():
-        _, solver, spec, _ = build_solver(fuser, FusionOptions(solver=kind))
+        chosen = build_solver(fuser, FusionOptions(solver=kind))
+        solver, spec = chosen.solver, chosen.spec
         assert spec == kind and type(solver) is type(registry.parse_method(kind, fuser.expert_names))
         subset = FusionOptions(solver=kind, experts=fuser.expert_names[:1])
         if kind in registry.expert_subset_kinds():
-            assert build_solver(fuser, subset)[3] == fuser.expert_names[:1]
+            chosen = build_solver(fuser, subset)
+            assert chosen.experts == chosen.models.expert_names == fuser.expert_names[:1]
         else:
             with pytest.raises(APIError, match="fusion.experts applies to the static and dynamic solvers"):
                 build_solver(fuser, subset)
@@ -97,4 +99,4 @@ def test_the_server_accepts_exactly_the_registered_kinds(fuser):
     with pytest.raises(APIError, match="unknown method 'magic'"):
         build_solver(fuser, FusionOptions(solver="magic"))
     # both spellings of a method reach the server too
-    assert list(build_solver(fuser, FusionOptions(solver="static:0.5+1.5+1"))[1].weights) == [0.5, 1.5, 1.0]
+    assert list(build_solver(fuser, FusionOptions(solver="static:0.5+1.5+1")).solver.weights) == [0.5, 1.5, 1.0]

@@ -142,7 +142,7 @@ def test_scheduler_fails_only_the_request_that_breaks(server, ref):
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    key, solver, _, _ = build_solver(fuser, None)
+    key, solver = build_solver(fuser, None)[:2]
 
     def submit(prompt, **params):
         job = Job("fusion", fuser, key, solver, prompt, fuser.sampling(max_new_tokens=4, **params), False, None,

@@ -223,10 +223,10 @@ def test_dynamic_check_needs_an_expert():
 def test_alone_returns_the_right_member_logits():
     z_l, z_s, z_e = setting(B=2, T=3, seed=16)
     large = Alone("large")
-    assert large.uses_large and not large.uses_small and large.experts == ()
+    assert large.reads == {"large"} and large.experts == ()
     torch.testing.assert_close(large(z_l, None, None).logits, z_l)
     expert = Alone("expert", 2)
-    assert not expert.uses_large and not expert.uses_small and expert.experts == (2,)
+    assert expert.reads == {"expert"} and expert.experts == (2,)
     # the decoding loop passes only the experts the solver declares: [B, 1, V]
     torch.testing.assert_close(expert(None, None, z_e[:, 2:3]).logits, z_e[:, 2])
     assert large(z_l, None, None).weights is None

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .compat import forward, left_pad_cache, merge_caches, reserved_cache, select_cache
-from .models import Member
+from .members import Member
 
 # ---------------------------------------------------------------- members with another tokenizer
 

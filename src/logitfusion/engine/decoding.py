@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from . import limits
 from .compat import warn_once
 from .context import Context, Retokenizer
 from .detokenize import Detokenizer, find_stop
-from .models import Member, ModelSet
+from .members import Member, Members, ModelSet
 from .sampling import DecodingError, Rows, SamplingParams, pick_tokens, seeds_for
 from .solvers import Choice, Solver, SolverError
 from .speculation import can_speculate, check_speculate, refusal, speculative_round
@@ -140,13 +140,13 @@ def encode_prompts(models: ModelSet, member: Member, prompts: Sequence[str]) -> 
     return out
 
 
-def members_for(models: ModelSet, solver: Solver) -> list[Member]:
-    """The models a solver reads, in the order large, small, experts, delta."""
-    idx = range(len(models.experts)) if solver.experts is None else solver.experts
-    if solver.uses_delta and models.delta is None:
-        raise SolverError("method 'delta' needs a delta model: add a `delta: {path: ...}` section to the recipe")
-    return ([models.large] if solver.uses_large else []) + ([models.small] if solver.uses_small else []) \
-        + [models.experts[i] for i in idx] + ([models.delta] if solver.uses_delta else [])
+def members_for(models: ModelSet, solver: Solver) -> Members:
+    """The models a solver reads, by kind."""
+    members = models.select(solver.reads, solver.experts)
+    lacking = members.lacking()
+    if lacking is not None:
+        raise SolverError(f"method {solver.name!r} needs {lacking.missing}")
+    return members
 
 
 def validate_prompts(models: ModelSet, prompts: Sequence[str], solver: Solver) -> dict[str, list[list[int]]]:
@@ -166,7 +166,7 @@ def validate_prompts(models: ModelSet, prompts: Sequence[str], solver: Solver) -
 
 
 
-def plan_forwards(models: ModelSet, members: list[Member], share_forwards: bool = True) \
+def plan_forwards(models: ModelSet, members: Iterable[Member], share_forwards: bool = True) \
         -> tuple[list[list[Member]], list, list[Retokenizer | None]]:
     """How the members run: (groups of members that share one forward, the module each group
     runs, its Retokenizer when the group has a tokenizer of its own).
@@ -189,7 +189,7 @@ def plan_forwards(models: ModelSet, members: list[Member], share_forwards: bool 
     return list(groups.values()), modules, retoks
 
 
-def step_traces(members: list[Member], logits: dict[str, Tensor], choice: Choice) -> list[StepTrace]:
+def step_traces(members: Iterable[Member], logits: dict[str, Tensor], choice: Choice) -> list[StepTrace]:
     """One StepTrace per row of `choice`: each model's and the fused top tokens, the weights and J."""
     tops = {}
     for role, z in [(m.role, logits[m.role]) for m in members] + [("fused", choice.logits)]:
@@ -228,7 +228,7 @@ class Batch:
         self.speculative = why_not is None  # whether speculate > 1 runs speculative rounds
         if speculate > 1 and why_not:
             warn_once(f"speculate={speculate} ignored, decoding one token per step: {why_not}")
-        self.device = self.members[0].device  # where fusion happens
+        self.device = self.members.first.device  # where fusion happens
         tok = models.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.seqs: list[Seq] = []
@@ -316,7 +316,7 @@ class Batch:
         return emitted
 
     def solve(self, logits: dict[str, Tensor]) -> Choice:
-        return self.solver.on([logits[m.role] for m in self.members])
+        return self.solver.on(self.members.logits(logits))
 
     def verdicts(self, logits: dict[str, Tensor], choice: Choice, tokens: Tensor) -> list[tuple]:
         """Per row: (token, first model with NaN/inf logits or None, is EOS, fused log-prob).

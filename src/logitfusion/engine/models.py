@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .compat import gguf_architectures
+from .members import Member, ModelSet, role_of
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,63 +47,6 @@ class LoadOptions:
         if self.dtype not in DTYPES:
             raise LoadError(f"unknown dtype {self.dtype!r}; use one of float32, bfloat16, float16, auto")
         return DTYPES[self.dtype]
-
-
-@dataclass
-class Member:
-    """One model as the decoding loop sees it: a module, and which LoRA adapter (if any) to run."""
-
-    role: str  # "large", "small" or "expert:<name>"
-    model: nn.Module
-    adapter: str | None = None  # adapter name inside a PeftModel; "__base__" = adapters off
-    template: str = "{prompt}"
-    context: int | None = None  # max positions, when the config says
-    # Cross-vocabulary members (another tokenizer than the large model's): their own tokenizer,
-    # the PM-MinED map from the large model's vocabulary onto theirs, and their vocabulary size.
-    tokenizer: Any = None
-    vocab_map: Any = None
-    vocab: int | None = None
-
-    @property
-    def foreign(self) -> bool:
-        return self.vocab_map is not None
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def forward_kwargs(self, batch: int) -> dict[str, Any]:
-        # PEFT's mixed-adapter batches select the adapter per row without mutating the model,
-        # so the small base and all its LoRA experts share one set of weights.
-        return {"adapter_names": [self.adapter] * batch} if self.adapter else {}
-
-
-@dataclass
-class ModelSet:
-    tokenizer: Any
-    large: Member
-    small: Member | None = None
-    experts: list[Member] = field(default_factory=list)
-    vocab_size: int = 0  # logits are sliced to this (tokenizer length; padded rows dropped)
-    delta: Member | None = None  # cross-model control: a delta model for the large (user) model
-    # Stacked modules (stacking.shared_stack for full-weight members, stacking.lora_stack for a PEFT
-    # base and its LoRA adapters), built on first use.
-    stacks: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def expert_names(self) -> list[str]:
-        return [m.role.split(":", 1)[1] for m in self.experts]
-
-    @property
-    def eos_token_ids(self) -> set[int]:
-        ids = set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        gen = getattr(self.large.model, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None)
-        if eos is not None:
-            ids.update(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
-        return ids
 
 
 def model_kind(path: str | Path, role: str) -> str:
@@ -419,13 +363,15 @@ def load_model_set(large: dict, small: dict | None, experts: list[dict], opts: L
         if kind == "adapter":
             raise LoadError(f"{role}: {spec_path(roles[role])!r} is a PEFT adapter; the {role} model must be "
                             "a full model directory (only experts may be adapters)")
-    expert_kinds = [model_kind(e["path"], f"expert:{e['name']}") for e in experts]
+    expert_roles = [role_of("expert", e["name"]) for e in experts]
+    expert_kinds = [model_kind(e["path"], role) for e, role in zip(experts, expert_roles)]
 
     tokenizers = {role: load_tokenizer(spec["path"], role, opts) for role, spec in roles.items()}
-    for e, kind in zip(experts, expert_kinds):
+    for e, role in zip(experts, expert_roles):
         has_tok = any((Path(e["path"]) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
-        if has_tok or gguf_file(e["path"], f"expert:{e['name']}") is not None:  # a GGUF always carries one  # an adapter or expert without tokenizer files inherits the small base's
-            tokenizers[f"expert:{e['name']}"] = load_tokenizer(e["path"], f"expert:{e['name']}", opts)
+        # A GGUF always carries a tokenizer; an adapter or expert without tokenizer files inherits the small base's.
+        if has_tok or gguf_file(e["path"], role) is not None:
+            tokenizers[role] = load_tokenizer(e["path"], role, opts)
     tokenizer = tokenizers["large"]
     side = {r: t for r, t in tokenizers.items() if r != "large"}
     small_map = None
@@ -447,8 +393,7 @@ def load_model_set(large: dict, small: dict | None, experts: list[dict], opts: L
         members["small"] = Member("small", peft_small or small_model, "__base__" if peft_small else None,
                                   small.get("template", "{prompt}"), _context_of(small_model), **foreign)
     expert_members = []
-    for e, kind in zip(experts, expert_kinds):
-        role = f"expert:{e['name']}"
+    for e, kind, role in zip(experts, expert_kinds, expert_roles):
         if kind == "adapter":
             expert_members.append(Member(role, peft_small, e["name"], e.get("template", "{prompt}"),
                                          _context_of(small_model), **foreign))
@@ -496,7 +441,7 @@ def _attach_adapters(small_model: nn.Module, adapters: list[tuple[dict, str]], o
     from peft import PeftModel
     peft_model = None
     for spec, _ in adapters:
-        role, path = f"expert:{spec['name']}", Path(spec["path"])
+        role, path = role_of("expert", spec["name"]), Path(spec["path"])
         _check_weight_format(path, role, opts.allow_pickle, adapter=True)
         cfg = json.loads((path / "adapter_config.json").read_text())
         if cfg.get("peft_type", "LORA").upper() != "LORA":

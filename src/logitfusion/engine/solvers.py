@@ -2,8 +2,9 @@
 
 Every solver is a pure function of logits and returns a `Choice`: the logits to decode from,
 the chosen weights [B, T] and the objective J [B] (None where there is no objective), so that
-callers can trace them. Which models a solver needs is declared, so that "large alone" or
-"expert alone" run only that model through the same decoding loop.
+callers can trace them. Which kinds of model a solver reads is declared (`reads`), and it gets
+their logits by kind (`members.Logits`), so that "large alone" or "expert alone" run only that
+model through the same decoding loop.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 from . import search
 from .fusion import fuse, objective
 from .limits import MAX_GRID_POINTS, MAX_WEIGHT, weight_problem
+from .members import Logits
 
 # Float32 elements of one [B, C, V] objective chunk (~128 MB). A 21-point grid at batch 8 and a
 # 32k vocabulary is 5.4M elements: one chunk, i.e. one batched op. Only product grids of several
@@ -138,10 +140,8 @@ class Solver:
     """Base: which models a solver reads, and how it turns their logits into a Choice."""
 
     name = "solver"
-    uses_large = True
-    uses_small = True
-    experts: tuple[int, ...] | None = None  # indices of experts read; None = all
-    uses_delta = False  # reads the delta model (cross-model control), listed after the experts
+    reads: frozenset[str] = frozenset({"large", "small", "expert"})  # member kinds (members.KINDS) it reads
+    experts: tuple[int, ...] | None = None  # indices of the experts read; None = all
 
     def __call__(self, z_large: Tensor | None, z_small: Tensor | None,
                  z_experts: Tensor | None) -> Choice:
@@ -150,12 +150,11 @@ class Solver:
     def check(self, n_experts: int) -> None:
         """Raise SolverError if this solver cannot run with n_experts experts."""
 
-    def on(self, z: Sequence[Tensor]) -> Choice:
-        """Run on the logits of the models it reads, listed in the order large, small, experts."""
-        z = list(z)
-        z_large = z.pop(0) if self.uses_large else None
-        z_small = z.pop(0) if self.uses_small else None
-        return self(z_large, z_small, torch.stack(z, 1) if z else None)
+    def on(self, z: Logits | Sequence[Tensor]) -> Choice:
+        """Run on the logits of the models it reads, by kind (or a list in the order of members.KINDS)."""
+        if not isinstance(z, Logits):
+            z = Logits.ordered(self.reads, z)
+        return self(z.large, z.small, z.experts)
 
 
 @dataclass
@@ -268,8 +267,7 @@ class Alone(Solver):
     def __post_init__(self):
         if self.member not in ("large", "expert"):
             raise SolverError(f"Alone(member={self.member!r}): use 'large' or 'expert'")
-        self.uses_large = self.member == "large"
-        self.uses_small = False
+        self.reads = frozenset({self.member})
         self.experts = (self.expert,) if self.member == "expert" else ()
 
     def check(self, n_experts: int) -> None:
@@ -288,17 +286,17 @@ class Delta(Solver):
 
     strength: float = 1.0
     name: str = "delta"
-    uses_small = False
+    reads = frozenset({"large", "delta"})
     experts = ()
-    uses_delta = True
 
     def check(self, n_experts: int) -> None:
         if not math.isfinite(self.strength):
             raise SolverError(f"delta strength must be finite, got {self.strength}")
 
-    def on(self, z: Sequence[Tensor]) -> Choice:
-        z_user, z_delta = z
-        return Choice(z_user.float().log_softmax(-1) + self.strength * z_delta.float())
+    def on(self, z: Logits | Sequence[Tensor]) -> Choice:
+        if not isinstance(z, Logits):
+            z = Logits.ordered(self.reads, z)
+        return Choice(z.large.float().log_softmax(-1) + self.strength * z.delta.float())
 
 
 def parse_grid(text: str) -> list[float]:

@@ -29,11 +29,12 @@ def check_speculate(speculate) -> None:
 
 def refusal(batch: Batch) -> str | None:
     """Why this batch's solver and members cannot run speculative rounds, or None."""
-    if not (batch.solver.uses_large and batch.solver.uses_small and len(batch.members) > 2):
+    members = batch.members
+    if not (members.large and members.small and members.experts):
         return "speculation needs a method that reads the large model, the small one and an expert"
     if not any(len(group) == 1 and group[0] is batch.models.large for group in batch.groups):
         return "the large model does not run a forward of its own"
-    if any(m.foreign for m in batch.members):  # drafts are not re-tokenised
+    if any(m.foreign for m in members):  # drafts are not re-tokenised
         return "a member has a tokenizer of its own"
     return None
 
@@ -60,7 +61,7 @@ def speculative_round(batch: Batch) -> list[tuple[Seq, int]]:
     distributed exactly as in plain fused sampling (not the same tokens for a seed: the
     random draws differ).
     """
-    k, n, large = batch.speculate, len(batch.seqs), batch.models.large
+    k, n, large = batch.speculate, len(batch.seqs), batch.members.large
     large_ctx = next(c for c in batch.contexts if c.members == [large])
     for ctx in batch.contexts:
         ctx.ensure_room(k)
@@ -90,7 +91,7 @@ def speculative_round(batch: Batch) -> list[tuple[Seq, int]]:
 def _draft(batch: Batch, choice0: Choice, draft_ctxs: list[Context]) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
     """The small side's drafts d [B, k]; for sampled batches the draft distributions log q_j of
     d_1..d_{k-1} ([B, V] each); and the small side's logits at positions 1..k, {role: [B, k, V]}."""
-    k, rows, small = batch.speculate, batch.sampling, batch.models.small
+    k, rows, members = batch.speculate, batch.sampling, batch.members
     drafts = [sample(residual(warp(choice0.logits, rows), batch.seqs), rows) if rows.sampled
               else choice0.logits.argmax(-1)]  # [B] each
     draft_logq: list[Tensor] = []
@@ -100,8 +101,8 @@ def _draft(batch: Batch, choice0: Choice, draft_ctxs: list[Context]) -> tuple[Te
         side.append(z)
         if j == k - 1:
             break
-        z_s = z[small.role]
-        z_e = torch.stack([z[m.role] for m in batch.members[2:]], 1)  # [B, T, V]
+        z_s = z[members.small.role]
+        z_e = torch.stack([z[m.role] for m in members.experts], 1)  # [B, T, V]
         z_draft = fuse(z_s, z_s, z_e, choice0.weights)
         if rows.sampled:
             draft_logq.append(warp(z_draft, rows))

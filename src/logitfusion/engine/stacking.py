@@ -21,13 +21,14 @@ over the groups (adapters stacked, ranks zero-padded), instead of PEFT's loop ov
 from __future__ import annotations
 
 import copy
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .compat import is_llama_rmsnorm, log, lora_adapters, lora_factors, lora_layer_classes, plain_lora_problem
-from .models import Member, ModelSet
+from .members import Member, ModelSet
 
 
 class StackError(ValueError):
@@ -307,13 +308,12 @@ def stack_lora(peft_model: nn.Module, groups: list[str]) -> nn.Module:
 # ---------------------------------------------------------------- decoding
 
 def stackable(member: Member) -> bool:
-    """The small base and full experts on the user's vocabulary (not the large model, not PEFT
-    adapter members, not cross-vocabulary members, which follow their own tokens)."""
-    return (member.role == "small" or member.role.startswith("expert:")) and member.adapter is None \
-        and not member.foreign
+    """Full-weight small-side members (the small base, full experts: members.KINDS) on the user's
+    vocabulary (not PEFT adapter members, not cross-vocabulary members, which follow their own tokens)."""
+    return member.kind.small_side and member.adapter is None and not member.foreign
 
 
-def shared_stack(models: ModelSet, members: list[Member]) -> tuple[nn.Module | None, list[Member]]:
+def shared_stack(models: ModelSet, members: Iterable[Member]) -> tuple[nn.Module | None, list[Member]]:
     """(stacked module, the members it runs, in order) for the stackable ones among `members`, or
     (None, []) when fewer than two or when they cannot be stacked. Built once per ModelSet and
     member set (every `generate` call makes a new Batch); a refusal is remembered too."""

@@ -35,7 +35,7 @@ from ..engine.compat import lm_eval_cli_task_paths
 from ..engine.context import Context, Retokenizer, Row
 from ..engine.decoding import members_for, render
 from ..engine.fuser import Fuser
-from ..engine.models import Member, ModelSet
+from ..engine.members import Logits, Member, ModelSet
 from ..engine.recipe import Recipe
 from ..engine.solvers import MAX_CHUNK_ELEMENTS, Choice, Solver, parse_grid
 
@@ -135,14 +135,14 @@ def _foreign_positions(member: Member, retok: Retokenizer, rows: list[tuple[list
     return [torch.cat(parts) for parts in out]
 
 
-def solve_positions(solver: Solver, z: list[Tensor]) -> Choice:
-    """The solver on [N, V] logits of every model it reads (order of `members_for`), in row chunks
-    that bound its [rows, candidates, V] work. Rows are independent, so chunking changes nothing."""
-    vocab = z[0].shape[-1]
+def solve_positions(solver: Solver, z: Logits) -> Choice:
+    """The solver on [N, V] logits of every model it reads, in row chunks that bound its
+    [rows, candidates, V] work. Rows are independent, so chunking changes nothing."""
+    n, vocab = z.shape
     rows = max(1, MAX_CHUNK_ELEMENTS // (vocab * 32))
     parts = []
-    for start in range(0, z[0].shape[0], rows):
-        parts.append(solver.on([t[start: start + rows] for t in z]))
+    for start in range(0, n, rows):
+        parts.append(solver.on(z.rows(slice(start, start + rows))))
 
     def cat(field: str):
         values = [getattr(p, field) for p in parts]
@@ -167,7 +167,7 @@ def fused_logprobs(models: ModelSet, solver: Solver, contexts: Sequence[str | Se
         raise EvalError("empty continuation: there is nothing to score")
     solver.check(len(models.experts))
     members = members_for(models, solver)
-    device = members[0].device
+    device = members.first.device
     tok = models.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else prefix_token_id(tok)
     by_template: dict[tuple, list[list[int]]] = {}  # models sharing a template and tokenizer share its tokens
@@ -182,16 +182,16 @@ def fused_logprobs(models: ModelSet, solver: Solver, contexts: Sequence[str | Se
         batch = order[start: start + batch_size]
         conts = [list(continuations[i]) for i in batch]
         keep = max(len(c) for c in conts)
-        z = []
+        z = {}  # per member role, [N, V]
         for m in members:
             if m.foreign:
                 pairs = [(_fit(by_template[key(m)][i], len(c), m), c) for i, c in zip(batch, conts)]
-                z.append(torch.cat(_foreign_positions(m, Retokenizer(m, tok), pairs)).to(device))
+                z[m.role] = torch.cat(_foreign_positions(m, Retokenizer(m, tok), pairs)).to(device)
                 continue
             rows = [_fit(by_template[key(m)][i], len(c), m) + c[:-1] for i, c in zip(batch, conts)]
             logits = _forward_last(m, rows, keep, models.vocab_size, pad_id).to(device)
-            z.append(torch.cat([logits[b, keep - len(c):] for b, c in enumerate(conts)]))  # [N, V]
-        choice = solve_positions(solver, z)
+            z[m.role] = torch.cat([logits[b, keep - len(c):] for b, c in enumerate(conts)])
+        choice = solve_positions(solver, members.logits(z))
         logp = choice.logits.float().log_softmax(-1)  # [N, V]
         targets = torch.tensor([t for c in conts for t in c], device=logp.device)
         token_lp = logp.gather(-1, targets[:, None])[:, 0]

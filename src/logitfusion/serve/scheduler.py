@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ..engine.decoding import Batch, Seq, validate_prompts
 from ..engine.fuser import Fuser
+from ..engine.members import ModelSet
 from ..engine.sampling import DecodingError, SamplingParams
 from ..engine.solvers import Solver, SolverError
 from .metrics import Metrics
@@ -44,12 +45,17 @@ class Job:
     return_weights: bool
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    models: ModelSet | None = None  # what it decodes with (fusion.experts: fewer experts); None: the fuser's
     state: str = "pending"  # pending | active | finished
     seq: Seq | None = None
     tracker: Tracker | None = None
     prompt_tokens: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     first_token: bool = False
+
+    def __post_init__(self):
+        if self.models is None:
+            self.models = self.fuser.models
 
     @property
     def trace(self) -> bool:  # weights and top alternatives come from the engine's trace
@@ -197,7 +203,7 @@ class Scheduler:
     def _tokenise(self, job: Job) -> bool:
         """Check one request's prompt against the models it runs; False (and answered) if it fails."""
         try:
-            encoded = validate_prompts(job.fuser.models, [job.prompt], job.solver)
+            encoded = validate_prompts(job.models, [job.prompt], job.solver)
             job.prompt_tokens = len(next(iter(encoded.values()))[0])
             return True
         except (DecodingError, SolverError) as e:
@@ -221,7 +227,7 @@ class Scheduler:
             # sampled output keeps its distribution.
             batch = self._batches.get(bkey)
             if batch is None:
-                batch = Batch(fuser.models, jobs[0].solver, speculate=fuser.recipe.generation.speculate)
+                batch = Batch(jobs[0].models, jobs[0].solver, speculate=fuser.recipe.generation.speculate)
             joining = batch.prefill([j.prompt for j in jobs], [j.params for j in jobs], trace=trace)
         except Exception as e:
             if len(jobs) > 1:

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..engine import limits, registry
 from ..engine.fuser import Fuser
 from ..engine.sampling import DecodingError, SamplingParams
-from ..engine.solvers import Choice, Solver, SolverError
+from ..engine.members import ModelSet
+from ..engine.solvers import Solver, SolverError
 from .protocol import (FINISH, INTERNAL, APIError, ChatMessage, ChatRequest, CompletionRequest, FusionOptions, Reply,
                        SamplingRequest, decoding_error, sse, usage)
 from .scheduler import Job, QueueFull, Scheduler, Unavailable
@@ -30,28 +31,19 @@ SOLVER_CACHE = 256  # arbitrary specs ("static:0.123") must not grow the cache w
 
 # ---------------------------------------------------------------- solvers per request
 
-class ExpertSubset(Solver):
-    """Runs a solver on a subset of the experts: only those models run, weights are per subset expert.
+class RequestSolver(NamedTuple):
+    """How a request's fusion options decode: its solver over its models (all of the fuser's, or
+    the experts of fusion.experts only), the key of batches it may share, what the answer reports."""
 
-    The engine reads `solver.experts` (indices into the model set's experts) to decide which
-    expert models to run and stack, so a subset needs no change in the decoding loop.
-    """
-
-    def __init__(self, inner: Solver, indices: tuple[int, ...]):
-        self.inner, self.experts = inner, tuple(indices)
-        self.uses_large, self.uses_small, self.name = inner.uses_large, inner.uses_small, inner.name
-
-    def check(self, n_experts: int) -> None:
-        if any(not 0 <= i < n_experts for i in self.experts):
-            raise SolverError(f"expert indices {list(self.experts)} out of range for {n_experts} experts")
-        self.inner.check(len(self.experts))
-
-    def __call__(self, z_large, z_small, z_experts) -> Choice:
-        return self.inner(z_large, z_small, z_experts)
+    key: tuple
+    solver: Solver
+    spec: str
+    experts: list[str]  # the experts the solver reads
+    models: ModelSet
 
 
-def build_solver(fuser: Fuser, options: FusionOptions | None) -> tuple[tuple, Solver, str, list[str]]:
-    """(cache key, solver, spec, experts used) for a request's fusion options."""
+def build_solver(fuser: Fuser, options: FusionOptions | None) -> RequestSolver:
+    """The solver and models for a request's fusion options."""
     spec = (options.solver or "").strip() if options else ""
     names = list(fuser.expert_names)
     subset = options.experts if options else None
@@ -64,20 +56,15 @@ def build_solver(fuser: Fuser, options: FusionOptions | None) -> tuple[tuple, So
             unknown = [e for e in subset if e not in names]
             if unknown or not subset or len(set(subset)) != len(subset):
                 raise SolverError(f"fusion.experts must be distinct names among {names}; got {subset}")
-            idx = tuple(sorted(names.index(e) for e in subset))
-            used = [names[i] for i in idx]
+            models = fuser.models.subset(subset)
             spec = spec or kind
-            inner = fuser.recipe.method(spec, used)
-            return ("subset", spec, idx), ExpertSubset(inner, idx), spec, used
-        if not spec:
-            solver = fuser.solver
-            used = [names[i] for i in solver.experts] if solver.experts is not None else names
-            if not (solver.uses_small or solver.experts):
-                used = []
-            return ("default",), solver, fuser.recipe.solver.kind, used
-        solver = fuser.recipe.method(spec, names)
-        used = names if solver.experts is None else [names[i] for i in solver.experts]
-        return ("spec", spec), solver, spec, used
+            return RequestSolver(("subset", spec, tuple(models.expert_names)), fuser.recipe.method(
+                spec, models.expert_names), spec, models.expert_names, models)
+        solver = fuser.solver if not spec else fuser.recipe.method(spec, names)
+        # Which experts it reads, without asking for a model it lacks (that is the prompt check's 400).
+        used = [m.name for m in fuser.models.select(solver.reads, solver.experts).experts]
+        return RequestSolver(("spec", spec) if spec else ("default",), solver, spec or fuser.recipe.solver.kind,
+                             used, fuser.models)
     except SolverError as e:
         raise APIError(400, str(e), param="fusion", code="invalid_solver") from None
 
@@ -184,7 +171,7 @@ class OpenAIServing:
     def __init__(self, fusers: dict[str, Fuser], scheduler: Scheduler, max_tokens_limit: int):
         self.fusers, self.scheduler, self.max_tokens_limit = fusers, scheduler, max_tokens_limit
         self.created = int(time.time())
-        self._solvers: dict[tuple, tuple] = {}  # (model, fusion options) -> build_solver's answer
+        self._solvers: dict[tuple, RequestSolver] = {}  # (model, fusion options) -> build_solver's answer
 
     # -- models
 
@@ -224,13 +211,13 @@ class OpenAIServing:
     # -- checks shared by both routes
 
     def prepare(self, body: SamplingRequest, max_tokens: int | None, stop_extra: list[str], logprobs: int | None):
-        """Checks shared by both routes -> (fuser, key, solver, spec, experts, params)."""
+        """Checks shared by both routes -> (fuser, its RequestSolver, params)."""
         fuser = self.fuser(body.model)
         self._check_options(body, max_tokens)
         stop = _stops(body)
-        skey, solver, spec, used = self._solver(body, fuser)
+        chosen = self._solver(body, fuser)
         params = self._sampling(fuser, body, max_tokens, stop, stop_extra, logprobs)
-        return fuser, skey, solver, spec, used, params
+        return fuser, chosen, params
 
     def _check_options(self, body: SamplingRequest, max_tokens: int | None) -> None:
         if body.n not in (None, 1):
@@ -245,7 +232,7 @@ class OpenAIServing:
             raise APIError(400, f"max_tokens must be between 1 and {self.max_tokens_limit} (the server's limit), "
                            f"got {max_tokens}", param="max_tokens")
 
-    def _solver(self, body: SamplingRequest, fuser: Fuser) -> tuple[tuple, Solver, str, list[str]]:
+    def _solver(self, body: SamplingRequest, fuser: Fuser) -> RequestSolver:
         key = (body.fusion.solver, tuple(body.fusion.experts) if body.fusion.experts is not None else None) \
             if body.fusion else (None, None)
         if (body.model, key) not in self._solvers:
@@ -277,13 +264,13 @@ class OpenAIServing:
 
     async def run(self, request: Request, body: SamplingRequest, kind: Literal["text", "chat"], prompt: str,
                   max_tokens: int | None, stop_extra: list[str], logprobs: int | None):
-        fuser, skey, solver, spec, used, params = self.prepare(body, max_tokens, stop_extra, logprobs)
+        fuser, chosen, params = self.prepare(body, max_tokens, stop_extra, logprobs)
         want_weights = bool(body.fusion and body.fusion.return_weights)
-        job = Job(body.model, fuser, skey, solver, prompt, params, bool(body.stream), logprobs, want_weights,
-                  asyncio.get_running_loop())
+        job = Job(body.model, fuser, chosen.key, chosen.solver, prompt, params, bool(body.stream), logprobs,
+                  want_weights, asyncio.get_running_loop(), models=chosen.models)
         self._submit(job)
         reply = Reply(kind, ("cmpl-" if kind == "text" else "chatcmpl-") + uuid.uuid4().hex, int(time.time()),
-                      body.model, {"solver": spec, "experts": used}, logprobs is not None, want_weights)
+                      body.model, {"solver": chosen.spec, "experts": chosen.experts}, logprobs is not None, want_weights)
         try:
             event, data = await self._next(job, request)  # admitted, or rejected by prompt validation
         except BaseException:
