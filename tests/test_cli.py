@@ -10,6 +10,10 @@ from typer.testing import CliRunner
 
 from logitfusion.cli import app
 
+
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it
+
+
 runner = CliRunner()
 
 

@@ -74,6 +74,7 @@ def test_cells_need_the_other_vocabulary_model(toy_zoo):
     assert all("mapping" not in json.loads(c.recipe).get("delta", {}) for c in same)  # same vocabulary
 
 
+@pytest.mark.slow
 def test_cell_runner_end_to_end_on_toy_models(toy_zoo, family, tmp_path):
     instruct = cmc_bench.recipe(toy_zoo / "models" / "large", family["small"])
     todo = [cmc_bench.Cell("task", "large", "alone", "qa", instruct, "large"),

@@ -33,6 +33,9 @@ from logitfusion.eval.matrix import run_task, summarise  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
 # shared/ lies beside the repository (on developers' machines and in CI); tests skip without it.
+pytestmark = pytest.mark.slow  # end to end (processes, servers, lm-eval, training): `make test-fast` skips it
+
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 FEW_SHOT = "Question: 2 plus 2? Answer: 4\n{prompt}"  # the large model's own template
 PROMPTS = ["the cat", "Question: 2 plus 3? Answer:", "a dog sells", "the king has", "one two three",

@@ -88,6 +88,7 @@ def assert_same_as_scan(z_l, z_s, z_e, grid, **kwargs):
 @given(kind=st.sampled_from(KINDS), grid=st.sampled_from(sorted(GRIDS)), T=st.sampled_from([1, 1, 2, 4]),
        B=st.sampled_from([1, 5, 32]), V=st.integers(2, 3000), scale=st.sampled_from([0.01, 0.3, 1.0, 3.0, 10.0]),
        seed=st.integers(0, 2**31 - 1))
+@pytest.mark.slow
 def test_exact_search_returns_the_full_scans_argmin_and_j(kind, grid, T, B, V, scale, seed):
     """600 batches of 1, 5 or 32 logit sets (~7,500 sets): weights and J bit for bit."""
     if kind in ("unmoved", "twin experts") and T == 1:
@@ -95,6 +96,7 @@ def test_exact_search_returns_the_full_scans_argmin_and_j(kind, grid, T, B, V, s
     assert_same_as_scan(*logit_sets(kind, B, T, V, scale, seed), GRIDS[grid], compiled=False)
 
 
+@pytest.mark.slow
 def test_exact_search_at_a_real_vocabulary_and_batch():
     """Vocabulary 32k and 49k, batches of 1, 2 and 8, two threads: the sizes where the search is
     used, and where torch splits a one-output reduction across threads (another summation
@@ -215,6 +217,7 @@ def test_a_failed_compile_falls_back_to_eager_with_one_log_line(monkeypatch, cap
     assert not search.compiled_available()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
 def test_compiled_kernel_matches_eager_and_the_search_stays_exact():
     """One compile (~5-20 s): the compiled kernel agrees with the eager one to rounding, and the

@@ -129,6 +129,7 @@ def chi_square_p_value(counts: dict, probs: dict) -> tuple[float, int]:
     return float(torch.special.gammaincc(torch.tensor(dof / 2), torch.tensor(chi2 / 2))), dof
 
 
+@pytest.mark.slow
 def test_speculative_sampling_is_exact_in_distribution(fuser1, monkeypatch):
     """Token 2 of speculative sampling comes from an accepted draft or from the residual of a
     rejected one; either way it must follow the fused distribution exactly. Plain greedy decoding

@@ -18,6 +18,10 @@ from logitfusion.cli import app
 from logitfusion.engine.fuser import Fuser
 from logitfusion.engine.models import LoadError, LoadOptions, VocabularyMismatchError
 
+
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it
+
+
 runner = CliRunner()
 CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}")

@@ -274,6 +274,7 @@ def test_cli_prints_user_text_literally(family, tmp_path):
     assert r.exit_code == 2 and "expert:m: path '/nonexistent/[x]' does not exist" in r.output
 
 
+@pytest.mark.slow
 def test_cli_user_error_in_a_real_process_has_no_traceback(recipe_file):
     exe = os.path.join(os.path.dirname(sys.executable), "logitfusion")
     p = subprocess.run([exe, "generate", "-r", str(recipe_file), "-p", "x", "--grid", "0:2:1e-12"],

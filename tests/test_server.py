@@ -29,6 +29,10 @@ from logitfusion.serve import create_app
 from logitfusion.serve.serving import CHAT_FALLBACK_STOP, chat_prompt
 from logitfusion.serve.tracker import Tracker, holdback
 
+
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it
+
+
 KEY = "test-key-123"
 LIMIT = 64  # max_tokens_limit of the test server
 BODY_LIMIT = 64 * 1024

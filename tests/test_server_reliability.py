@@ -18,6 +18,10 @@ from logitfusion.engine.fuser import Fuser
 from logitfusion.serve import create_app
 from test_server import KEY, Server, error_of, metrics, wait_for, write_recipe
 
+
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it
+
+
 LIMIT = 8  # this server's max_tokens_limit: valid requests stay quick
 STREAM_PROMPTS = ["the cat", "Question: 2 plus 3? Answer:", "héllo ☃ 日本"]
 VALID_PROMPTS = ["the cat", "a", "Question: 2 plus 3? Answer:", "héllo ☃ 日本", "dog\nsat", "[bold]m[/] :m:"]

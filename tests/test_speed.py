@@ -1,8 +1,12 @@
 """The speed benchmark runs end to end (numbers are not asserted: timing lives in the report)."""
 
+import pytest
 from typer.testing import CliRunner
 
 from logitfusion.cli import app
+
+
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it
 
 
 def test_bench_speed_prints_every_ratio(tmp_path, capsys):

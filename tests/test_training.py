@@ -15,6 +15,10 @@ from logitfusion.cli import app
 from logitfusion.engine.fuser import Fuser
 from logitfusion.train.finetune import MARKER, Collator, FinetuneConfig, encode_example, finetune, load_dataset
 
+
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it
+
+
 runner = CliRunner()
 
 

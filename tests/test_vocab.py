@@ -282,6 +282,7 @@ def test_mistral_sentencepiece_files(mistral_data):
     print("\nv1 -> v3:", forward.counts, f"{forward.meta['seconds']} s", "\nv3 -> v1:", back.counts, f"{back.meta['seconds']} s")
 
 
+@pytest.mark.slow
 def test_mistral_tekken_against_sentencepiece(mistral_data):
     from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 

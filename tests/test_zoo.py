@@ -7,6 +7,10 @@ import pytest
 from logitfusion.bench import world, zoo
 from logitfusion.engine.fuser import Fuser
 
+
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it
+
+
 ROOT = zoo.BUNDLED
 needs_zoo = pytest.mark.skipif(not (ROOT / "models" / "large" / "config.json").exists(),
                                reason="the bundled zoo is not in this checkout")
