@@ -39,3 +39,49 @@ def test_bench_speed_on_random_models_of_given_shapes(tmp_path, monkeypatch, cap
     out = result.output + capsys.readouterr().out
     assert "# models: tinyllama-13b" in out and "small + full experts, stacked forward" in out
     assert (tmp_path / "logitfusion-shapes-tinyllama-13b-float32" / "llama2-13b" / "config.json").exists()
+
+
+def test_the_cpu_preset_is_smollm2_shaped_and_its_small_model_is_several_times_cheaper():
+    """The numbers of the real shapes (checked against SmolLM2-135M's config: 134.5M parameters with
+    tied embeddings), and a small model of the same vocabulary 5-10x smaller, so 5-10x fewer
+    weights read per step."""
+    from logitfusion.bench import speed
+
+    def params(name):
+        hidden, layers, heads, kv, inter, vocab = speed.SHAPES[name]
+        head = hidden // heads
+        per_layer = 2 * hidden * hidden + 2 * hidden * kv * head + 3 * hidden * inter + 2 * hidden
+        return vocab * hidden + layers * per_layer + hidden  # tied: one embedding matrix
+
+    small, large = speed.PAIRS["smollm2-cpu"]
+    assert abs(params(large) - 134_515_008) < 1e-3 * 134_515_008
+    assert 5 <= params(large) / params(small) <= 10
+    assert speed.SHAPES[small][-1] == speed.SHAPES[large][-1] and {small, large} <= speed.TIED
+
+
+def test_bench_speed_takes_any_models_or_a_recipe(family, tmp_path, capsys):
+    import yaml
+    experts = [f"{name}={path}" for name, path in list(family["experts"].items())[:2]]
+    args = ["bench", "speed", "--tokens", "2", "--batch", "1", "--repeats", "1", "--speculate", "0",
+            "--long-tokens", "4", "--no-naive"]
+    result = CliRunner().invoke(app, args + ["--large", family["large"], "--small", family["small"],
+                                             *[x for e in experts for x in ("--expert", e)]])
+    assert result.exit_code == 0, result.output
+    out = result.output + capsys.readouterr().out
+    assert f"# models: {family['large']} + {family['small']} + 2 experts" in out
+    assert "ours, dynamic joint, 2 experts" in out
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"large": {"path": family["large"]}, "small": {"path": family["small"]},
+                                      "experts": [{"name": "e1", "path": list(family["experts"].values())[0]}]}))
+    result = CliRunner().invoke(app, args + ["--recipe", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "+ 1 experts" in result.output + capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--large", "L"], "give all three"),
+    (["--shapes", "smollm2-cpu", "--recipe", "r.yaml"], "choose one source of models"),
+])
+def test_bench_speed_refuses_mixed_or_partial_model_sources(extra, message):
+    result = CliRunner().invoke(app, ["bench", "speed", *extra])
+    assert result.exit_code != 0 and message in result.output

@@ -1,6 +1,8 @@
 """Fused decoding speed, measured in ONE run on the same prompts and models.
 
     logitfusion bench speed                       # the bundled zoo, CPU
+    logitfusion bench speed --shapes smollm2-cpu  # SmolLM2-135M-shaped large + a small of its vocabulary, CPU
+    logitfusion bench speed --large L --small S --expert E1 --expert E2   # any models (or --recipe R.yaml)
     logitfusion bench speed --shapes tinyllama-13b --device cuda --dtype bfloat16
     (also: python benchmarks/decode_speed.py ...)
 
@@ -16,7 +18,9 @@ Then the per-step cost of the small base with its experts as one forward (LoRA a
 A and B applied by bmm, and PEFT's mixed-adapter batch; full fine-tunes: stacked weights) against
 one forward per model.
 Speed does not depend on trained weights, so `--shapes` builds random-initialised models of
-real shapes (TinyLlama-1.1B small + Llama-2-7B/13B large) for GPU measurements.
+real shapes: `smollm2-cpu` (SmolLM2-135M's shape, 30 layers x 576, vocabulary 49,152, and a small
+model of the same vocabulary about 8x cheaper per step) for CPU measurements, TinyLlama-1.1B small +
+Llama-2-7B/13B large for GPU ones.
 Best of --repeats timed runs after one warm-up. The options are the `bench speed` command's
 (cli/bench.py); `main` takes them as keywords.
 """
@@ -46,6 +50,16 @@ SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "tinyllama": (2048, 22, 32, 4, 5632, 32000),
     "llama2-7b": (4096, 32, 32, 32, 11008, 32000),
     "llama2-13b": (5120, 40, 40, 40, 13824, 32000),
+    "smollm2-135m": (576, 30, 9, 3, 1536, 49152),
+    # Same vocabulary, so its output layer (256 x 49,152) is most of its cost: about 17M weights
+    # read per step against 135M, the 5-10x cheaper small model a real small/large pair has.
+    "smollm2-small": (256, 6, 4, 2, 768, 49152),
+}
+TIED = {"smollm2-135m", "smollm2-small"}  # SmolLM2 ties its input and output embeddings
+PAIRS = {  # --shapes: (small, large)
+    "smollm2-cpu": ("smollm2-small", "smollm2-135m"),
+    "tinyllama-7b": ("tinyllama", "llama2-7b"),
+    "tinyllama-13b": ("tinyllama", "llama2-13b"),
 }
 
 
@@ -95,8 +109,7 @@ def shaped_models(root: Path, pair: str, n_experts: int, dtype: torch.dtype, dev
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from . import toy
-    small_name, large_name = {"tinyllama-7b": ("tinyllama", "llama2-7b"),
-                              "tinyllama-13b": ("tinyllama", "llama2-13b")}[pair]
+    small_name, large_name = PAIRS[pair]
     tok = toy.build_tokenizer(root / "tokenizer")
 
     def build(name: str, out: Path, seed: int):
@@ -106,7 +119,7 @@ def shaped_models(root: Path, pair: str, n_experts: int, dtype: torch.dtype, dev
         torch.manual_seed(seed)
         cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
                           num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=inter,
-                          max_position_embeddings=4096, eos_token_id=tok.eos_token_id,
+                          max_position_embeddings=4096, tie_word_embeddings=name in TIED, eos_token_id=tok.eos_token_id,
                           bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
         with torch.device("meta"):
             LlamaForCausalLM(cfg)  # validates the config cheaply
@@ -288,16 +301,38 @@ def full_cost(models, batch: int, n_tokens: int, device: str, repeats: int) -> t
 
 # ---------------------------------------------------------------- main
 
-SHAPE_PAIRS = ("tinyllama-7b", "tinyllama-13b")  # --shapes: TinyLlama-1.1B small + Llama-2 large
+SHAPE_PAIRS = tuple(PAIRS)
 
 
-def _load(models: Path, shapes: str | None, n_experts: int, device: str, dtype: str):
-    """(model paths, a Fuser with every expert, the same models with the first expert only)."""
+def given_models(large: str, small: str, experts: Sequence[str]) -> dict:
+    """--large/--small/--expert: experts as NAME=PATH or PATH (then named e1, e2, ...)."""
+    named = [e.split("=", 1) if "=" in e else (f"e{i + 1}", e) for i, e in enumerate(experts)]
+    if not named:
+        raise SystemExit("error: --large and --small need at least one --expert PATH (or NAME=PATH) to fuse")
+    return {"large": large, "small": small, "experts": dict(named)}
+
+
+def recipe_models(recipe: Path) -> dict:
+    """The members of a recipe (its templates, mapping and solver settings do not change speed here)."""
+    from ..engine.recipe import Recipe
+    r = Recipe.from_file(recipe)
+    if r.small is None or not r.experts:
+        raise SystemExit(f"error: {recipe} has no small model or no experts: nothing to fuse")
+    return {"large": r.large.path, "small": r.small.path, "experts": {e.name: e.path for e in r.experts}}
+
+
+def _paths(models: Path, shapes: str | None, given: dict | None, n_experts: int, device: str, dtype: str) -> dict:
+    if given:
+        return given
     if shapes:
         root = Path(tempfile.gettempdir()) / f"logitfusion-shapes-{shapes}-{dtype}"
-        paths = shaped_models(root, shapes, n_experts, getattr(torch, dtype), device)
-    else:
-        paths = zoo_models(models, n_experts)
+        return shaped_models(root, shapes, n_experts, getattr(torch, dtype), device)
+    return zoo_models(models, n_experts)
+
+
+def _load(models: Path, shapes: str | None, n_experts: int, device: str, dtype: str, given: dict | None = None):
+    """(model paths, a Fuser with every expert, the same models with the first expert only)."""
+    paths = _paths(models, shapes, given, n_experts, device, dtype)
     many = Fuser.from_pretrained(paths["large"], paths["small"], paths["experts"],
                                  load={"dtype": dtype, "device": device})
     # The same loaded models with the first expert only (one copy of the large model in memory).
@@ -435,18 +470,23 @@ def _cache_and_solver_tables(one, models, batches, long_tokens: int, repeats: in
 
 def main(tokens: int = 32, batch: Sequence[int] = (1, 8), repeats: int = 3, experts: int = 4,
          models: Path | None = None, shapes: str | None = None, speculate: Sequence[int] = (2, 4),
-         long_tokens: int = 400, device: str = "cpu", dtype: str = "float32", naive: bool = True) -> None:
+         long_tokens: int = 400, device: str = "cpu", dtype: str = "float32", naive: bool = True,
+         given: dict | None = None) -> None:
     """Run every table and print it (markdown). models: a zoo folder (default: the bundled zoo);
-    shapes: random models of real shapes instead (SHAPE_PAIRS)."""
+    shapes: random models of real shapes instead (SHAPE_PAIRS); given: {"large", "small",
+    "experts": {name: path}} (given_models, recipe_models), which sets the number of experts."""
     if shapes is not None and shapes not in SHAPE_PAIRS:
         raise ValueError(f"shapes must be one of {', '.join(SHAPE_PAIRS)}, got {shapes!r}")
+    if given:
+        experts = len(given["experts"])
     torch.manual_seed(0)
-    paths, many, one = _load(models or BUNDLED_ZOO, shapes, experts, device, dtype)
+    paths, many, one = _load(models or BUNDLED_ZOO, shapes, experts, device, dtype, given)
     m = many.models
     print(f"# decode_speed: torch {torch.__version__}, {platform.machine()}, device {device}, "
           f"dtype {dtype}, {torch.get_num_threads()} CPU threads, "
           f"{torch.cuda.get_device_name() if device.startswith('cuda') else platform.processor()}")
-    print(f"# models: {shapes or 'the zoo'}; {tokens} new tokens, greedy, EOS ignored; "
+    source = f"{paths['large']} + {paths['small']} + {len(paths['experts'])} experts" if given else shapes or "the zoo"
+    print(f"# models: {source}; {tokens} new tokens, greedy, EOS ignored; "
           f"vocab {m.vocab_size}; best of {repeats} rounds in which the methods take turns\n")
     for b in batch:
         _decoding_table(one, many, b, tokens, repeats, list(speculate), experts, device, naive)

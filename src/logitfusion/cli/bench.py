@@ -121,6 +121,7 @@ def bench_cmc(
 
 
 class ShapePair(str, Enum):  # bench.speed.SHAPE_PAIRS, kept here so that --help needs no torch
+    smollm2_cpu = "smollm2-cpu"
     tinyllama_7b = "tinyllama-7b"
     tinyllama_13b = "tinyllama-13b"
 
@@ -131,7 +132,11 @@ def bench_speed(
     repeats: int = typer.Option(3, help="timed rounds; the best counts"),
     experts: int = typer.Option(4, help="experts for the multi-expert rows"),
     models: Optional[Path] = typer.Option(None, help="zoo folder (default: the bundled zoo)"),
-    shapes: Optional[ShapePair] = typer.Option(None, help="random models of real shapes"),
+    shapes: Optional[ShapePair] = typer.Option(None, help="random models of real shapes: smollm2-cpu (SmolLM2-135M's shape and a small model of its vocabulary, for CPU), tinyllama-7b/13b (for GPU)"),
+    large: Optional[str] = typer.Option(None, help="any large model (a folder or .gguf), with --small and --expert"),
+    small: Optional[str] = typer.Option(None, help="the small base the experts were fine-tuned from"),
+    expert: list[str] = typer.Option([], help="an expert, PATH or NAME=PATH (repeat; their number replaces --experts)"),
+    recipe: Optional[Path] = typer.Option(None, help="take the large, small and expert models from a recipe instead"),
     speculate: list[int] = typer.Option([2, 4], help="draft lengths to time (repeat for several; 0: none)"),
     long_tokens: int = typer.Option(400, help="new tokens for the KV-cache table (reserved room vs torch.cat)"),
     device: str = typer.Option("cpu", help="device for all models"),
@@ -139,7 +144,14 @@ def bench_speed(
     naive: bool = typer.Option(True, "--naive/--no-naive", help="also time the naive reference loop (slow)"),
 ):
     """Fused decoding speed vs the large model alone, component floor, naive loop, fast paths."""
-    from ..bench.speed import main
+    from ..bench.speed import given_models, main, recipe_models
+    sources = [name for name, used in (("--models", models), ("--shapes", shapes), ("--recipe", recipe),
+                                       ("--large/--small/--expert", large or small or expert)) if used]
+    if len(sources) > 1:
+        fail(f"choose one source of models, got {' and '.join(sources)}")
+    if (large or small or expert) and not (large and small):
+        fail("--large, --small and --expert go together: give all three (--expert repeats)")
+    given = given_models(large, small, expert) if large else recipe_models(recipe) if recipe else None
     main(tokens=tokens, batch=batch, repeats=repeats, experts=experts, models=models,
          shapes=shapes.value if shapes else None, speculate=speculate, long_tokens=long_tokens, device=device,
-         dtype=dtype, naive=naive)
+         dtype=dtype, naive=naive, given=given)
