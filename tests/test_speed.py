@@ -38,6 +38,7 @@ def test_bench_speed_on_random_models_of_given_shapes(tmp_path, monkeypatch, cap
     assert result.exit_code == 0, result.output
     out = result.output + capsys.readouterr().out
     assert "# models: tinyllama-13b" in out and "small + full experts, stacked forward" in out
+    assert "vocab 32000;" in out  # the tokenizer is padded to the models' vocabulary
     assert (tmp_path / "logitfusion-shapes-tinyllama-13b-float32" / "llama2-13b" / "config.json").exists()
 
 

@@ -111,6 +111,9 @@ def shaped_models(root: Path, pair: str, n_experts: int, dtype: torch.dtype, dev
     from . import toy
     small_name, large_name = PAIRS[pair]
     tok = toy.build_tokenizer(root / "tokenizer")
+    # Filler tokens up to the models' vocabulary: fused logits are cut to the tokenizer's length,
+    # so a 300-token tokenizer would time the solver, sampling and detokenising at 300, not 49k.
+    tok.add_tokens([f"<x{i}>" for i in range(max(SHAPES[small_name][-1], SHAPES[large_name][-1]) - len(tok))])
 
     def build(name: str, out: Path, seed: int):
         if (out / "config.json").exists():
