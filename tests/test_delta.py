@@ -116,6 +116,7 @@ def test_cli_delta_train_errors(family, tmp_path):
 from logitfusion.engine.decoding import Batch  # noqa: E402
 from logitfusion.engine.sampling import SamplingParams  # noqa: E402
 from logitfusion.engine.fuser import Fuser  # noqa: E402
+from logitfusion.engine.registry import SearchConfig  # noqa: E402
 from logitfusion.engine.models import LoadError, VocabularyMismatchError  # noqa: E402
 
 PROMPTS = ["the cat sells", "Question: 3 plus 4? Answer:", "a river"]
@@ -245,7 +246,7 @@ def test_cross_vocab_fusion_zero_weights_equal_large(family, other):
     for spec in ("static:0", "static:0.0"):
         assert [g.token_ids for g in f.generate(PROMPTS, solver=spec, max_new_tokens=10, ignore_eos=True)] \
             == [g.token_ids for g in large]
-    zero_grid = f.method("dynamic", grid=[0.0])
+    zero_grid = f.method("dynamic", SearchConfig(grid=[0.0]))
     assert [g.token_ids for g in f.generate(PROMPTS, solver=zero_grid, max_new_tokens=10, ignore_eos=True)] \
         == [g.token_ids for g in large]
     # Real dynamic fusion across vocabularies: batched == unbatched, and the weights move.

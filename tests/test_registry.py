@@ -52,7 +52,7 @@ def test_the_recipe_schema_and_the_method_grammar_accept_each_kind(kind):
     built = recipe.build_solver()
     again = recipe.method(recipe.method_spec())  # the recipe's solver round-trips through the grammar
     assert type(built) is type(again) and vars(built).keys() == vars(again).keys()
-    assert type(registry.parse_method(kind, NAMES, delta_strength=0.5)) is type(built)
+    assert type(registry.parse_method(kind, NAMES, registry.SearchConfig(delta_strength=0.5))) is type(built)
 
 
 def test_the_recipe_schema_refuses_an_unregistered_kind():
@@ -70,7 +70,7 @@ def test_both_spellings_of_a_method_are_one_method():
     assert list(registry.parse_method("static:1e+2+2", NAMES).weights) == [100.0, 2.0]
     assert isinstance(registry.parse_method("dynamic:joint", NAMES), Dynamic)
     assert registry.parse_method("expert:qa", NAMES).expert == 1
-    assert registry.parse_method("delta", NAMES, delta_strength=0.5).strength == 0.5
+    assert registry.parse_method("delta", NAMES, registry.SearchConfig(delta_strength=0.5)).strength == 0.5
     assert isinstance(registry.parse_method("large", NAMES), Alone)
     assert isinstance(registry.parse_method("delta:2", NAMES), Delta)
 
@@ -100,3 +100,30 @@ def test_the_server_accepts_exactly_the_registered_kinds(fuser):
         build_solver(fuser, FusionOptions(solver="magic"))
     # both spellings of a method reach the server too
     assert list(build_solver(fuser, FusionOptions(solver="static:0.5+1.5+1")).solver.weights) == [0.5, 1.5, 1.0]
+
+
+def test_one_search_config_from_every_front_end():
+    cfg = registry.SearchConfig.parse("0:1:0.5", "joint", "1.5")
+    assert cfg == registry.SearchConfig((0.0, 0.5, 1.0), "joint", 1.5)
+    assert registry.SearchConfig.parse([0, 1]).grid == (0.0, 1.0) and registry.SearchConfig.parse(0.5).grid == (0.5,)
+    assert registry.SearchConfig.parse(None, "") == registry.SearchConfig()
+    merged = registry.SearchConfig(strategy="joint").over(registry.SearchConfig((0.0, 1.0), "fast", None, 0.5))
+    assert merged == registry.SearchConfig((0.0, 1.0), "joint", None, 0.5)
+    recipe = _recipe("dynamic")
+    assert recipe.search() == registry.SearchConfig(tuple(recipe.solver.grid_values()), "fast", None, 0.5)
+    solver = recipe.method("dynamic", search=registry.SearchConfig(grid=[0.0, 0.5], strategy="joint"))
+    assert solver.grid == [0.0, 0.5] and solver.strategy == "joint"
+    assert recipe.method("dynamic").grid == recipe.solver.grid_values()
+
+
+def test_recipe_generation_defaults_are_sampling_params_defaults():
+    from dataclasses import fields
+
+    from logitfusion.engine.recipe import GenerationSpec
+    from logitfusion.engine.sampling import SamplingParams
+    declared = {f.name: f.default for f in fields(SamplingParams)}
+    spec = GenerationSpec()
+    for name in GenerationSpec.model_fields:
+        if name != "speculate":  # a decoding option, not a sampling parameter
+            assert name in declared and getattr(spec, name) == (list(declared[name]) if name == "stop"
+                                                                else declared[name])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from logitfusion.engine.fusion import fuse, objective
-from logitfusion.engine.registry import parse_method
+from logitfusion.engine.registry import SearchConfig, parse_method
 from logitfusion.engine.solvers import (Alone, Choice, Dynamic, SolverError, Static, check_grid, grid_search,
                                  make_grid, parse_grid)
 
@@ -339,10 +339,10 @@ def test_parse_method_all_specs():
 
 
 def test_parse_method_passes_grid_strategy_and_a_max():
-    s = parse_method("dynamic", NAMES, grid=[0.0, 0.5], strategy="joint", a_max=1.0)
+    s = parse_method("dynamic", NAMES, SearchConfig(grid=[0.0, 0.5], strategy="joint", a_max=1.0))
     assert s.grid == [0.0, 0.5] and s.strategy == "joint" and s.a_max == 1.0
     # an explicit strategy in the spec wins over the default argument
-    assert parse_method("dynamic:fast", NAMES, strategy="joint").strategy == "fast"
+    assert parse_method("dynamic:fast", NAMES, SearchConfig(strategy="joint")).strategy == "fast"
 
 
 @pytest.mark.parametrize("spec,names,msg", [
@@ -364,9 +364,9 @@ def test_parse_method_errors(spec, names, msg):
 
 def test_parse_method_rejects_bad_grid():
     with pytest.raises(SolverError, match="outside"):
-        parse_method("dynamic", NAMES, grid=[0.0, -1.0])
+        parse_method("dynamic", NAMES, SearchConfig(grid=[0.0, -1.0]))
     with pytest.raises(SolverError, match="empty"):
-        parse_method("dynamic", NAMES, grid=[])
+        parse_method("dynamic", NAMES, SearchConfig(grid=[]))
 
 
 def test_solver_error_is_a_value_error():

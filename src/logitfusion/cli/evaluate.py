@@ -64,7 +64,7 @@ def eval_(
     except ImportError as e:
         fail(f"{e}. `logitfusion eval` runs lm-evaluation-harness: pip install lm-eval")
     from ..engine.recipe import Recipe
-    from ..engine.solvers import parse_grid
+    from ..engine.registry import SearchConfig
     from ..eval.records import RecordWriter
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -76,8 +76,8 @@ def eval_(
         if gap_closed and r.ceiling is None:
             raise UsageError(f"--gap-closed needs a fine-tuned large model to compare with: add `ceiling: {{path: ...}}` "
                              f"to {recipe}")
-        method_list = matrix.plan_methods(r, method_list, recipe, parse_grid(grid) if grid is not None else None,
-                                          strategy)
+        search = SearchConfig.parse(grid, strategy)
+        method_list = matrix.plan_methods(r, method_list, recipe, search)
         if data_dir is not None and not data_dir.is_dir():
             raise UsageError(f"local dataset path {str(data_dir)!r} does not exist (--data-dir)")
         if limit is not None and limit <= 0:
@@ -101,8 +101,7 @@ def eval_(
             for rec in matrix.run_cells(r, method_list, todo, manager, limit=limit, num_fewshot=num_fewshot,
                                         max_gen_toks=max_gen_toks,
                                         status=lambda what: bar.update(job, description=what),
-                                        batch_size=batch_size, grid=grid, strategy=strategy, device=device,
-                                        dtype=dtype):
+                                        batch_size=batch_size, search=search, device=device, dtype=dtype):
                 rec["recipe"] = str(recipe)
                 if writer:
                     writer.write([rec])

@@ -46,17 +46,18 @@ def recipe_from_flags(recipe: Optional[Path], large: Optional[str], small: Optio
 
 def solver_from_flags(recipe, solver: Optional[str], alpha: list[float], grid: Optional[str],
                       strategy: Optional[str]):
-    from ..engine.solvers import parse_grid
+    from ..engine.registry import SearchConfig
     if alpha:
         if solver and solver != "static":
             raise UsageError(f"--alpha sets static weights; it cannot be combined with --solver {solver}")
         solver = "static:" + ",".join(str(a) for a in alpha)
-    if solver is None and grid is None and strategy is None:
+    search = SearchConfig.parse(grid, strategy)
+    if solver is None and search == SearchConfig():
         return recipe.build_solver()
     spec = solver if solver is not None else recipe.method_spec()
     if spec == "expert" and recipe.solver.expert:
         spec = f"expert:{recipe.solver.expert}"
-    return recipe.method(spec, grid=parse_grid(grid) if grid is not None else None, strategy=strategy)
+    return recipe.method(spec, search=search)
 
 
 def check_generation(recipe, params: dict, seed: Optional[int], batch_size: int, speculate: Optional[int]) -> None:
@@ -145,7 +146,7 @@ def generate(
     alpha: list[float] = typer.Option([], help="Static fusion weight(s): one for all experts or one per expert (repeat). Implies --solver static. Proxy-tuning is --alpha 1."),
     grid: Optional[str] = typer.Option(None, help="Weight grid of the dynamic solver: start:stop:step (e.g. 0:2:0.1, the default) or explicit values 0,0.5,1."),
     strategy: Optional[str] = typer.Option(None, help="Several experts, dynamic solver: 'fast' (one expert per step, as in the paper) or 'joint' (all weights together; never a worse objective)."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Maximum tokens to generate per prompt (recipe default: 64)."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Maximum tokens to generate per prompt (default: the recipe's generation.max_new_tokens)."),
     temperature: Optional[float] = typer.Option(None, help="0 = greedy (default); > 0 samples from the fused distribution."),
     top_k: Optional[int] = typer.Option(None, help="Sample only among the k most likely tokens (0 = off)."),
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling: smallest token set with this total probability (1 = off)."),

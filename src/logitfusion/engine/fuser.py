@@ -9,6 +9,7 @@ from . import limits
 from .decoding import Generation, decode
 from .models import ModelSet, load_model_set
 from .recipe import Recipe
+from .registry import SearchConfig
 from .sampling import DecodingError, SamplingParams, check_batch_size, seeds_for
 from .solvers import Solver
 from .speculation import check_speculate
@@ -53,9 +54,10 @@ class Fuser:
     def expert_names(self) -> list[str]:
         return self.models.expert_names
 
-    def method(self, spec: str, grid: Sequence[float] | None = None, strategy: str | None = None) -> Solver:
-        """A solver from a short spec ("large", "expert:NAME", "static:1.0", "dynamic:joint")."""
-        return self.recipe.method(spec, self.expert_names, grid, strategy)
+    def method(self, spec: str, search: SearchConfig | None = None) -> Solver:
+        """A solver from a short spec ("large", "expert:NAME", "static:1.0", "dynamic:joint"), with
+        `search` (else the recipe's) for the grid, strategy... it leaves out."""
+        return self.recipe.method(spec, self.expert_names, search)
 
     def sampling(self, **overrides) -> SamplingParams:
         return sampling_params(self.recipe, **overrides)

@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import limits, registry
 from .models import LoadOptions
-from .registry import parse_method
+from .registry import SearchConfig, parse_method
+from .sampling import SamplingParams
 from .solvers import SolverError, Solver, check_grid, make_grid
 
 
@@ -139,15 +140,19 @@ class LoadSpec(_Strict):
     vocab_cache: str | None = None  # folder for maps built by `mapping: auto` (default: not saved)
 
 
+_SAMPLING = SamplingParams()  # the sampling defaults, declared once (sampling.py)
+
+
 class GenerationSpec(_Strict):
-    # The bounds are those SamplingParams.check applies to every call (limits.py).
-    max_new_tokens: int = Field(64, ge=1, le=limits.MAX_NEW_TOKENS)
-    temperature: float = Field(0.0, ge=0, allow_inf_nan=False)
-    top_k: int = Field(0, ge=0, le=limits.MAX_TOP_K)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=limits.SEED_MIN, le=limits.SEED_MAX)
+    # SamplingParams' fields a recipe may set, with its defaults; the bounds are those
+    # SamplingParams.check applies to every call (limits.py).
+    max_new_tokens: int = Field(_SAMPLING.max_new_tokens, ge=1, le=limits.MAX_NEW_TOKENS)
+    temperature: float = Field(_SAMPLING.temperature, ge=0, allow_inf_nan=False)
+    top_k: int = Field(_SAMPLING.top_k, ge=0, le=limits.MAX_TOP_K)
+    top_p: float = Field(_SAMPLING.top_p, gt=0, le=1)
+    seed: int | None = Field(_SAMPLING.seed, ge=limits.SEED_MIN, le=limits.SEED_MAX)
     stop: list[Annotated[str, Field(min_length=1, max_length=limits.MAX_STOP_CHARS)]] = \
-        Field([], max_length=limits.MAX_STOP)
+        Field(list(_SAMPLING.stop), max_length=limits.MAX_STOP)
     speculate: int = Field(0, ge=0, le=limits.MAX_SPECULATE)  # draft length of speculative fused decoding (0 = off)
 
 
@@ -265,15 +270,18 @@ class Recipe(_Strict):
         """The delta's strength for method specs ("delta" without a value), None without a delta."""
         return self.delta.strength if self.delta else None
 
-    def method(self, spec: str, expert_names: Sequence[str] | None = None, grid: Sequence[float] | None = None,
-               strategy: str | None = None, a_max: float | None = None) -> Solver:
-        """A solver from a short method spec (solvers.parse_method), with this recipe's grid,
-        strategy, a_max and delta strength for what is not given. expert_names: the experts the
-        spec may name (default: the recipe's; a server request may fuse a subset)."""
+    def search(self) -> SearchConfig:
+        """The solver section's search settings (and the delta's strength), as method defaults."""
         s = self.solver
+        return SearchConfig(s.grid_values(), s.strategy, s.a_max, self.delta_strength)
+
+    def method(self, spec: str, expert_names: Sequence[str] | None = None,
+               search: SearchConfig | None = None) -> Solver:
+        """A solver from a short method spec (registry.parse_method), with `search`'s settings, else
+        this recipe's (`search()`), for what it leaves out. expert_names: the experts the spec may
+        name (default: the recipe's; a server request may fuse a subset)."""
         return parse_method(spec, [e.name for e in self.experts] if expert_names is None else expert_names,
-                            s.grid_values() if grid is None else grid, strategy or s.strategy,
-                            s.a_max if a_max is None else a_max, self.delta_strength)
+                            (search or SearchConfig()).over(self.search()))
 
     def load_options(self) -> LoadOptions:
         return LoadOptions(**self.load.model_dump())

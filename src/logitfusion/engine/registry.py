@@ -14,22 +14,51 @@ static:0.5,1.5 and static:0.5+1.5 are one method; a "+" that is a sign (1e+38, +
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
 from .limits import MAX_WEIGHT
-from .solvers import Alone, Delta, Dynamic, Solver, SolverError, Static
+from .solvers import Alone, Delta, Dynamic, Solver, SolverError, Static, parse_grid
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The solver-search settings a method string leaves out, declared once. The CLI (--grid,
+    --strategy), eval's model_args, a recipe's solver section (`Recipe.search`) and the server
+    hand one of these to the solver builder; None falls back to the next default (a recipe's,
+    then the solver's own)."""
+
+    grid: tuple[float, ...] | None = None  # the weights dynamic fusion searches (solver default 0:2:0.1)
+    strategy: str | None = None  # several experts: fast | joint (solver default fast)
+    a_max: float | None = None  # box of the continuous joint solver (solver default max(grid))
+    delta_strength: float | None = None  # delta's a when the method gives none (default 1)
+
+    def __post_init__(self):
+        if self.grid is not None:
+            object.__setattr__(self, "grid", tuple(float(a) for a in self.grid))
+
+    @classmethod
+    def parse(cls, grid=None, strategy: str | None = None, a_max=None) -> "SearchConfig":
+        """From a front end's values: grid as text (0:2:0.1, or values 0,0.5,1), a number or a list;
+        an empty strategy is none."""
+        if isinstance(grid, str):
+            grid = parse_grid(grid)
+        elif isinstance(grid, (int, float)):
+            grid = [float(grid)]
+        return cls(grid, strategy or None, None if a_max is None else float(a_max))
+
+    def over(self, defaults: "SearchConfig") -> "SearchConfig":
+        """These settings, with those of `defaults` where these are None."""
+        return SearchConfig(**{f.name: getattr(defaults, f.name) if getattr(self, f.name) is None
+                               else getattr(self, f.name) for f in fields(self)})
 
 
 @dataclass(frozen=True)
 class MethodContext:
-    """What a method string may leave out: the experts it may name and the defaults it falls back to."""
+    """What a method string may leave out: the experts it may name and the search settings."""
 
     expert_names: Sequence[str]
-    grid: Sequence[float] | None = None
-    strategy: str | None = None
-    a_max: float | None = None
-    delta_strength: float | None = None
+    search: SearchConfig = SearchConfig()
 
 
 @dataclass(frozen=True)
@@ -86,20 +115,18 @@ def split_method(spec: str) -> tuple[str, str]:
     return kind, _PLUS_SEPARATOR.sub(",", arg)
 
 
-def parse_method(spec: str, expert_names: Sequence[str], grid: Sequence[float] | None = None,
-                 strategy: str | None = None, a_max: float | None = None,
-                 delta_strength: float | None = None) -> Solver:
-    """A solver from a method string:
+def parse_method(spec: str, expert_names: Sequence[str], search: SearchConfig | None = None) -> Solver:
+    """A solver from a method string, with `search` for what it leaves out:
 
     "large" | "expert" (the first expert) | "expert:NAME" | "static" (a = 1) | "static:0.5" |
     "static:0.5,1.0" or "static:0.5+1.0" (one per expert) | "dynamic" | "dynamic:fast" |
-    "dynamic:joint" | "delta" (the recipe's strength, `delta_strength`, else 1) | "delta:0.5"
+    "dynamic:joint" | "delta" (search.delta_strength, else 1) | "delta:0.5"
     """
     name, arg = split_method(spec)
     kind = _KINDS.get(name)
     if kind is None:
         raise SolverError(f"unknown method {spec!r}; use {grammar()}")
-    return kind.parse(arg, spec, MethodContext(list(expert_names), grid, strategy, a_max, delta_strength))
+    return kind.parse(arg, spec, MethodContext(list(expert_names), search or SearchConfig()))
 
 
 def recipe_method(recipe) -> str:
@@ -134,8 +161,9 @@ def _needs_experts(recipe) -> str | None:
 
 
 def _parse_dynamic(arg: str, spec: str, ctx: MethodContext) -> Solver:
-    kwargs = {"grid": list(ctx.grid)} if ctx.grid is not None else {}
-    return _checked(Dynamic(strategy=arg or ctx.strategy or "fast", a_max=ctx.a_max, **kwargs), ctx)
+    search = ctx.search
+    kwargs = {"grid": list(search.grid)} if search.grid is not None else {}
+    return _checked(Dynamic(strategy=arg or search.strategy or "fast", a_max=search.a_max, **kwargs), ctx)
 
 
 def _parse_static(arg: str, spec: str, ctx: MethodContext) -> Solver:
@@ -182,7 +210,7 @@ def _parse_delta(arg: str, spec: str, ctx: MethodContext) -> Solver:
             raise SolverError(problem)
         strength = strength[0]
     else:
-        strength = 1.0 if ctx.delta_strength is None else ctx.delta_strength
+        strength = 1.0 if ctx.search.delta_strength is None else ctx.search.delta_strength
     solver = _checked(Delta(strength), ctx)
     if abs(solver.strength) > MAX_WEIGHT:  # overflows the fused logits, as a weight would
         raise SolverError(f"delta strength must be between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}, got {solver.strength}")

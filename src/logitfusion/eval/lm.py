@@ -37,7 +37,9 @@ from ..engine.decoding import members_for, render
 from ..engine.fuser import Fuser
 from ..engine.members import Logits, Member, ModelSet
 from ..engine.recipe import Recipe
-from ..engine.solvers import MAX_CHUNK_ELEMENTS, Choice, Solver, parse_grid
+from ..engine.registry import SearchConfig
+from ..engine.sampling import SamplingParams
+from ..engine.solvers import MAX_CHUNK_ELEMENTS, Choice, Solver
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +245,7 @@ class FusedLM(LM):
 
     def __init__(self, recipe: str | Path | Recipe | None = None, solver: str | None = None, weights=None,
                  grid=None, strategy: str | None = None, a_max: float | None = None, experts=None,
+                 search: SearchConfig | None = None,
                  ceiling: bool = False, batch_size: int | str = 8, max_gen_toks: int = 256,
                  max_length: int | None = None, seed: int = 1234, device: str | None = None,
                  dtype: str | None = None, trust_remote_code: bool = False, max_batch_size=None,
@@ -261,12 +264,13 @@ class FusedLM(LM):
         self.max_gen_toks = int(max_gen_toks)
         self._max_length = int(max_length) if max_length else None
         self.seed = int(seed)
-        self.grid, self.strategy, self.a_max = grid, strategy, a_max
+        # model_args (text from lm-eval's command line) over a SearchConfig given in Python
+        self.search = SearchConfig.parse(grid, strategy, a_max).over(search or SearchConfig())
         self.static_weights = _floats(weights)
         self.solver = fuser.solver
         if ceiling:
             self.set_method("large")
-        elif solver is not None or any(v is not None for v in (self.static_weights, grid, strategy, a_max)):
+        elif solver is not None or self.static_weights is not None or self.search != SearchConfig():
             self.set_method(solver or self._recipe_spec())
         self._warned_truncation = False
         self._next_seed = self.seed
@@ -278,12 +282,7 @@ class FusedLM(LM):
         spec = spec.strip()
         if spec == "static" and self.static_weights:
             spec = "static:" + ",".join(str(w) for w in self.static_weights)
-        grid = self.grid
-        if isinstance(grid, str):
-            grid = parse_grid(grid)
-        elif isinstance(grid, (int, float)):
-            grid = [float(grid)]
-        self.solver = self.fuser.recipe.method(spec, self.fuser.expert_names, grid, self.strategy, self.a_max)
+        self.solver = self.fuser.recipe.method(spec, self.fuser.expert_names, self.search)
         return self.solver
 
     def _recipe_spec(self) -> str:
@@ -390,13 +389,10 @@ class FusedLM(LM):
             kwargs = dict(normalize_gen_kwargs(dict(all_kwargs[0]), self.max_gen_toks))
             stop = [s for s in kwargs.pop("until", []) or [] if s]
             max_new = int(kwargs.pop("max_gen_toks"))
-            sampling = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature", 0.0)) > 0
             gens = self.fuser.generate([self._fit_prompt(p, max_new) for p in prompts], solver=self.solver,
                                        max_new_tokens=max_new, stop=stop, batch_size=len(prompts),
-                                       temperature=float(kwargs.get("temperature", 0.0)) if sampling else 0.0,
-                                       top_k=int(kwargs.get("top_k") or 0) if sampling else 0,
-                                       top_p=float(kwargs.get("top_p") or 1.0) if sampling else 1.0,
-                                       seed=[self._next_seed + k for k in range(len(prompts))])
+                                       seed=[self._next_seed + k for k in range(len(prompts))],
+                                       **_sampling_options(kwargs))
             self._next_seed += len(prompts)  # repeated requests (e.g. self-consistency) sample anew
             for g in gens:
                 if g.error:
@@ -422,6 +418,17 @@ class FusedLM(LM):
     def get_model_info(self) -> dict:
         return {"logitfusion_solver": type(self.solver).__name__.lower(),
                 "logitfusion_experts": self.fuser.expert_names}
+
+
+def _sampling_options(gen_kwargs: dict) -> dict:
+    """A task's gen_kwargs as Fuser.generate's sampling options: greedy, with every filter off
+    (SamplingParams' defaults), unless the task samples at a temperature above 0."""
+    off = SamplingParams()
+    temperature = float(gen_kwargs.get("temperature", off.temperature))
+    if not (gen_kwargs.get("do_sample") and temperature > 0):
+        return dict(temperature=off.temperature, top_k=off.top_k, top_p=off.top_p)
+    return dict(temperature=temperature, top_k=int(gen_kwargs.get("top_k") or off.top_k),
+                top_p=float(gen_kwargs.get("top_p") or off.top_p))
 
 
 def _batch_size(value) -> int:

@@ -12,11 +12,11 @@ from typing import Callable, Iterator, Sequence
 
 from ..engine.compat import lean_lm_eval
 from ..engine.recipe import Recipe
+from ..engine.registry import SearchConfig
 from .lm import EvalError, FusedLM
 
 
-def plan_methods(recipe: Recipe, methods: Sequence[str], source, grid: Sequence[float] | None = None,
-                 strategy: str | None = None) -> list[str]:
+def plan_methods(recipe: Recipe, methods: Sequence[str], source, search: SearchConfig | None = None) -> list[str]:
     """The methods to run, each checked now: "ceiling" (added when the recipe names a ceiling)
     comes last, so that the fused methods share one loaded model set."""
     methods = list(methods)
@@ -25,7 +25,7 @@ def plan_methods(recipe: Recipe, methods: Sequence[str], source, grid: Sequence[
             if recipe.ceiling is None:
                 raise EvalError(f"method 'ceiling' needs `ceiling: {{path: ...}}` in {source}")
             continue
-        recipe.method(m, grid=grid, strategy=strategy)
+        recipe.method(m, search=search)
     if recipe.ceiling is not None and "ceiling" not in methods:
         methods.append("ceiling")
     return [m for m in methods if m != "ceiling"] + (["ceiling"] if "ceiling" in methods else [])
