@@ -25,8 +25,8 @@ class MemberKind:
     name: str  # the role's prefix: "large", "expert" (roles "expert:NAME")
     field: str  # its attribute on ModelSet, Members and Logits
     many: bool = False  # several, each named (their logits reach a solver stacked, [B, T, V])
-    # A fine-tune of the small base on the small side's vocabulary: may be a LoRA adapter of it,
-    # may share one stacked forward with the other small-side members.
+    # The small base's architecture on the small side's vocabulary (the base, its fine-tunes):
+    # full-weight ones may share one stacked forward (stacking.py).
     small_side: bool = False
     missing: str = ""  # what a method reading this kind needs, when the recipe has none
 

@@ -4,7 +4,8 @@ A kind is its name, how its method string is parsed into a solver (the builder: 
 solver section is built through the same parser), how a recipe's solver section is written as
 a method string, and what it demands of a recipe. generate, eval, recipes, the Python API and
 the server all read this table, so adding a solver is a class in solvers.py plus one
-`register(SolverKind(...))` below.
+`register(SolverKind(...))` below. What a method string leaves out (grid, strategy, a_max, the
+delta's strength) travels as one `SearchConfig`, from the CLI, eval, a recipe or the server.
 
 Method grammar: KIND or KIND:ARG. Values inside ARG are separated by "," or "+" (the same
 thing: "+" exists because eval's --methods is itself a comma-separated list), so
