@@ -13,6 +13,9 @@ from logitfusion.train.delta import DeltaConfig, mean_loss, train_delta
 from logitfusion.train.finetune import TrainingError
 
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
