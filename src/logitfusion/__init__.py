@@ -5,11 +5,11 @@ from .engine.fusion import fuse, kl_targets, objective
 from .engine.fuser import Fuser
 from .engine.models import LoadError, LoadOptions, VocabularyMismatchError
 from .engine.recipe import Recipe, RecipeError
-from .engine.registry import parse_method
+from .engine.registry import SearchConfig, parse_method
 from .engine.sampling import DecodingError, SamplingParams
 from .engine.solvers import Alone, Choice, Dynamic, SolverError, Static
 
 __version__ = "0.1.0"
 __all__ = ["Fuser", "Recipe", "Generation", "SamplingParams", "StepTrace", "decode", "fuse", "objective",
-           "kl_targets", "Static", "Dynamic", "Alone", "Choice", "parse_method", "LoadOptions",
+           "kl_targets", "Static", "Dynamic", "Alone", "Choice", "parse_method", "SearchConfig", "LoadOptions",
            "LoadError", "VocabularyMismatchError", "RecipeError", "SolverError", "DecodingError"]
