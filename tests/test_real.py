@@ -8,11 +8,12 @@ import zipfile
 import pytest
 from test_gguf import write_gguf
 
-from logitfusion.bench import real
+from logitfusion.bench import real, real_bench, real_train
 
-TINY = dict(teacher_prompts=6, teacher_max_new=6, teacher_batch=4, seq_len=16, max_train_chunks=12,
-            general_chunks=2, topk=4, student_layers=(0, 2), distil_max_steps=3, distil_batch=4,
-            distil_save_steps=2, expert_max_steps=2, expert_batch=4, bf16=False, cost_batch=2, cost_context=4)
+TINY = {"teacher_prompts": 6, "teacher_max_new": 6, "teacher_batch": 4, "seq_len": 16, "max_train_chunks": 12,
+        "general_chunks": 2, "topk": 4, "student_layers": (0, 2), "distil_max_steps": 3, "distil_batch": 4,
+        "distil_save_steps": 2, "expert_max_steps": 2, "expert_batch": 4, "bf16": False, "cost_batch": 2,
+        "cost_context": 4}
 
 
 def _fake_wheel(family, tmp):
@@ -55,7 +56,7 @@ def test_build_runs_every_step_and_a_rerun_skips_them(built):
     again = []
     real.build(root, cfg, on_step=lambda n, s, t: again.append((n, s)))
     assert again == [(n, "skipped") for n in names]
-    with pytest.raises(ValueError, match="distil_epochs: 3.0 now 9.0"):
+    with pytest.raises(ValueError, match="distil_epochs: 2.0 now 9.0"):
         real.build(root, real.RealConfig(**{**cfg.__dict__, "distil_epochs": 9.0}))
     m = json.loads((root / "measure.json").read_text())
     assert m["small"]["layers"] == 2 and m["large"]["layers"] == 3
@@ -81,7 +82,7 @@ def test_tasks_are_fixed_disjoint_and_never_teacher_prompts(built):
     for task in cfg.tasks:
         rows = real.task_rows(task, 0)
         assert rows == real.task_rows(task, 0)
-        qs = [set(r["question"] for r in rows[s]) for s in real.SPLITS]
+        qs = [{r["question"] for r in rows[s]} for s in real.SPLITS]
         assert not (qs[0] & qs[1]) and not (qs[0] & qs[2]) and not (qs[1] & qs[2])
         held = qs[1] | qs[2]
         assert not held & set(real.teacher_prompts(cfg))
@@ -100,17 +101,17 @@ def test_score_separates_format_and_correctness():
 
 def test_bench_appends_records_resumes_and_reports(built, tmp_path):
     root, *_ = built
-    bc = real.BenchConfig(grid=(0.5, 1.0), max_new_tokens=3, batch_size=4, n_test=3, n_validation=2)
+    bc = real_bench.BenchConfig(grid=(0.5, 1.0), max_new_tokens=3, batch_size=4, n_test=3, n_validation=2)
     out = tmp_path / "results"
     logs = []
-    recs = real.bench_real(root, out, tasks=("arith",), bc=bc, log=logs.append)
+    recs = real_bench.bench_real(root, out, tasks=("arith",), bc=bc, log=logs.append)
     methods = [(r["split"], r["method"]) for r in recs]
     assert methods == [("validation", "static:0.5"), ("validation", "static:1.0"), ("test", "large"),
                        ("test", "expert"), ("test", "static:1.0"), ("test", "static:0.5"), ("test", "dynamic"),
                        ("test", "static:val-best")]
     dyn = next(r for r in recs if r["method"] == "dynamic")
     assert dyn["weights_mean_by_step"] and all(0 <= r["both"] <= r["format"] <= 1 for r in recs)
-    again = real.bench_real(root, out, tasks=("arith",), bc=bc, log=logs.append)
+    again = real_bench.bench_real(root, out, tasks=("arith",), bc=bc, log=logs.append)
     assert len(again) == len(recs) and len(logs) == len(recs)  # nothing rerun
     md = (out / "real.md").read_text()
     assert "| dynamic |" in md and "ppl held-out" in md and "Validation" in md
@@ -127,3 +128,17 @@ def test_distillation_resumes_from_its_last_checkpoint(built):
     real.build(root, cfg, only=["small"], on_step=lambda *a: None)
     after = json.loads(record.read_text())
     assert after["resumed_from"].endswith("checkpoint-2") and after["steps"] == before["steps"] == 3
+
+
+def test_distil_loss_over_candidates_matches_the_full_softmax_when_they_cover_the_vocabulary(built):
+    import torch
+    root, *_ = built
+    model = real._load(root / "models" / "small")
+    x = torch.randint(0, 300, (2, 8))
+    with torch.no_grad():
+        lp = torch.log_softmax(real._load(root / "models" / "large")(input_ids=x).logits, -1).topk(4, -1)
+        full, width = real_train.distil_loss(model, x, lp.indices, lp.values)
+        sub, sub_width = real_train.distil_loss(model, x, lp.indices, lp.values, negatives=20_000)
+        some, some_width = real_train.distil_loss(model, x, lp.indices, lp.values, negatives=10)
+    assert width == sub_width == 300 and torch.allclose(full, sub, atol=1e-5)
+    assert some_width < 300 and some < full  # a narrower softmax leaves out mass
