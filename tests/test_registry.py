@@ -40,7 +40,8 @@ def _help_kinds(args: list[str], option: str) -> set[str]:
     return {w for w in re.findall(r"[\s,]([a-z]+)(?=[:\[(,. ]|$)", help_text) if w in KINDS | {"magic"}}
 
 
-@pytest.mark.parametrize("args,option", [(["generate"], "--solver"), (["eval"], "--methods")])
+@pytest.mark.parametrize("args,option", [(["generate"], "--solver"), (["eval"], "--methods"),
+                                         (["recipe", "init"], "--solver")])
 def test_cli_help_names_exactly_the_registered_kinds(args, option):
     assert _help_kinds(args, option) == set(registry.kinds())
 
@@ -127,3 +128,10 @@ def test_recipe_generation_defaults_are_sampling_params_defaults():
         if name != "speculate":  # a decoding option, not a sampling parameter
             assert name in declared and getattr(spec, name) == (list(declared[name]) if name == "stop"
                                                                 else declared[name])
+
+
+def test_the_server_documents_exactly_the_registered_kinds():
+    from logitfusion.serve.protocol import FusionOptions
+    described = FusionOptions.model_fields["solver"].description
+    assert set(re.findall(r"(?:^|\| )([a-z]+)", described)) == set(registry.kinds())
+

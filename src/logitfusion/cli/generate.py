@@ -220,7 +220,7 @@ def recipe_init(out: Path = typer.Argument(..., help="Where to write the recipe 
                 large: str = typer.Option(..., help="Large model directory or .gguf file."),
                 small: Optional[str] = typer.Option(None, help="Small base model directory or .gguf file."),
                 expert: list[str] = typer.Option([], help="Expert as NAME=PATH; repeat for several."),
-                solver: str = typer.Option("dynamic", help="Solver kind: dynamic, static, large or expert.")):
+                solver: str = typer.Option("dynamic", help="Solver kind: dynamic, static, large, expert or delta.")):
     """Write a recipe file from model paths, with every default spelled out."""
     try:
         recipe_from_flags(None, large, small, expert).with_overrides(solver={"kind": solver}).save(out)

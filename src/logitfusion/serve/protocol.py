@@ -10,7 +10,7 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine import limits
+from ..engine import limits, registry
 
 MAX_LOGPROBS = limits.MAX_LOGPROBS
 LOGPROB_FLOOR = -9999.0  # log(0) as a number: -inf is not JSON (vLLM does the same)
@@ -58,7 +58,7 @@ class _Body(BaseModel):
 
 class FusionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    solver: str | None = Field(None, description="large | expert[:NAME] | static[:a,...] | dynamic[:fast|joint]")
+    solver: str | None = Field(None, description=registry.grammar().replace(", ", " | "))
     experts: list[str] | None = Field(None, description="fuse only these experts (dynamic and static solvers)")
     return_weights: bool = False
 
