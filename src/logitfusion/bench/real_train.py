@@ -10,6 +10,7 @@ import re
 import time
 from pathlib import Path
 
+from ..engine.compat import forward, returned_cache
 from .real import RealConfig, _atomic_dir, _autocast, _load, _tokenizer
 
 
@@ -209,12 +210,11 @@ def step_cost(model, cfg: RealConfig, repeats: int = 8) -> float:
     x = torch.randint(0, vocab, (cfg.cost_batch, cfg.cost_context + repeats + 2), generator=g)
     with torch.no_grad():
         out = model(input_ids=x[:, :cfg.cost_context], use_cache=True)
-        cache = out.past_key_values
-        out = model(input_ids=x[:, cfg.cost_context:cfg.cost_context + 1], past_key_values=cache, use_cache=True)
+        out = forward(model, returned_cache(out), input_ids=x[:, cfg.cost_context:cfg.cost_context + 1], use_cache=True)
         t0 = time.perf_counter()
         for i in range(repeats):
             j = cfg.cost_context + 1 + i
-            out = model(input_ids=x[:, j:j + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = forward(model, returned_cache(out), input_ids=x[:, j:j + 1], use_cache=True)
         return (time.perf_counter() - t0) / repeats
 
 
