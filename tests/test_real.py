@@ -142,3 +142,25 @@ def test_distil_loss_over_candidates_matches_the_full_softmax_when_they_cover_th
         some, some_width = real_train.distil_loss(model, x, lp.indices, lp.values, negatives=10)
     assert width == sub_width == 300 and torch.allclose(full, sub, atol=1e-5)
     assert some_width < 300 and some < full  # a narrower softmax leaves out mass
+
+
+def test_cli_real_build_demo_and_bench(built, tmp_path):
+    from typer.testing import CliRunner
+
+    from logitfusion.cli import app
+    root, *_ = built
+    runner = CliRunner()
+    for args in (["real", "build", "--help"], ["real", "demo", "--help"], ["bench", "real", "--help"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0 and "--root" in res.output, res.output
+    res = runner.invoke(app, ["real", "build", "--root", str(root)])  # the tiny build has other settings
+    assert res.exit_code == 2 and "other settings" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["bench", "real", "--root", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "real build" in res.output
+    res = runner.invoke(app, ["real", "demo", "--root", str(root), "--n", "1"])
+    assert res.exit_code == 0 and "capital of" in res.output and "dynamic" in res.output, res.output
+    out = tmp_path / "results"
+    res = runner.invoke(app, ["bench", "real", "--root", str(root), "--out", str(out), "--tasks", "capitals",
+                              "--limit", "2", "--validation", "1", "--max-new-tokens", "2"])
+    assert res.exit_code == 0, res.output
+    assert "| dynamic |" in (out / "real.md").read_text()

@@ -181,7 +181,9 @@ def write_report(root: Path, out: Path, records: list[dict]) -> Path:
             lines.append("Validation (choosing the fixed weight): " + ", ".join(
                 f"a={r['method'].split(':')[1]}: both {100 * r['both']:.0f}%" for r in val))
             lines.append("")
-        lines += ["| method | in format | correct | correct and in format | tokens/s (batch 8) |", "|---|---|---|---|---|"]
+        n = next((r["n"] for r in records if r["task"] == task and r["split"] == "test"), 0)
+        lines += [f"Test split: {n} prompts (greedy).", "",
+                  "| method | in format | correct | correct and in format | tokens/s (batch 8) |", "|---|---|---|---|---|"]
         for r in records:
             if r["task"] == task and r["split"] == "test":
                 name = r["method"] + (f" (= {r['solver']})" if r["method"] != r["solver"] else "")
@@ -211,7 +213,8 @@ def write_report(root: Path, out: Path, records: list[dict]) -> Path:
     if cfg_file.exists():
         c = json.loads(cfg_file.read_text())
         lines.append(f"- build: `logitfusion real build --root {root}` (student layers {c['student_layers']}, "
-                     f"{c['teacher_prompts']} teacher prompts, {c['distil_epochs']} distillation epochs, "
+                     f"{c['teacher_prompts']} teacher prompts, "
+                     f"{c['distil_max_steps'] or str(c['distil_epochs']) + ' epochs of'} distillation steps at lr {c['distil_lr']}, "
                      f"{sum(timings.values()) / 60:.0f} min in all on this machine)")
     for r in json.loads(runs_file.read_text()) if runs_file.exists() else []:
         lines.append(f"- `{r['command']}`: started {r['started']}, {r['seconds'] / 60:.1f} min")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, convert, evaluate, generate, train
+from . import bench, convert, evaluate, generate, real, train
 
 app = typer.Typer(help="Fuse small fine-tuned experts into a large model's logits at every decoding step.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -56,3 +56,5 @@ delta_app.command("train")(train.delta_train)
 zoo_app = _group("zoo", "The bundled tiny model family, trained by the project on a synthetic world.")
 zoo_app.command("build")(bench.zoo_build)
 zoo_app.command("info")(bench.zoo_info)
+
+real.register(app, bench_app)  # `real build`, `real demo`, `bench real` (docs/real.md)
