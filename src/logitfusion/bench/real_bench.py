@@ -228,7 +228,7 @@ def _cell(text: str) -> str:
     return "`" + text.strip().replace("|", "\\|").replace("`", "'").replace("\n", " ") + "`" if text.strip() else "(empty)"
 
 
-def side_by_side(root: str | Path, n: int = 3, methods=("large", "expert", "static:0.5", "dynamic"),
+def side_by_side(root: str | Path, n: int = 3, methods=("large", "expert", "static:1.0", "dynamic"),
                  max_new_tokens: int = 16) -> list[dict]:
     """The first n test questions of each task answered by each method (for the demo)."""
     from ..engine.fuser import Fuser

