@@ -21,8 +21,8 @@ class BenchConfig:
     max_new_tokens: int = 16
     batch_size: int = 8
     dtype: str = "float32"
-    n_test: int | None = 24  # None: the whole test split
-    n_validation: int | None = 8
+    n_test: int | None = None  # None: the whole test split
+    n_validation: int | None = None
 
 
 def _records(path: Path) -> list[dict]:

@@ -84,8 +84,8 @@ def bench_real(
     root: Path = typer.Option(REAL_ROOT, envvar="LOGITFUSION_REAL_ROOT", help="A folder built by `logitfusion real build`."),
     out: Path = typer.Option(Path("docs/results"), "--out", "-o", help="Folder for real.jsonl (one line per task, split and method; a rerun skips those written) and real.md."),
     tasks: str | None = typer.Option(None, help="Comma-separated tasks (arith, capitals); default all built."),
-    limit: int = typer.Option(BENCH.n_test, help="Test prompts per task (the first of the fixed test split)."),
-    validation: int = typer.Option(BENCH.n_validation, help="Validation prompts per task, on which the fixed weight of `static:val-best` is chosen."),
+    limit: int | None = typer.Option(None, help="Test prompts per task, the first of the fixed test split (default: all of it)."),
+    validation: int | None = typer.Option(None, help="Validation prompts per task, on which the fixed weight of `static:val-best` is chosen (default: all of them)."),
     max_new_tokens: int = typer.Option(BENCH.max_new_tokens, help="Tokens each method may generate per answer (stops at a newline or end of turn)."),
     batch_size: int = typer.Option(8, help="Prompts decoded together (tokens/s is measured at this batch)."),
 ):
@@ -95,7 +95,7 @@ def bench_real(
     from ..bench import real_bench
     if not (root / "measure.json").exists():
         fail(f"{root} is not a finished build: run `logitfusion real build --root {root}` first")
-    if min(limit, validation, max_new_tokens, batch_size) < 1:
+    if min(limit or 1, validation or 1, max_new_tokens, batch_size) < 1:
         fail("--limit, --validation, --max-new-tokens and --batch-size must be >= 1")
     bc = real_bench.BenchConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, n_test=limit,
                                 n_validation=validation)
