@@ -164,3 +164,9 @@ def test_cli_real_build_demo_and_bench(built, tmp_path):
                               "--limit", "2", "--validation", "1", "--max-new-tokens", "2"])
     assert res.exit_code == 0, res.output
     assert "| dynamic |" in (out / "real.md").read_text()
+
+
+def test_missing_benchmark_text_is_named(tmp_path):
+    cfg = real.RealConfig(benchmarks=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="gsm8k_test.jsonl, truthfulqa.jsonl not found .* --benchmarks"):
+        real.teacher_prompts(cfg)

