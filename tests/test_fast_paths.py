@@ -62,7 +62,8 @@ def test_shared_forwards_when_rows_join_and_leave(request, which):
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])
-@pytest.mark.parametrize("method", ["static:1", "dynamic", "dynamic:joint"])
+@pytest.mark.parametrize("method", ["static:1", "dynamic",
+                                    pytest.param("dynamic:joint", marks=pytest.mark.slow)])  # 2-3 s each
 def test_speculative_equals_plain_decoding(lora_fuser, method, k):
     solver = lora_fuser.method(method)
     params = SamplingParams(max_new_tokens=16)

