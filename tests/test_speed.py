@@ -82,10 +82,14 @@ def test_bench_speed_takes_any_models_or_a_recipe(family, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--large", "L"], "give all three"),
     (["--shapes", "smollm2-cpu", "--recipe", "r.yaml"], "choose one source of models"),
+    (["--large", "/nowhere/L", "--small", "/nowhere/S", "--expert", "=E"], "experts.0.name"),
+    (["--large", "/nowhere/L", "--small", "/nowhere/S", "--expert", "/nowhere/E"], "/nowhere/L"),
+    (["--recipe", "/nowhere/r.yaml"], "/nowhere/r.yaml"),
 ])
 def test_bench_speed_refuses_mixed_or_partial_model_sources(extra, message):
     result = CliRunner().invoke(app, ["bench", "speed", *extra])
-    assert result.exit_code != 0 and message in result.output
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # a clean exit, not a traceback
 
 
 def test_the_cli_offers_exactly_the_shape_pairs_of_the_bench():

@@ -10,7 +10,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import ZOO_ROOT, bench_progress, console, fail, progress, say, timed, write_bench_report
+from .common import (ZOO_ROOT, bench_progress, console, fail, progress, say, timed, user_errors,
+                     write_bench_report)
 
 
 def demo(out: Path = typer.Option(Path("demo_out"), help="Folder for the results (demo.json) and the weights plot."),
@@ -151,7 +152,10 @@ def bench_speed(
         fail(f"choose one source of models, got {' and '.join(sources)}")
     if (large or small or expert) and not (large and small):
         fail("--large, --small and --expert go together: give all three (--expert repeats)")
-    given = given_models(large, small, expert) if large else recipe_models(recipe) if recipe else None
-    main(tokens=tokens, batch=batch, repeats=repeats, experts=experts, models=models,
-         shapes=shapes.value if shapes else None, speculate=speculate, long_tokens=long_tokens, device=device,
-         dtype=dtype, naive=naive, given=given)
+    try:  # a bad path, name or recipe is the user's to fix: say so without a traceback
+        given = given_models(large, small, expert) if large else recipe_models(recipe) if recipe else None
+        main(tokens=tokens, batch=batch, repeats=repeats, experts=experts, models=models,
+             shapes=shapes.value if shapes else None, speculate=speculate, long_tokens=long_tokens, device=device,
+             dtype=dtype, naive=naive, given=given)
+    except user_errors() as e:
+        fail(str(e))
