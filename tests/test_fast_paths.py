@@ -103,12 +103,14 @@ def test_speculative_logprobs_equal_plain(fuser1):
 
 
 def test_speculation_runs_the_large_model_less_often(fuser1):
-    """A large-model forward checks up to k tokens: count its forwards."""
+    """A large-model forward checks up to k tokens: count its forwards (fixed k: adaptive rounds
+    on these random toy models mostly decode plainly, as their drafts are rarely kept)."""
     calls = []
     large = fuser1.models.large.model
     handle = large.register_forward_hook(lambda *a: calls.append(1))
     try:
-        fuser1.generate(PROMPTS[0], solver="static:1", max_new_tokens=24, ignore_eos=True, speculate=4)
+        fuser1.generate(PROMPTS[0], solver="static:1", max_new_tokens=24, ignore_eos=True, speculate=4,
+                        speculate_adaptive=False)
     finally:
         handle.remove()
     assert len(calls) < 24  # plain decoding: 1 prefill + 23 steps
@@ -131,7 +133,12 @@ def chi_square_p_value(counts: dict, probs: dict) -> tuple[float, int]:
 
 
 @pytest.mark.slow
-def test_speculative_sampling_is_exact_in_distribution(fuser1, monkeypatch):
+@pytest.mark.parametrize("speculation", [dict(speculate=3, speculate_adaptive=False),
+                                         # adaptive, from the prior acceptance 0.7: a round of 2,
+                                         # then after a rejection a plain step, which must draw
+                                         # from the residual too
+                                         dict(speculate=2, speculate_adaptive=True, draft_cost=0.6)])
+def test_speculative_sampling_is_exact_in_distribution(fuser1, monkeypatch, speculation):
     """Token 2 of speculative sampling comes from an accepted draft or from the residual of a
     rejected one; either way it must follow the fused distribution exactly. Plain greedy decoding
     traces the whole fused distribution at step 1 and, after the most likely first token a, at
@@ -145,7 +152,7 @@ def test_speculative_sampling_is_exact_in_distribution(fuser1, monkeypatch):
     second = dict(exact.trace[1].top["fused"])
 
     n = 4000
-    fast = fuser1.generate([PROMPTS[1]] * n, seed=1000, speculate=3, batch_size=n, temperature=1.0, **kw)
+    fast = fuser1.generate([PROMPTS[1]] * n, seed=1000, batch_size=n, temperature=1.0, **speculation, **kw)
     t1 = Counter(g.token_ids[0] for g in fast)
     t2 = Counter(g.token_ids[1] for g in fast if g.token_ids[0] == a)
     assert sum(t2.values()) > 500

@@ -120,12 +120,12 @@ def test_one_search_config_from_every_front_end():
 def test_recipe_generation_defaults_are_sampling_params_defaults():
     from dataclasses import fields
 
-    from logitfusion.engine.recipe import GenerationSpec
+    from logitfusion.engine.recipe import SPECULATION_FIELDS, GenerationSpec
     from logitfusion.engine.sampling import SamplingParams
     declared = {f.name: f.default for f in fields(SamplingParams)}
     spec = GenerationSpec()
     for name in GenerationSpec.model_fields:
-        if name != "speculate":  # a decoding option, not a sampling parameter
+        if name not in SPECULATION_FIELDS:  # decoding options, not sampling parameters
             assert name in declared and getattr(spec, name) == (list(declared[name]) if name == "stop"
                                                                 else declared[name])
 

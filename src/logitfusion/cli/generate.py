@@ -161,7 +161,7 @@ def generate(
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model directories to run (off by default)."),
     allow_pickle: bool = typer.Option(False, help="Allow pickled .bin weights, which can run code when loaded (safetensors only by default)."),
     no_cache: bool = typer.Option(False, help="Recompute every step without KV caches (slow; for checking)."),
-    speculate: Optional[int] = typer.Option(None, help="Speculative fused decoding with drafts of K tokens: the small models draft, the large model checks K tokens per forward. Greedy output is identical to plain decoding; sampled output follows exactly the same distribution (speculative sampling)."),
+    speculate: Optional[int] = typer.Option(None, help="Speculative fused decoding with drafts of up to K tokens: the small models draft, the large model checks them in one forward; each round drafts as many as the rows' acceptance pays for (recipe: generation.speculate_adaptive, generation.draft_cost). Greedy output is identical to plain decoding; sampled output follows exactly the same distribution (speculative sampling)."),
 ):
     """Generate with a fused model: from --prompt (printed) or --input/--output JSONL (resumable)."""
     from ..engine.decoding import validate_prompts

@@ -24,9 +24,10 @@ from .compat import warn_once
 from .context import Context, Retokenizer
 from .detokenize import Detokenizer, find_stop
 from .members import Member, Members, ModelSet
-from .sampling import DecodingError, Rows, SamplingParams, pick_tokens, seeds_for
+from .sampling import DecodingError, Rows, SamplingParams, pick_tokens, sample, seeds_for, warp
 from .solvers import Choice, Solver, SolverError
-from .speculation import can_speculate, check_speculate, refusal, speculative_round
+from .speculation import (ACCEPT_PRIOR, DRAFT_COST, can_speculate, check_draft_cost, check_speculate, observe_plain,
+                          plan_round, refusal, residual, speculative_round)
 from .stacking import lora_stack, shared_stack
 
 TOP_TOKENS = 5  # tokens per model shown in a trace
@@ -70,6 +71,7 @@ class Seq:
     budget: int = 0  # tokens it may still generate (max_new_tokens, capped by context)
     generator: torch.Generator | None = None
     rejected_q: Tensor | None = None  # speculative sampling: the rejected draft's distribution [V]
+    acceptance: float = ACCEPT_PRIOR  # running estimate of how often its drafts are accepted
     detok: Detokenizer | None = None  # see `text`
 
     @property
@@ -217,11 +219,15 @@ class Batch:
     """Sequences decoded together with one solver. `add` and `step` may interleave freely."""
 
     def __init__(self, models: ModelSet, solver: Solver, use_cache: bool = True, share_forwards: bool = True,
-                 speculate: int = 0):
+                 speculate: int = 0, adaptive: bool = True, draft_cost: float = DRAFT_COST):
         solver.check(len(models.experts))
         check_speculate(speculate)
+        check_draft_cost(draft_cost)
         self.models, self.solver, self.use_cache = models, solver, use_cache
-        self.speculate = speculate  # draft length k; 0 or 1 = plain decoding (greedy fusion only)
+        self.speculate = speculate  # draft length k (at most k when adaptive); 0 or 1 = plain decoding
+        # adaptive: each round's k from the rows' acceptance (speculation.round_length), where one
+        # more drafted position costs draft_cost plain steps
+        self.adaptive, self.draft_cost = adaptive, draft_cost
         self.members = members_for(models, solver)
         self.groups, self.modules, self.retoks = plan_forwards(models, self.members, share_forwards)
         why_not = refusal(self)
@@ -294,12 +300,19 @@ class Batch:
             return []
         with torch.no_grad():
             if can_speculate(self):
-                return speculative_round(self)
+                k, caps = plan_round(self)
+                if k > 1:
+                    return speculative_round(self, k, caps)
             return self._plain_step()
 
     def _plain_step(self) -> list[tuple[Seq, int]]:
         choice = self.solve(self.logits)
-        tokens = pick_tokens(choice.logits, self.sampling)
+        if can_speculate(self) and self.adaptive:
+            observe_plain(self, choice)
+        if any(s.rejected_q is not None for s in self.seqs):  # a plain step right after a round
+            tokens = sample(residual(warp(choice.logits, self.sampling), self.seqs), self.sampling)
+        else:
+            tokens = pick_tokens(choice.logits, self.sampling)
         verdicts = self.verdicts(self.logits, choice, tokens)
         steps = self.trace(self.logits, choice)
         emitted = []
@@ -362,12 +375,12 @@ class Batch:
 
 def decode(models: ModelSet, prompts: Sequence[str], solver: Solver, params: SamplingParams,
            trace: bool = False, use_cache: bool = True, share_forwards: bool = True,
-           speculate: int = 0) -> list[Generation]:
+           speculate: int = 0, adaptive: bool = True, draft_cost: float = DRAFT_COST) -> list[Generation]:
     """Decode a list of prompts together. Returns one Generation per prompt, in order."""
     params.check()
     seeds = seeds_for(params.seed, len(prompts)) if params.temperature > 0 else [None] * len(prompts)
     per_seq = [dataclasses.replace(params, seed=seed, stop=tuple(params.stop)) for seed in seeds]
-    batch = Batch(models, solver, use_cache, share_forwards, speculate)
+    batch = Batch(models, solver, use_cache, share_forwards, speculate, adaptive, draft_cost)
     seqs = batch.add(prompts, per_seq, trace)
     while len(batch):
         batch.step()

@@ -8,11 +8,11 @@ from typing import Sequence
 from . import limits
 from .decoding import Generation, decode
 from .models import ModelSet, load_model_set
-from .recipe import Recipe
+from .recipe import SPECULATION_FIELDS, Recipe
 from .registry import SearchConfig
 from .sampling import DecodingError, SamplingParams, check_batch_size, seeds_for
 from .solvers import Solver
-from .speculation import check_speculate
+from .speculation import check_draft_cost, check_speculate
 
 
 class Fuser:
@@ -67,13 +67,16 @@ class Fuser:
                  top_k: int | None = None, top_p: float | None = None,
                  seed: int | Sequence[int] | None = None, stop: Sequence[str] | None = None,
                  ignore_eos: bool = False, trace: bool = False, use_cache: bool = True,
-                 speculate: int | None = None, batch_size: int = 8) -> list[Generation]:
+                 speculate: int | None = None, speculate_adaptive: bool | None = None,
+                 draft_cost: float | None = None, batch_size: int = 8) -> list[Generation]:
         """Generate a continuation of every prompt. Unset options come from the recipe.
 
         `seed`: an int gives prompt i the seed `seed + i`; a list gives one seed per prompt.
         `speculate`: draft length k of speculative fused decoding (the large model runs once per
         up to k tokens). Greedy output is identical to plain decoding; sampled output has exactly
-        plain sampling's distribution, though not the same tokens for a seed.
+        plain sampling's distribution, though not the same tokens for a seed. `speculate_adaptive`
+        (default on): each round drafts up to k tokens, as many as the rows' acceptance pays for,
+        one more drafted position costing `draft_cost` plain steps (`bench speed` measures it).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -91,8 +94,12 @@ class Fuser:
         params = self.sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=seed, stop=stop)
         params.ignore_eos = ignore_eos
-        speculate = self.recipe.generation.speculate if speculate is None else speculate
+        spec = self.recipe.generation
+        speculate = spec.speculate if speculate is None else speculate
+        adaptive = spec.speculate_adaptive if speculate_adaptive is None else speculate_adaptive
+        draft_cost = spec.draft_cost if draft_cost is None else draft_cost
         check_speculate(speculate)
+        check_draft_cost(draft_cost)
         params.check()
         # Greedy decoding needs no seeds: draw none from the global RNG (but still check a given list).
         draw = params.temperature > 0 or params.seed is not None
@@ -102,13 +109,13 @@ class Fuser:
             chunk = list(prompts[start: start + batch_size])
             params.seed = seeds[start: start + len(chunk)]
             out += decode(self.models, chunk, solver or self.solver, params, trace=trace, use_cache=use_cache,
-                          speculate=speculate)
+                          speculate=speculate, adaptive=adaptive, draft_cost=draft_cost)
         return out
 
 
 def sampling_params(recipe: Recipe, **overrides) -> SamplingParams:
     """The recipe's generation defaults with the given (not None) overrides; not checked yet."""
-    defaults = recipe.generation.model_dump(exclude={"speculate"})
+    defaults = recipe.generation.model_dump(exclude=SPECULATION_FIELDS)
     defaults.update({k: v for k, v in overrides.items() if v is not None})
     return SamplingParams(**defaults)
 

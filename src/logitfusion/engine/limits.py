@@ -14,6 +14,7 @@ from numbers import Integral, Real
 MAX_GRID_POINTS = 10_000  # weight grid values: 0:2:0.1 has 21; the objective runs on all of them per step
 MAX_WEIGHT = 1_000.0  # largest fusion weight (static or grid); beyond it logits overflow float32
 MAX_SPECULATE = 16  # draft length of speculative decoding; the draft must fit the token budget
+MAX_DRAFT_COST = 100.0  # cost of one more drafted position in plain steps; beyond it nothing drafts
 MAX_NEW_TOKENS = 65_536  # tokens per sequence; a KV cache is reserved for this many positions
 MAX_BATCH_SIZE = 4_096  # prompts decoded together by `generate`
 MAX_TOP_K = 1 << 24  # above any vocabulary

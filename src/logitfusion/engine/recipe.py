@@ -30,6 +30,7 @@ from .models import LoadOptions
 from .registry import SearchConfig, parse_method
 from .sampling import SamplingParams
 from .solvers import SolverError, Solver, check_grid, make_grid
+from .speculation import DRAFT_COST
 
 
 class RecipeError(ValueError):
@@ -140,6 +141,7 @@ class LoadSpec(_Strict):
     vocab_cache: str | None = None  # folder for maps built by `mapping: auto` (default: not saved)
 
 
+SPECULATION_FIELDS = {"speculate", "speculate_adaptive", "draft_cost"}  # GenerationSpec's fields for Batch
 _SAMPLING = SamplingParams()  # the sampling defaults, declared once (sampling.py)
 
 
@@ -154,6 +156,9 @@ class GenerationSpec(_Strict):
     stop: list[Annotated[str, Field(min_length=1, max_length=limits.MAX_STOP_CHARS)]] = \
         Field(list(_SAMPLING.stop), max_length=limits.MAX_STOP)
     speculate: int = Field(0, ge=0, le=limits.MAX_SPECULATE)  # draft length of speculative fused decoding (0 = off)
+    # each round's draft length from the rows' acceptance, up to `speculate` (speculation.round_length)
+    speculate_adaptive: bool = True
+    draft_cost: float = Field(DRAFT_COST, gt=0, le=limits.MAX_DRAFT_COST)  # one more drafted position, in plain steps
 
 
 class Recipe(_Strict):

@@ -125,16 +125,21 @@ class Rows:
             top_p=self.top_p.repeat_interleave(k), greedy=self.greedy.repeat_interleave(k),
             generators=[(i * k + j, g) for i, g in self.generators for j in range(k)])
 
-    def uniform(self, n: int, device, greedy_value: float) -> Tensor:
+    def uniform(self, n: int, device, greedy_value: float, counts: Sequence[int] | None = None) -> Tensor:
         """[B, n] uniform draws, each sampled row from its own generator (so a sequence draws the same
-        numbers whatever else is in the batch); greedy rows get greedy_value. Per-row generators
-        have no batched draw in torch, so this is the one loop, over sampled rows only, writing
-        in place."""
+        numbers whatever else is in the batch); greedy rows get greedy_value. `counts`: sampled
+        row i draws only its first counts[i] numbers (the rest are greedy_value). Per-row
+        generators have no batched draw in torch, so this is the one loop, over sampled rows
+        only, writing in place."""
         shape = (len(self), n)
-        out = torch.full(shape, greedy_value, device=device) if self.any_greedy else torch.empty(shape, device=device)
+        partial = counts is not None and any(counts[i] < n for i, _ in self.generators)
+        full = self.any_greedy or partial
+        out = torch.full(shape, greedy_value, device=device) if full else torch.empty(shape, device=device)
         rows = out.unbind(0)
         for i, g in self.generators:
-            rows[i].uniform_(generator=g)  # what torch.rand(n, generator=g) draws
+            count = n if counts is None else min(counts[i], n)
+            if count:
+                rows[i][:count].uniform_(generator=g)  # what torch.rand(count, generator=g) draws
         return out
 
 
@@ -170,10 +175,12 @@ def warp(logits: Tensor, rows: Rows) -> Tensor:
     return logp
 
 
-def sample(logp: Tensor, rows: Rows) -> Tensor:
+def sample(logp: Tensor, rows: Rows, drawing: Sequence[bool] | None = None) -> Tensor:
     """One token per row from log-probabilities [B, V] -> [B] (Gumbel-max), the noise from each
-    row's own generator (`Rows.uniform`); greedy rows take the argmax."""
-    noise = rows.uniform(logp.shape[-1], logp.device, 0.5)
+    row's own generator (`Rows.uniform`); greedy rows, and rows not `drawing`, take the argmax."""
+    vocab = logp.shape[-1]
+    counts = None if drawing is None else [vocab if draws else 0 for draws in drawing]
+    noise = rows.uniform(vocab, logp.device, 0.5, counts)
     gumbel = -torch.log(-torch.log(noise.clamp(1e-20, 1.0 - 1e-7)))
     return (logp + gumbel).argmax(-1)
 

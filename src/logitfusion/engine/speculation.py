@@ -2,6 +2,14 @@
 (`speculative_round`) lets the small side draft k tokens and the large model check all k in one
 forward; sampled rows keep drafts by speculative sampling's test (`accept`) and redraw a
 rejected position from the residual distribution (`residual`).
+
+Adaptive draft length (`round_length`): each row keeps a running estimate of how often its
+drafts are accepted (`Seq.acceptance`), from its rounds and, between rounds, from plain steps
+(`observe_plain`: would the draft have been the fused token?). Each round takes the k with the
+most tokens per unit of cost summed over the rows, so a poorly accepting row adds its one token
+a round and no longer drags k down for the others; when no k pays, the batch decodes plainly.
+k is chosen per batch, not per row: drafting and checking run batched, so a row's shorter
+draft would save nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +35,12 @@ def check_speculate(speculate) -> None:
         raise DecodingError(problem)
 
 
+def check_draft_cost(draft_cost) -> None:
+    if not (limits.is_real(draft_cost) and 0 < draft_cost <= limits.MAX_DRAFT_COST):
+        raise DecodingError(f"draft_cost must be a number in (0, {limits.MAX_DRAFT_COST}] (the cost of one more "
+                            f"drafted position, in plain fused steps), got {draft_cost!r}")
+
+
 def refusal(batch: Batch) -> str | None:
     """Why this batch's solver and members cannot run speculative rounds, or None."""
     members = batch.members
@@ -43,8 +57,77 @@ def can_speculate(batch: Batch) -> bool:
     return batch.speculate > 1 and batch.speculative
 
 
-def speculative_round(batch: Batch) -> list[tuple[Seq, int]]:
-    """The small side drafts k tokens, the large model checks all k in one forward.
+# What one more drafted position costs, in plain fused steps (a small-side step and one more
+# position in the large model's checking forward); `bench speed` measures it for given models.
+DRAFT_COST = 0.5
+# A new row's assumed acceptance: optimistic enough that a batch tries to speculate at first.
+ACCEPT_PRIOR = 0.7
+# Weight of each new observation in a row's running acceptance (about the last 4-8 drafts count).
+ACCEPT_MEMORY = 0.2
+
+
+def expected_tokens(acceptance: Tensor, k_max: int) -> Tensor:
+    """Tokens a round emits per row for each draft length k = 1..k_max, if each draft is accepted
+    with probability `acceptance` [B] independently: 1 + a + ... + a^(k-1) -> [B, k_max]."""
+    powers = acceptance[:, None] ** torch.arange(k_max)  # [B, k_max]
+    return powers.cumsum(-1)
+
+
+def plan_round(batch: Batch) -> tuple[int, list[int]]:
+    """(k, caps): the next round's draft length (1: a plain step) and each row's cap on the
+    tokens it may emit from it.
+
+    Fixed: k = batch.speculate, no caps. Adaptive: a round of k costs 1 + draft_cost * (k - 1)
+    plain steps; k is the draft length with the most expected tokens per unit of cost summed
+    over the rows (ties to the shorter). A sampled row drafts only as far as pays for it alone
+    (its cap), and k is never below that, so its random draws, hence its tokens for a seed,
+    depend on its own history only, not on the rows beside it. Greedy rows emit the same
+    tokens whatever k is, and take whatever the round gives them."""
+    n, k_max = len(batch.seqs), batch.speculate
+    if not batch.adaptive:
+        return k_max, [k_max] * n
+    tokens = expected_tokens(torch.tensor([s.acceptance for s in batch.seqs]), k_max)  # [B, k_max]
+    cost = 1 + batch.draft_cost * torch.arange(k_max)  # [k_max]: rounds of k = 1..k_max
+    own = (tokens / cost).argmax(-1) + 1  # [B] (argmax: the first, i.e. shortest, of ties)
+    sampled = torch.tensor([s.generator is not None for s in batch.seqs])
+    caps = torch.where(sampled, own, k_max)  # [B]
+    shortest = int(own[sampled].max()) if bool(sampled.any()) else 1
+    k = torch.arange(k_max)  # [k_max]: k - 1
+    capped = tokens.gather(1, torch.minimum(k[None], caps[:, None] - 1))  # [B, k_max]
+    value = (capped.sum(0) / cost)[shortest - 1:]
+    best = shortest + int(value.argmax())
+    return best, caps.clamp_max(best).tolist()
+
+
+def observe(seq: Seq, outcomes) -> None:
+    """Fold accept (1) / reject (0) outcomes, or acceptance probabilities, into the row's estimate."""
+    for x in outcomes:
+        seq.acceptance += ACCEPT_MEMORY * (float(x) - seq.acceptance)
+
+
+def observe_plain(batch: Batch, choice: Choice, rows: Sequence[int] | None = None) -> None:
+    """For rows decoding one token at a time (all rows of a plain step; `rows` of a round), what
+    a draft would have scored at this step, nearly for free: the small side's fused proposal
+    (this step's weights, the small base standing in for the large model) against the fused
+    distribution, as the probability speculative sampling would keep it, sum_v min(p, q) (for
+    greedy rows: 1 if the argmaxes agree, else 0)."""
+    z, members = batch.logits, batch.members
+    z_s = z[members.small.role]
+    z_e = torch.stack([z[m.role] for m in members.experts], 1)  # [B, T, V]
+    draft = fuse(z_s, z_s, z_e, choice.weights)
+    if batch.sampling.sampled:
+        p, q = warp(choice.logits, batch.sampling).exp(), warp(draft, batch.sampling).exp()
+        agree = torch.minimum(p, q).sum(-1)  # [B]
+    else:
+        agree = (draft.argmax(-1) == choice.logits.argmax(-1)).float()
+    agree = agree.tolist()
+    for i in range(len(batch.seqs)) if rows is None else rows:
+        observe(batch.seqs[i], [agree[i]])
+
+
+def speculative_round(batch: Batch, k: int, caps: Sequence[int]) -> list[tuple[Seq, int]]:
+    """The small side drafts k tokens, the large model checks all k in one forward. Row i emits
+    at most caps[i] of them (`plan_round`).
 
     d_0 is the exact fused token. The small models then run k single steps (fed d_0..d_{k-1})
     and propose d_j from z_S + a (z_t - z_S) with this round's weights a, i.e. the fusion
@@ -61,25 +144,30 @@ def speculative_round(batch: Batch) -> list[tuple[Seq, int]]:
     distributed exactly as in plain fused sampling (not the same tokens for a seed: the
     random draws differ).
     """
-    k, n, large = batch.speculate, len(batch.seqs), batch.members.large
+    n, large = len(batch.seqs), batch.members.large
     large_ctx = next(c for c in batch.contexts if c.members == [large])
     for ctx in batch.contexts:
         ctx.ensure_room(k)
     start = large_ctx.length
 
     choice0 = batch.solve(batch.logits)
-    d, draft_logq, side = _draft(batch, choice0, [c for c in batch.contexts if c is not large_ctx])
+    if batch.adaptive:  # rows capped at one token: what their plain step would have observed
+        observe_plain(batch, choice0, [i for i, cap in enumerate(caps) if cap == 1])
+    d, draft_logq, side = _draft(batch, k, caps, choice0, [c for c in batch.contexts if c is not large_ctx])
     z_large = large_ctx.extend(d)[0].to(batch.device)  # [B, k, V]: position j + 1 after d_j
 
     # The fused distribution at positions 1..k for every row, solved as one [B * k] batch.
     later = {large.role: z_large.reshape(n * k, -1)}
     later.update({r: z.reshape(n * k, -1) for r, z in side.items()})
     choice = batch.solve(later)
-    accepted, fused = _verify(batch, d, choice, draft_logq)
+    accepted, fused = _verify(batch, d, choice, draft_logq, caps)
     for ctx in batch.contexts:
         ctx.mask_holes(start, accepted)
+    for seq, m, cap in zip(batch.seqs, accepted.tolist(), caps):
+        if cap > 1:  # m accepted drafts, then a rejection if any of its drafts was left
+            observe(seq, [1] * m + [0] * (m < cap - 1))
 
-    emitted = _emit(batch, (batch.logits, choice0, d[:, 0]), (later, choice, fused), accepted)
+    emitted = _emit(batch, k, (batch.logits, choice0, d[:, 0]), (later, choice, fused), accepted)
     # Next round starts from the prediction after the last accepted token.
     rows = torch.arange(n, device=batch.device)
     batch.logits = {large.role: z_large[rows, accepted]}
@@ -88,10 +176,12 @@ def speculative_round(batch: Batch) -> list[tuple[Seq, int]]:
     return emitted
 
 
-def _draft(batch: Batch, choice0: Choice, draft_ctxs: list[Context]) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
+def _draft(batch: Batch, k: int, caps: Sequence[int], choice0: Choice,
+           draft_ctxs: list[Context]) -> tuple[Tensor, list[Tensor], dict[str, Tensor]]:
     """The small side's drafts d [B, k]; for sampled batches the draft distributions log q_j of
-    d_1..d_{k-1} ([B, V] each); and the small side's logits at positions 1..k, {role: [B, k, V]}."""
-    k, rows, members = batch.speculate, batch.sampling, batch.members
+    d_1..d_{k-1} ([B, V] each); and the small side's logits at positions 1..k, {role: [B, k, V]}.
+    A sampled row draws no random numbers for drafts past its cap."""
+    rows, members = batch.sampling, batch.members
     drafts = [sample(residual(warp(choice0.logits, rows), batch.seqs), rows) if rows.sampled
               else choice0.logits.argmax(-1)]  # [B] each
     draft_logq: list[Tensor] = []
@@ -106,13 +196,14 @@ def _draft(batch: Batch, choice0: Choice, draft_ctxs: list[Context]) -> tuple[Te
         z_draft = fuse(z_s, z_s, z_e, choice0.weights)
         if rows.sampled:
             draft_logq.append(warp(z_draft, rows))
-            drafts.append(sample(draft_logq[-1], rows))
+            drafts.append(sample(draft_logq[-1], rows, [cap > j + 1 for cap in caps]))
         else:
             drafts.append(z_draft.argmax(-1))
     return torch.stack(drafts, 1), draft_logq, {r: torch.stack([z[r] for z in side], 1) for r in side[0]}
 
 
-def _verify(batch: Batch, d: Tensor, choice: Choice, draft_logq: list[Tensor]) -> tuple[Tensor, Tensor]:
+def _verify(batch: Batch, d: Tensor, choice: Choice, draft_logq: list[Tensor],
+            caps: Sequence[int]) -> tuple[Tensor, Tensor]:
     """(accepted count m [B], the token each of the B * k positions emits if reached [B * k])."""
     n, k = d.shape
     fused = choice.logits.argmax(-1)  # [B * k]
@@ -120,16 +211,16 @@ def _verify(batch: Batch, d: Tensor, choice: Choice, draft_logq: list[Tensor]) -
         f = fused.view(n, k)
         return (f[:, : k - 1] == d[:, 1:]).long().cumprod(-1).sum(-1), fused
     logp = warp(choice.logits, batch.sampling.repeat(k)).view(n, k, -1)
-    accepted = accept(d, logp, torch.stack(draft_logq, 1), batch.sampling, batch.seqs)
+    accepted = accept(d, logp, torch.stack(draft_logq, 1), batch.sampling, batch.seqs, caps)
     # The token emitted at position j is the draft d_{j+1} (the last position only ever gives
     # the next round's logits).
     return accepted, torch.cat([d[:, 1:], fused.view(n, k)[:, -1:]], 1).reshape(-1)
 
 
-def _emit(batch: Batch, first: tuple, later: tuple, accepted: Tensor) -> list[tuple[Seq, int]]:
+def _emit(batch: Batch, k: int, first: tuple, later: tuple, accepted: Tensor) -> list[tuple[Seq, int]]:
     """Append d_0..d_m to each row, stopping early where a sequence finishes. first / later:
     (logits, choice, tokens) at position 0 ([B] rows) and at positions 1..k ([B * k] rows)."""
-    k, tokenizer = batch.speculate, batch.models.tokenizer
+    tokenizer = batch.models.tokenizer
     v0, vs = batch.verdicts(*first), batch.verdicts(*later)
     t0, ts = batch.trace(*first[:2]), batch.trace(*later[:2])
     emitted = []
@@ -145,18 +236,21 @@ def _emit(batch: Batch, first: tuple, later: tuple, accepted: Tensor) -> list[tu
     return emitted
 
 
-def accept(d: Tensor, logp: Tensor, logq: Tensor, rows: Rows, seqs: Sequence[Seq]) -> Tensor:
+def accept(d: Tensor, logp: Tensor, logq: Tensor, rows: Rows, seqs: Sequence[Seq],
+           caps: Sequence[int] | None = None) -> Tensor:
     """Speculative sampling's test. d [B, k] drafts; logp [B, k, V] the fused (warped)
-    distribution at positions 1..k; logq [B, k - 1, V] the draft distributions of d_1..d_{k-1}.
+    distribution at positions 1..k; logq [B, k - 1, V] the draft distributions of d_1..d_{k-1};
+    caps: row i keeps at most caps[i] - 1 drafts, and draws only that many numbers.
     Returns the accepted count m [B]; a row that rejected d_{m+1} keeps q_{m+1} for `residual`."""
     k = d.shape[1]
+    caps = [k] * len(seqs) if caps is None else caps
     drafted = d[:, 1:, None]  # [B, k - 1, 1]
     ratio = (logp[:, :-1].gather(-1, drafted) - logq.gather(-1, drafted))[..., 0].exp()  # [B, k - 1]
     # Greedy rows: ratio is 1 (the draft is the fused argmax) or 0, and u = 0 keeps exactly those.
-    u = rows.uniform(k - 1, ratio.device, 0.0)
-    accepted = (u < ratio).long().cumprod(-1).sum(-1)  # [B]
+    u = rows.uniform(k - 1, ratio.device, 0.0, [cap - 1 for cap in caps])
+    accepted = (u < ratio).long().cumprod(-1).sum(-1).clamp_max(torch.tensor(caps, device=u.device) - 1)  # [B]
     for i, (seq, m) in enumerate(zip(seqs, accepted.tolist())):
-        seq.rejected_q = logq[i, m].exp() if m < k - 1 and seq.generator is not None else None
+        seq.rejected_q = logq[i, m].exp() if m < caps[i] - 1 and seq.generator is not None else None
     return accepted
 
 

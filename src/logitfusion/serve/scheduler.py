@@ -227,7 +227,9 @@ class Scheduler:
             # sampled output keeps its distribution.
             batch = self._batches.get(bkey)
             if batch is None:
-                batch = Batch(jobs[0].models, jobs[0].solver, speculate=fuser.recipe.generation.speculate)
+                spec = fuser.recipe.generation
+                batch = Batch(jobs[0].models, jobs[0].solver, speculate=spec.speculate,
+                              adaptive=spec.speculate_adaptive, draft_cost=spec.draft_cost)
             joining = batch.prefill([j.prompt for j in jobs], [j.params for j in jobs], trace=trace)
         except Exception as e:
             if len(jobs) > 1:
