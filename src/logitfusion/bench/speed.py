@@ -28,6 +28,7 @@ Best of --repeats timed runs after one warm-up. The options are the `bench speed
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import platform
 import resource
@@ -267,6 +268,15 @@ def steps(models, prompts: list[str], groups: list[tuple[list, object]], n_token
     return run
 
 
+def lora_folder(small: str) -> Path:
+    """Where the random bench adapters of this small model live (never in the zoo): one folder per
+    small model and config, so adapters of another model's shape are never picked up."""
+    small_path = Path(small).resolve()
+    config = small_path / "config.json"
+    key = str(small_path) + (config.read_text() if config.is_file() else "")
+    return Path(tempfile.gettempdir()) / f"logitfusion-bench-lora-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
 def lora_cost(paths: dict, root: Path, n_experts: int, batch: int, n_tokens: int, load: dict, device: str,
               repeats: int) -> tuple[float, float, float, float]:
     """Per-step time of: the small base alone (the plain model, no PEFT); small + n LoRA experts
@@ -351,9 +361,10 @@ def _methods(one, many, prompts: list[str], batch: int, tokens: int, speculate, 
     tok, large = models.tokenizer, models.large.model
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(models.large.device)
 
-    def ours(fuser, method, k=0, temperature=0.0):
+    def ours(fuser, method, k=0, temperature=0.0, adaptive=False):
         return lambda: fuser.generate(prompts, solver=method, max_new_tokens=tokens, ignore_eos=True,
-                                      batch_size=batch, speculate=k, temperature=temperature, seed=0)
+                                      batch_size=batch, speculate=k, temperature=temperature, seed=0,
+                                      speculate_adaptive=adaptive)
 
     def unshared(fuser, method):  # every model its own forward: no stacking, no shared LoRA batch
         params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
@@ -368,11 +379,14 @@ def _methods(one, many, prompts: list[str], batch: int, tokens: int, speculate, 
            "ours, static a=0, 1 expert": ours(one, "static:0"), "ours, proxy-tuning a=1": ours(one, "static:1"),
            "ours, dynamic, 1 expert": ours(one, "dynamic")}
     per_forward = {}  # speculative rows: tokens emitted per large-model forward
-    for k, temperature in [(k, 0.0) for k in speculate] + [(max(speculate, default=0), 1.0)]:
+    k_max = max(speculate, default=0)
+    variants = [(k, 0.0, False) for k in speculate] + [(k_max, 0.0, True), (k_max, 1.0, False), (k_max, 1.0, True)]
+    for k, temperature, adaptive in variants:
         if k < 2:
             continue
-        label = f"ours, dynamic, 1 expert, speculative {'sampling (T=1) ' if temperature else ''}k={k}"
-        fns[label] = ours(one, "dynamic", k, temperature)
+        label = (f"ours, dynamic, 1 expert, speculative {'sampling (T=1) ' if temperature else ''}"
+                 f"{'adaptive k<=' if adaptive else 'k='}{k}")
+        fns[label] = ours(one, "dynamic", k, temperature, adaptive)
         per_forward[label] = tokens_per_forward(one, fns[label], tokens)
     fns[f"ours, dynamic fast, {n_experts} experts"] = ours(many, "dynamic:fast")
     fns[f"ours, dynamic fast, {n_experts} experts, separate forwards"] = unshared(many, "dynamic:fast")
@@ -416,6 +430,24 @@ def _decoding_table(one, many, batch: int, tokens: int, repeats: int, speculate,
     for label, k in per_forward.items():
         print(f"\n{label}: {k:.2f} tokens per sequence per large-model forward (prefill included)", end="")
     print("\n")
+    _draft_costs(t, per_forward, tokens)
+
+
+def _draft_costs(t: dict, per_forward: dict, tokens: int) -> None:
+    """What one more drafted position cost, in plain dynamic steps, from the fixed-k greedy rows:
+    a run of R rounds of k took t_k against t_1 for `tokens` plain steps, so
+    c = (t_k / R / (t_1 / tokens) - 1) / (k - 1). The recipe's generation.draft_cost takes it."""
+    plain = t["ours, dynamic, 1 expert"] / tokens
+    costs = []
+    for label, per in per_forward.items():
+        if "sampling" in label or "adaptive" in label:
+            continue
+        k = int(label.rsplit("=", 1)[1])
+        rounds = max(tokens / per - 1, 1)  # large forwards less the prefill
+        costs.append(f"k={k}: {(t[label] / rounds / plain - 1) / (k - 1):.2f}")
+    if costs:
+        print(f"draft cost (one more drafted position, in plain dynamic steps; generation.draft_cost): "
+              f"{', '.join(costs)}\n")
 
 
 def _stacked_tables(paths: dict, models, batches, tokens: int, repeats: int, n_experts: int, load: dict,
@@ -429,7 +461,7 @@ def _stacked_tables(paths: dict, models, batches, tokens: int, repeats: int, n_e
     print("| batch | small alone, ms/step | small + LoRA experts, stacked forward | same, PEFT mixed-adapter forward | "
           "same, separate forwards | stacked / small alone | PEFT mixed / small alone | separate / stacked |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    lora_root = Path(tempfile.gettempdir()) / "logitfusion-bench-lora"  # random adapters, never in the zoo
+    lora_root = lora_folder(paths["small"])
     for batch in batches:
         alone, stacked, mixed, separate = lora_cost(paths, lora_root, n_experts, batch, tokens, load, device, repeats)
         print(f"| {batch} | {alone * 1e3:.2f} | {stacked * 1e3:.2f} | {mixed * 1e3:.2f} | {separate * 1e3:.2f} | "
