@@ -3,13 +3,14 @@
 forward; sampled rows keep drafts by speculative sampling's test (`accept`) and redraw a
 rejected position from the residual distribution (`residual`).
 
-Adaptive draft length (`round_length`): each row keeps a running estimate of how often its
-drafts are accepted (`Seq.acceptance`), from its rounds and, between rounds, from plain steps
-(`observe_plain`: would the draft have been the fused token?). Each round takes the k with the
-most tokens per unit of cost summed over the rows, so a poorly accepting row adds its one token
-a round and no longer drags k down for the others; when no k pays, the batch decodes plainly.
-k is chosen per batch, not per row: drafting and checking run batched, so a row's shorter
-draft would save nothing.
+Adaptive draft length (`plan_round`): each row keeps a running estimate of how often its drafts
+are kept (`Seq.acceptance`): in rounds, from each draft's probability of being kept; between
+rounds, from plain steps (`observe_plain`: what a draft would have scored there). Each round takes
+the k with the most expected tokens per unit of cost summed over the rows, so a poorly accepting
+row counts for its one token a round, not for an average acceptance that would drag k down for
+everyone; when no k pays, the batch decodes plainly. Drafting and checking run batched, so k is
+one per round; a sampled row is capped at the k that pays for it alone, which keeps its tokens
+for a seed independent of the rows beside it.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def can_speculate(batch: Batch) -> bool:
 DRAFT_COST = 0.5
 # A new row's assumed acceptance: optimistic enough that a batch tries to speculate at first.
 ACCEPT_PRIOR = 0.7
-# Weight of each new observation in a row's running acceptance (about the last 4-8 drafts count).
-ACCEPT_MEMORY = 0.2
+# Weight of each new observation in a row's running acceptance (about the last 10 drafts count).
+ACCEPT_MEMORY = 0.1
 
 
 def expected_tokens(acceptance: Tensor, k_max: int) -> Tensor:
@@ -160,12 +161,11 @@ def speculative_round(batch: Batch, k: int, caps: Sequence[int]) -> list[tuple[S
     later = {large.role: z_large.reshape(n * k, -1)}
     later.update({r: z.reshape(n * k, -1) for r, z in side.items()})
     choice = batch.solve(later)
-    accepted, fused = _verify(batch, d, choice, draft_logq, caps)
+    accepted, fused, agree = _verify(batch, d, choice, draft_logq, caps)
     for ctx in batch.contexts:
         ctx.mask_holes(start, accepted)
-    for seq, m, cap in zip(batch.seqs, accepted.tolist(), caps):
-        if cap > 1:  # m accepted drafts, then a rejection if any of its drafts was left
-            observe(seq, [1] * m + [0] * (m < cap - 1))
+    for seq, row, cap in zip(batch.seqs, agree.tolist(), caps):
+        observe(seq, row[: cap - 1])
 
     emitted = _emit(batch, k, (batch.logits, choice0, d[:, 0]), (later, choice, fused), accepted)
     # Next round starts from the prediction after the last accepted token.
@@ -203,18 +203,23 @@ def _draft(batch: Batch, k: int, caps: Sequence[int], choice0: Choice,
 
 
 def _verify(batch: Batch, d: Tensor, choice: Choice, draft_logq: list[Tensor],
-            caps: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """(accepted count m [B], the token each of the B * k positions emits if reached [B * k])."""
+            caps: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """(accepted count m [B], the token each of the B * k positions emits if reached [B * k],
+    how well each draft d_1..d_{k-1} agreed with the fused distribution [B, k - 1]: the
+    probability speculative sampling keeps it, sum_v min(p, q), which is 1 or 0 for greedy rows).
+    The agreement is an expectation, not the draw's outcome: far less noisy for sampled rows."""
     n, k = d.shape
     fused = choice.logits.argmax(-1)  # [B * k]
     if not batch.sampling.sampled:
-        f = fused.view(n, k)
-        return (f[:, : k - 1] == d[:, 1:]).long().cumprod(-1).sum(-1), fused
+        agree = (fused.view(n, k)[:, : k - 1] == d[:, 1:]).long()  # [B, k - 1]
+        return agree.cumprod(-1).sum(-1), fused, agree.float()
     logp = warp(choice.logits, batch.sampling.repeat(k)).view(n, k, -1)
-    accepted = accept(d, logp, torch.stack(draft_logq, 1), batch.sampling, batch.seqs, caps)
+    logq = torch.stack(draft_logq, 1)  # [B, k - 1, V]
+    accepted = accept(d, logp, logq, batch.sampling, batch.seqs, caps)
+    agree = torch.minimum(logp[:, :-1], logq).exp().sum(-1)  # [B, k - 1]
     # The token emitted at position j is the draft d_{j+1} (the last position only ever gives
     # the next round's logits).
-    return accepted, torch.cat([d[:, 1:], fused.view(n, k)[:, -1:]], 1).reshape(-1)
+    return accepted, torch.cat([d[:, 1:], fused.view(n, k)[:, -1:]], 1).reshape(-1), agree
 
 
 def _emit(batch: Batch, k: int, first: tuple, later: tuple, accepted: Tensor) -> list[tuple[Seq, int]]:
