@@ -355,8 +355,8 @@ def _load(models: Path, shapes: str | None, n_experts: int, device: str, dtype: 
 
 
 def _methods(one, many, prompts: list[str], batch: int, tokens: int, speculate, n_experts: int):
-    """{row label: a function decoding the prompts once} and tokens per large forward of the
-    speculative rows."""
+    """{row label: a function decoding the prompts once}, tokens per large forward of the
+    speculative rows, and the draft length of the fixed-k greedy rows."""
     models = many.models
     tok, large = models.tokenizer, models.large.model
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(models.large.device)
@@ -379,6 +379,7 @@ def _methods(one, many, prompts: list[str], batch: int, tokens: int, speculate, 
            "ours, static a=0, 1 expert": ours(one, "static:0"), "ours, proxy-tuning a=1": ours(one, "static:1"),
            "ours, dynamic, 1 expert": ours(one, "dynamic")}
     per_forward = {}  # speculative rows: tokens emitted per large-model forward
+    fixed_greedy = {}  # their fixed-k greedy rows: k
     k_max = max(speculate, default=0)
     variants = [(k, 0.0, False) for k in speculate] + [(k_max, 0.0, True), (k_max, 1.0, False), (k_max, 1.0, True)]
     for k, temperature, adaptive in variants:
@@ -388,10 +389,12 @@ def _methods(one, many, prompts: list[str], batch: int, tokens: int, speculate, 
                  f"{'adaptive k<=' if adaptive else 'k='}{k}")
         fns[label] = ours(one, "dynamic", k, temperature, adaptive)
         per_forward[label] = tokens_per_forward(one, fns[label], tokens)
+        if not temperature and not adaptive:
+            fixed_greedy[label] = k
     fns[f"ours, dynamic fast, {n_experts} experts"] = ours(many, "dynamic:fast")
     fns[f"ours, dynamic fast, {n_experts} experts, separate forwards"] = unshared(many, "dynamic:fast")
     fns[f"ours, dynamic joint, {n_experts} experts"] = ours(many, "dynamic:joint")
-    return fns, per_forward
+    return fns, per_forward, fixed_greedy
 
 
 def _decoding_table(one, many, batch: int, tokens: int, repeats: int, speculate, n_experts: int, device: str,
@@ -399,7 +402,7 @@ def _decoding_table(one, many, batch: int, tokens: int, repeats: int, speculate,
     """One batch size: every method's tokens/s against the large model alone and the component floor."""
     models = many.models
     prompts = [f"Question: {i % 12} plus {(3 * i) % 12}? Answer:" for i in range(batch)]
-    fns, per_forward = _methods(one, many, prompts, batch, tokens, speculate, n_experts)
+    fns, per_forward, fixed_greedy = _methods(one, many, prompts, batch, tokens, speculate, n_experts)
     # The component floor: every model's cached steps timed alone, in the same rounds.
     floor_members = [models.large, models.small, *models.experts]
     fns.update({f"floor {m.role}": steps(models, prompts, [([m], None)], tokens, device) for m in floor_members})
@@ -430,20 +433,17 @@ def _decoding_table(one, many, batch: int, tokens: int, repeats: int, speculate,
     for label, k in per_forward.items():
         print(f"\n{label}: {k:.2f} tokens per sequence per large-model forward (prefill included)", end="")
     print("\n")
-    _draft_costs(t, per_forward, tokens)
+    _draft_costs(t, per_forward, fixed_greedy, tokens)
 
 
-def _draft_costs(t: dict, per_forward: dict, tokens: int) -> None:
+def _draft_costs(t: dict, per_forward: dict, fixed_greedy: dict, tokens: int) -> None:
     """What one more drafted position cost, in plain dynamic steps, from the fixed-k greedy rows:
     a run of R rounds of k took t_k against t_1 for `tokens` plain steps, so
     c = (t_k / R / (t_1 / tokens) - 1) / (k - 1). The recipe's generation.draft_cost takes it."""
     plain = t["ours, dynamic, 1 expert"] / tokens
     costs = []
-    for label, per in per_forward.items():
-        if "sampling" in label or "adaptive" in label:
-            continue
-        k = int(label.rsplit("=", 1)[1])
-        rounds = max(tokens / per - 1, 1)  # large forwards less the prefill
+    for label, k in fixed_greedy.items():
+        rounds = max(tokens / per_forward[label] - 1, 1)  # large forwards less the prefill
         costs.append(f"k={k}: {(t[label] / rounds / plain - 1) / (k - 1):.2f}")
     if costs:
         print(f"draft cost (one more drafted position, in plain dynamic steps; generation.draft_cost): "

@@ -24,10 +24,10 @@ from .compat import warn_once
 from .context import Context, Retokenizer
 from .detokenize import Detokenizer, find_stop
 from .members import Member, Members, ModelSet
-from .sampling import DecodingError, Rows, SamplingParams, pick_tokens, sample, seeds_for, warp
+from .sampling import DecodingError, Rows, SamplingParams, seeds_for
 from .solvers import Choice, Solver, SolverError
 from .speculation import (ACCEPT_PRIOR, DRAFT_COST, can_speculate, check_draft_cost, check_speculate, observe_plain,
-                          plan_round, refusal, residual, speculative_round)
+                          pick, plan_round, refusal, speculative_round)
 from .stacking import lora_stack, shared_stack
 
 TOP_TOKENS = 5  # tokens per model shown in a trace
@@ -225,7 +225,7 @@ class Batch:
         check_draft_cost(draft_cost)
         self.models, self.solver, self.use_cache = models, solver, use_cache
         self.speculate = speculate  # draft length k (at most k when adaptive); 0 or 1 = plain decoding
-        # adaptive: each round's k from the rows' acceptance (speculation.round_length), where one
+        # adaptive: each round's k from the rows' acceptance (speculation.plan_round), where one
         # more drafted position costs draft_cost plain steps
         self.adaptive, self.draft_cost = adaptive, draft_cost
         self.members = members_for(models, solver)
@@ -309,10 +309,7 @@ class Batch:
         choice = self.solve(self.logits)
         if can_speculate(self) and self.adaptive:
             observe_plain(self, choice)
-        if any(s.rejected_q is not None for s in self.seqs):  # a plain step right after a round
-            tokens = sample(residual(warp(choice.logits, self.sampling), self.seqs), self.sampling)
-        else:
-            tokens = pick_tokens(choice.logits, self.sampling)
+        tokens = pick(choice.logits, self.sampling, self.seqs)  # after a round: from the residual
         verdicts = self.verdicts(self.logits, choice, tokens)
         steps = self.trace(self.logits, choice)
         emitted = []

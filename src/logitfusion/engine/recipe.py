@@ -156,7 +156,7 @@ class GenerationSpec(_Strict):
     stop: list[Annotated[str, Field(min_length=1, max_length=limits.MAX_STOP_CHARS)]] = \
         Field(list(_SAMPLING.stop), max_length=limits.MAX_STOP)
     speculate: int = Field(0, ge=0, le=limits.MAX_SPECULATE)  # draft length of speculative fused decoding (0 = off)
-    # each round's draft length from the rows' acceptance, up to `speculate` (speculation.round_length)
+    # each round's draft length from the rows' acceptance, up to `speculate` (speculation.plan_round)
     speculate_adaptive: bool = True
     draft_cost: float = Field(DRAFT_COST, gt=0, le=limits.MAX_DRAFT_COST)  # one more drafted position, in plain steps
 

@@ -1,6 +1,6 @@
 """Token choice: the sampling parameters a request carries (`SamplingParams`, checked against
 limits.py), their per-row tensors (`Rows`), and turning fused logits into tokens (`warp`,
-`sample`, `pick_tokens`) with each sequence's own seeded generator.
+`sample`) with each sequence's own seeded generator.
 """
 
 from __future__ import annotations
@@ -141,13 +141,6 @@ class Rows:
             if count:
                 rows[i][:count].uniform_(generator=g)  # what torch.rand(count, generator=g) draws
         return out
-
-
-def pick_tokens(logits: Tensor, rows: Rows) -> Tensor:
-    """Each row greedy or sampled with its own temperature / top-k / top-p. logits [B, V] -> [B]."""
-    if not rows.sampled:
-        return logits.argmax(-1)
-    return sample(warp(logits, rows), rows)
 
 
 def warp(logits: Tensor, rows: Rows) -> Tensor:

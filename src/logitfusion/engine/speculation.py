@@ -28,6 +28,7 @@ from .solvers import Choice
 if TYPE_CHECKING:
     from .context import Context
     from .decoding import Batch, Seq
+    from .members import Members
 
 
 def check_speculate(speculate) -> None:
@@ -100,6 +101,26 @@ def plan_round(batch: Batch) -> tuple[int, list[int]]:
     return best, caps.clamp_max(best).tolist()
 
 
+def proposal(members: Members, z: dict[str, Tensor], weights: Tensor) -> Tensor:
+    """The small side's fused draft logits: z_S + a (z_t - z_S), the small base standing in for
+    the large model. z: [B, V] per member role -> [B, V]."""
+    z_s = z[members.small.role]
+    z_e = torch.stack([z[m.role] for m in members.experts], 1)  # [B, T, V]
+    return fuse(z_s, z_s, z_e, weights)
+
+
+def kept_probability(logp: Tensor, logq: Tensor) -> Tensor:
+    """The probability speculative sampling keeps a draft drawn from q when p is the target:
+    sum_v min(p, q) (1 or 0 when both are one-hot, as for greedy rows). [..., V] -> [...]"""
+    return torch.minimum(logp, logq).exp().sum(-1)
+
+
+def pick(logits: Tensor, rows: Rows, seqs: Sequence[Seq]) -> Tensor:
+    """Each row's next token from fused logits [B, V] -> [B]: greedy, or sampled, where a row
+    whose last draft was rejected draws from the residual (as the next round's d_0 does)."""
+    return sample(residual(warp(logits, rows), seqs), rows) if rows.sampled else logits.argmax(-1)
+
+
 def observe(seq: Seq, outcomes) -> None:
     """Fold accept (1) / reject (0) outcomes, or acceptance probabilities, into the row's estimate."""
     for x in outcomes:
@@ -112,13 +133,9 @@ def observe_plain(batch: Batch, choice: Choice, rows: Sequence[int] | None = Non
     (this step's weights, the small base standing in for the large model) against the fused
     distribution, as the probability speculative sampling would keep it, sum_v min(p, q) (for
     greedy rows: 1 if the argmaxes agree, else 0)."""
-    z, members = batch.logits, batch.members
-    z_s = z[members.small.role]
-    z_e = torch.stack([z[m.role] for m in members.experts], 1)  # [B, T, V]
-    draft = fuse(z_s, z_s, z_e, choice.weights)
+    draft = proposal(batch.members, batch.logits, choice.weights)
     if batch.sampling.sampled:
-        p, q = warp(choice.logits, batch.sampling).exp(), warp(draft, batch.sampling).exp()
-        agree = torch.minimum(p, q).sum(-1)  # [B]
+        agree = kept_probability(warp(choice.logits, batch.sampling), warp(draft, batch.sampling))  # [B]
     else:
         agree = (draft.argmax(-1) == choice.logits.argmax(-1)).float()
     agree = agree.tolist()
@@ -182,8 +199,7 @@ def _draft(batch: Batch, k: int, caps: Sequence[int], choice0: Choice,
     d_1..d_{k-1} ([B, V] each); and the small side's logits at positions 1..k, {role: [B, k, V]}.
     A sampled row draws no random numbers for drafts past its cap."""
     rows, members = batch.sampling, batch.members
-    drafts = [sample(residual(warp(choice0.logits, rows), batch.seqs), rows) if rows.sampled
-              else choice0.logits.argmax(-1)]  # [B] each
+    drafts = [pick(choice0.logits, rows, batch.seqs)]  # [B] each
     draft_logq: list[Tensor] = []
     side: list[dict[str, Tensor]] = []  # per position 1..k: {role: [B, V]}
     for j in range(k):
@@ -191,9 +207,7 @@ def _draft(batch: Batch, k: int, caps: Sequence[int], choice0: Choice,
         side.append(z)
         if j == k - 1:
             break
-        z_s = z[members.small.role]
-        z_e = torch.stack([z[m.role] for m in members.experts], 1)  # [B, T, V]
-        z_draft = fuse(z_s, z_s, z_e, choice0.weights)
+        z_draft = proposal(members, z, choice0.weights)
         if rows.sampled:
             draft_logq.append(warp(z_draft, rows))
             drafts.append(sample(draft_logq[-1], rows, [cap > j + 1 for cap in caps]))
@@ -216,7 +230,7 @@ def _verify(batch: Batch, d: Tensor, choice: Choice, draft_logq: list[Tensor],
     logp = warp(choice.logits, batch.sampling.repeat(k)).view(n, k, -1)
     logq = torch.stack(draft_logq, 1)  # [B, k - 1, V]
     accepted = accept(d, logp, logq, batch.sampling, batch.seqs, caps)
-    agree = torch.minimum(logp[:, :-1], logq).exp().sum(-1)  # [B, k - 1]
+    agree = kept_probability(logp[:, :-1], logq)  # [B, k - 1]
     # The token emitted at position j is the draft d_{j+1} (the last position only ever gives
     # the next round's logits).
     return accepted, torch.cat([d[:, 1:], fused.view(n, k)[:, -1:]], 1).reshape(-1), agree
