@@ -251,6 +251,23 @@ def test_completion_logprobs(client, ref):
     assert [x for c in chunks for x in c.choices[0].logprobs.text_offset] == lp.text_offset
 
 
+def test_each_prompt_is_tokenised_once_per_model_that_reads_it(server, client, monkeypatch):
+    """Prefill checks, tokenises and counts the prompt (usage reads its count): no second pass."""
+    from logitfusion.engine.decoding import members_for
+    fuser = server.app.state.fusers["fusion"]
+    members = members_for(fuser.models, fuser.solver)
+    prompt, calls = "a zebra counts quartz", []
+    for kind in {type(m.tokenizer or fuser.models.tokenizer) for m in members}:
+        def counting(self, text, *args, _call=kind.__call__, **kwargs):
+            if isinstance(text, str) and prompt in text:
+                calls.append(text)
+            return _call(self, text, *args, **kwargs)
+        monkeypatch.setattr(kind, "__call__", counting)
+    got = client.completions.create(model="fusion", prompt=prompt, max_tokens=2)
+    assert len(members) >= 3 and len(calls) == len(members), calls
+    assert got.usage.prompt_tokens == len(fuser.models.tokenizer(prompt)["input_ids"])
+
+
 def test_chat_streamed_and_not_equal_generate(client, ref):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Question: 2 plus 3?"}]
     prompt = "system: be brief\nuser: Question: 2 plus 3?\nassistant:"  # the documented fallback format

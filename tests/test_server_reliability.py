@@ -140,6 +140,7 @@ def test_scheduler_fails_only_the_request_that_breaks(server, ref):
     the streams decoding meanwhile finish unchanged."""
     import asyncio
 
+    from logitfusion.serve.events import Failed
     from logitfusion.serve.scheduler import Job
     from logitfusion.serve.serving import build_solver
     scheduler, fuser = server.app.state.scheduler, server.app.state.fusers["fusion"]
@@ -160,8 +161,8 @@ def test_scheduler_fails_only_the_request_that_breaks(server, ref):
             jobs = [job for _ in range(3) for job in (submit("bad \ud800 x"),
                                                       submit("the cat", temperature=1.0, seed=2**70))]
             for job in jobs:
-                event, data = asyncio.run_coroutine_threadsafe(job.events.get(), loop).result(60)
-                assert event == "error" and data["error"].status == 400, (event, data)
+                event = asyncio.run_coroutine_threadsafe(job.events.get(), loop).result(60)
+                assert isinstance(event, Failed) and event.error.status == 400, event
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)

@@ -10,11 +10,14 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from ..engine.decoding import Batch, Seq, validate_prompts
+from ..engine.config import EngineConfig
+from ..engine.decoding import Batch, Seq
+from ..engine.errors import DecodingError, SolverError
 from ..engine.fuser import Fuser
 from ..engine.members import ModelSet
-from ..engine.sampling import DecodingError, SamplingParams
-from ..engine.solvers import Solver, SolverError
+from ..engine.sampling import SamplingParams
+from ..engine.solvers import Solver
+from .events import Delta, Done, Event, Failed, Started, request_param
 from .metrics import Metrics
 from .protocol import INTERNAL, APIError
 from .tracker import Tracker
@@ -32,7 +35,9 @@ class Unavailable(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One request as the scheduler sees it. Events go to `events` on the request's event loop."""
+    """One request as the scheduler sees it, settled on the event loop: its model, solver, sampling
+    and engine settings (the recipe's: speculation, caches). Its events (events.py) go to
+    `events` on the request's event loop."""
 
     model: str
     fuser: Fuser
@@ -46,24 +51,31 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     models: ModelSet | None = None  # what it decodes with (fusion.experts: fewer experts); None: the fuser's
+    engine: EngineConfig | None = None  # how its batch decodes; None: the fuser's (its recipe's)
     state: str = "pending"  # pending | active | finished
     seq: Seq | None = None
     tracker: Tracker | None = None
-    prompt_tokens: int = 0
     submitted: float = field(default_factory=time.perf_counter)
     first_token: bool = False
 
     def __post_init__(self):
         if self.models is None:
             self.models = self.fuser.models
+        if self.engine is None:
+            self.engine = self.fuser.engine
 
     @property
     def trace(self) -> bool:  # weights and top alternatives come from the engine's trace
         return self.return_weights or bool(self.logprobs)
 
-    def emit(self, kind: str, data: dict | None = None) -> None:
+    @property
+    def batch_key(self) -> tuple:
+        """The Batch it may share: same model, solver (and experts) and engine settings."""
+        return self.model, self.key, self.engine
+
+    def emit(self, event: Event) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, data or {}))
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the event loop is gone (shutdown)
             pass
 
@@ -189,28 +201,24 @@ class Scheduler:
         if job.seq is not None:
             job.seq.cancel()
         self._retire(job, "error")
-        job.emit("error", {"error": error})
+        job.emit(Failed(error))
 
     def _admit(self, jobs: list[Job]) -> None:
         groups: dict[tuple, list[Job]] = defaultdict(list)
         for job in jobs:
-            groups[(job.model, job.key, job.trace)].append(job)
-        for (model, key, trace), group in groups.items():
-            ok = [job for job in group if self._tokenise(job)]  # a bad prompt fails only its request
-            if ok:
-                self._join((model, key), ok, trace)
+            groups[(job.batch_key, job.trace)].append(job)
+        for (bkey, trace), group in groups.items():
+            self._join(bkey, group, trace)
 
-    def _tokenise(self, job: Job) -> bool:
-        """Check one request's prompt against the models it runs; False (and answered) if it fails."""
-        try:
-            encoded = validate_prompts(job.models, [job.prompt], job.solver)
-            job.prompt_tokens = len(next(iter(encoded.values()))[0])
-            return True
-        except (DecodingError, SolverError) as e:
-            self._fail(job, APIError(400, str(e), param="prompt", code="invalid_prompt"))
-        except Exception as e:  # the tokenizer choked on this request's text alone
-            self._fail(job, self._request_error(job, e, "tokenised"))
-        return False
+    def _prefill_error(self, job: Job, e: Exception) -> APIError:
+        """A request's 400 for what its prefill raised. Prefill checks (and tokenises) the prompt
+        against every model it runs: an engine error that names no sampling field is the prompt's."""
+        if not isinstance(e, (DecodingError, SolverError)):  # e.g. the tokenizer or torch choked on it
+            return self._request_error(job, e, "prefilled")
+        param = request_param(e)
+        if param is None:
+            return APIError(400, str(e), param="prompt", code="invalid_prompt")
+        return APIError(400, str(e), param=param, code="invalid_request")
 
     def _request_error(self, job: Job, e: Exception, stage: str) -> APIError:
         log.error("request for %s could not be %s", job.model, stage, exc_info=e)
@@ -218,27 +226,24 @@ class Scheduler:
                         "parameters (the server log has the details)", code="invalid_request")
 
     def _join(self, bkey: tuple, jobs: list[Job], trace: bool) -> None:
-        """Prefill `jobs` and merge them into their Batch. A prefill failure leaves the running rows
-        untouched: with one request it is that request's 400; with several they are retried one by
-        one, so that only the request that causes it fails."""
+        """Prefill `jobs` (which checks and tokenises their prompts, once) and merge them into
+        their Batch. A prefill failure leaves the running rows untouched: with one request it is
+        that request's 400; with several they are retried one by one, so that only the request
+        that causes it fails."""
         fuser = jobs[0].fuser
         try:
-            # The recipe's speculation applies here as in `generate`: greedy output is unchanged,
-            # sampled output keeps its distribution.
+            # The job's engine settings (the recipe's speculation) apply here as in `generate`:
+            # greedy output is unchanged, sampled output keeps its distribution.
             batch = self._batches.get(bkey)
             if batch is None:
-                spec = fuser.recipe.generation
-                batch = Batch(jobs[0].models, jobs[0].solver, speculate=spec.speculate,
-                              adaptive=spec.speculate_adaptive, draft_cost=spec.draft_cost)
+                batch = Batch(jobs[0].models, jobs[0].solver, jobs[0].engine)
             joining = batch.prefill([j.prompt for j in jobs], [j.params for j in jobs], trace=trace)
         except Exception as e:
             if len(jobs) > 1:
                 for job in jobs:
                     self._join(bkey, [job], trace)
                 return
-            known = isinstance(e, (DecodingError, SolverError))
-            self._fail(jobs[0], APIError(400, str(e), code="invalid_request") if known
-                       else self._request_error(jobs[0], e, "prefilled"))
+            self._fail(jobs[0], self._prefill_error(jobs[0], e))
             return
         self._batches[bkey] = batch
         try:
@@ -253,9 +258,9 @@ class Scheduler:
             job.seq = seq
             job.tracker = Tracker(job, fuser.models.tokenizer)
             self._members[bkey].append(job)
-            job.emit("started", {"prompt_tokens": job.prompt_tokens})
+            job.emit(Started(seq.prompt_tokens))
         with self.metrics.lock:
-            self.metrics.prompt_tokens[bkey[0]] += sum(j.prompt_tokens for j in jobs)
+            self.metrics.prompt_tokens[bkey[0]] += sum(seq.prompt_tokens for seq in seqs)
 
     def _step_all(self) -> None:
         for bkey in list(self._batches):
@@ -300,7 +305,7 @@ class Scheduler:
             self._complete(job)
             return False
         if delta is not None:
-            job.emit("delta", delta)
+            job.emit(Delta(**delta))
         return True
 
     def _complete(self, job: Job) -> None:
@@ -308,8 +313,7 @@ class Scheduler:
         gen = seq.result(job.fuser.models.tokenizer)
         rest = job.tracker.finish(gen.text)
         self._retire(job, seq.finish_reason or "length")
-        job.emit("done", {"text": gen.text, "rest": rest, "finish_reason": seq.finish_reason, "error": seq.error,
-                          "completion_tokens": len(seq.tokens), "prompt_tokens": job.prompt_tokens})
+        job.emit(Done(gen.text, Delta(**rest), seq.finish_reason, seq.error, len(seq.tokens), seq.prompt_tokens))
 
     def _fail_batch(self, bkey: tuple) -> None:
         for job in self._members.pop(bkey, []):

@@ -14,10 +14,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..engine import limits, registry
+from ..engine.errors import DecodingError, SolverError
 from ..engine.fuser import Fuser
-from ..engine.sampling import DecodingError, SamplingParams
 from ..engine.members import ModelSet
-from ..engine.solvers import Solver, SolverError
+from ..engine.sampling import SamplingParams
+from ..engine.solvers import Solver
+from .events import Delta, Disconnected, Done, Event, Failed, request_param
 from .protocol import (FINISH, INTERNAL, APIError, ChatMessage, ChatRequest, CompletionRequest, FusionOptions, Reply,
                        SamplingRequest, decoding_error, sse, usage)
 from .scheduler import Job, QueueFull, Scheduler, Unavailable
@@ -96,13 +98,6 @@ def _check_text(param: str, text: str) -> None:
     problem = limits.text_problem(param, text)
     if problem:
         raise APIError(400, problem, param=param.partition("[")[0], code="invalid_text")
-
-
-def _param_of(message: str) -> str | None:
-    """The request field a SamplingParams message names (its first word)."""
-    word = message.split(" ", 1)[0]
-    return {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
-            "seed": "seed", "stop": "stop", "a": "stop", "at": "stop"}.get(word)
 
 
 def _message_text(m: ChatMessage, i: int) -> str:
@@ -257,7 +252,7 @@ class OpenAIServing:
             if params.temperature == 0:
                 params.seed = None
         except DecodingError as e:
-            raise APIError(400, str(e), param=_param_of(str(e))) from None
+            raise APIError(400, str(e), param=request_param(e)) from None
         return params
 
     # -- submission and the answer
@@ -266,19 +261,20 @@ class OpenAIServing:
                   max_tokens: int | None, stop_extra: list[str], logprobs: int | None):
         fuser, chosen, params = self.prepare(body, max_tokens, stop_extra, logprobs)
         want_weights = bool(body.fusion and body.fusion.return_weights)
+        # Everything about how this request decodes is settled here: the scheduler only runs it.
         job = Job(body.model, fuser, chosen.key, chosen.solver, prompt, params, bool(body.stream), logprobs,
-                  want_weights, asyncio.get_running_loop(), models=chosen.models)
+                  want_weights, asyncio.get_running_loop(), models=chosen.models, engine=fuser.engine)
         self._submit(job)
         reply = Reply(kind, ("cmpl-" if kind == "text" else "chatcmpl-") + uuid.uuid4().hex, int(time.time()),
                       body.model, {"solver": chosen.spec, "experts": chosen.experts}, logprobs is not None, want_weights)
         try:
-            event, data = await self._next(job, request)  # admitted, or rejected by prompt validation
+            event = await self._next(job, request)  # Started, or Failed (e.g. its prompt's 400)
         except BaseException:
             self.scheduler.cancel(job)
             raise
-        if event == "error":
-            raise data["error"]
-        if event == "disconnected":
+        if isinstance(event, Failed):
+            raise event.error
+        if isinstance(event, Disconnected):
             return JSONResponse({}, status_code=499)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -296,7 +292,7 @@ class OpenAIServing:
         except Unavailable:
             raise APIError(503, "the decoding scheduler is not running", "server_error", code="unavailable")
 
-    async def _next(self, job: Job, request: Request) -> tuple[str, dict]:
+    async def _next(self, job: Job, request: Request) -> Event | Disconnected:
         """The job's next event; polls for a client that went away meanwhile (then cancels the job)."""
         while True:
             try:
@@ -304,27 +300,27 @@ class OpenAIServing:
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     self.scheduler.cancel(job)
-                    return "disconnected", {}
+                    return Disconnected()
 
     async def _collect(self, job: Job, request: Request, reply: Reply):
         """The whole answer as one body, once the sequence is done."""
         entries, weights = [], []
         while True:
-            event, data = await self._next(job, request)
-            if event == "disconnected":
+            event = await self._next(job, request)
+            if isinstance(event, Disconnected):
                 return JSONResponse({}, status_code=499)
-            if event == "error":
-                raise data["error"]
-            if event == "delta":  # only with logprobs: entries arrive in pieces
-                entries += data["entries"]
-                weights += data["weights"]
-            if event == "done":
+            if isinstance(event, Failed):
+                raise event.error
+            if isinstance(event, Delta):  # only with logprobs: entries arrive in pieces
+                entries += event.entries
+                weights += event.weights
+            if isinstance(event, Done):
                 break
-        if data["finish_reason"] == "error":
-            raise decoding_error(data["error"])
-        entries += data["rest"]["entries"]
-        weights += data["rest"]["weights"]
-        return reply.body(data["text"], entries, weights, FINISH.get(data["finish_reason"], "length"), usage(data))
+        if event.finish_reason == "error":
+            raise decoding_error(event.error)
+        entries += event.rest.entries
+        weights += event.rest.weights
+        return reply.body(event.text, entries, weights, FINISH.get(event.finish_reason, "length"), usage(event.counts))
 
     async def _stream(self, job: Job, reply: Reply, include_usage: bool):
         finished = False
@@ -332,23 +328,22 @@ class OpenAIServing:
             if reply.kind == "chat":
                 yield reply.chunk("", [], [], None, role=True)
             while True:
-                event, data = await job.events.get()  # a disconnect cancels this await (Starlette)
-                if event == "delta":
-                    yield reply.chunk(data["text"], data["entries"], data["weights"], None)
-                elif event == "error":
+                event = await job.events.get()  # a disconnect cancels this await (Starlette)
+                if isinstance(event, Delta):
+                    yield reply.chunk(event.text, event.entries, event.weights, None)
+                elif isinstance(event, Failed):
                     finished = True
-                    yield sse(data["error"].body())
+                    yield sse(event.error.body())
                     break
-                elif event == "done":
+                elif isinstance(event, Done):
                     finished = True
-                    if data["finish_reason"] == "error":
-                        yield sse(decoding_error(data["error"]).body())
+                    if event.finish_reason == "error":
+                        yield sse(decoding_error(event.error).body())
                         break
-                    rest = data["rest"]
-                    yield reply.chunk(rest["text"], rest["entries"], rest["weights"],
-                                      FINISH.get(data["finish_reason"], "length"))
+                    rest = event.rest
+                    yield reply.chunk(rest.text, rest.entries, rest.weights, FINISH.get(event.finish_reason, "length"))
                     if include_usage:
-                        yield reply.usage_chunk(usage(data))
+                        yield reply.usage_chunk(usage(event.counts))
                     break
             yield "data: [DONE]\n\n"
         except Exception:

@@ -6,13 +6,10 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..engine.decoding import Seq
 from .protocol import LOGPROB_FLOOR
-
-if TYPE_CHECKING:
-    from .scheduler import Job
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +25,15 @@ def holdback(text: str, stops: list[str]) -> int:
     return best
 
 
+class Followed(Protocol):
+    """What a Tracker reads of a request (the scheduler's Job)."""
+
+    seq: Seq | None
+    stream: bool
+    logprobs: int | None  # None: no logprobs; k: the chosen token plus k alternatives
+    return_weights: bool
+
+
 class Tracker:
     """What a client sees of one sequence, computed on the scheduler thread as tokens arrive.
 
@@ -40,7 +46,7 @@ class Tracker:
     entries of tokens that start in the text sent so far.
     """
 
-    def __init__(self, job: Job, tokenizer):
+    def __init__(self, job: Followed, tokenizer):
         self.job, self.tok = job, tokenizer
         self.sent: list[str] = []  # text handed out, in pieces
         self.n_sent = 0  # its length
