@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .common import fail, say, timed, user_errors
+from .common import check_paths, fail, say, timed, user_errors
 
 
 def convert(
@@ -21,6 +21,7 @@ def convert(
     --large/--small/--expert or in a recipe (dequantised at every load); converting once loads faster,
     needs no `gguf` package, and allows --device-map sharding."""
     from ..engine.models import convert_gguf
+    timed(lambda: check_paths({"SRC": src}, {"OUT": out}, folders=("OUT",)))
     _, seconds = timed(lambda: convert_gguf(src, out, dtype=dtype, overwrite=overwrite),
                        on_os_error=f"could not write {str(out)!r}")
     say(f"wrote {out} from {src} ({seconds:.1f} s)")
@@ -36,6 +37,7 @@ def vocab_map(
     write the mapping and print counts, examples and the time taken."""
     from ..engine.vocab import build_map, load_vocab
     try:
+        check_paths({"--from": from_, "--to": to}, {"--out": out})
         user, delta = load_vocab(from_), load_vocab(to)
         start = time.perf_counter()  # the mapping alone, not the tokenizers' loading
         vmap = build_map(user, delta, n_examples=examples)

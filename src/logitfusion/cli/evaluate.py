@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..engine import limits
-from .common import UsageError, fail, progress, say, user_errors, warn
+from .common import UsageError, check_paths, fail, progress, say, user_errors, warn
 
 
 def _check_options(tasks: list[str], methods: list[str], batch_size: int, num_fewshot: Optional[int],
@@ -72,6 +72,8 @@ def eval_(
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     try:
         _check_options(task_list, method_list, batch_size, num_fewshot, max_gen_toks)
+        check_paths({"--recipe": recipe, "--data-dir": data_dir, "--include-path": include_path,
+                     "--tasks": [t for t in task_list if t.endswith((".yaml", ".yml"))]}, {"--output": output})
         r = Recipe.from_file(recipe)
         if gap_closed and r.ceiling is None:
             raise UsageError(f"--gap-closed needs a fine-tuned large model to compare with: add `ceiling: {{path: ...}}` "

@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from ..engine import limits
-from .common import UsageError, console, fail, progress, say, user_errors, warn
+from .common import UsageError, check_paths, console, fail, progress, say, user_errors, warn
 
 
 def recipe_from_flags(recipe: Optional[Path], large: Optional[str], small: Optional[str],
@@ -171,6 +171,9 @@ def generate(
 
     try:
         _check_prompt_options(prompt, input, output)
+        check_paths({"--recipe": recipe, "--input": input, "--large": large, "--small": small,
+                     "--expert": [e.partition("=")[2] for e in expert]},
+                    {"--output": output, "--plot-weights": plot_weights})
         r = recipe_from_flags(recipe, large, small, expert, dtype, device, device_map, trust_remote_code, allow_pickle)
         chosen = solver_from_flags(r, solver, alpha, grid, strategy)
         params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -223,6 +226,8 @@ def recipe_init(out: Path = typer.Argument(..., help="Where to write the recipe 
                 solver: str = typer.Option("dynamic", help="Solver kind: dynamic, static, large, expert or delta.")):
     """Write a recipe file from model paths, with every default spelled out."""
     try:
+        check_paths({"--large": large, "--small": small, "--expert": [e.partition("=")[2] for e in expert]},
+                    {"out": out})
         recipe_from_flags(None, large, small, expert).with_overrides(solver={"kind": solver}).save(out)
     except user_errors() as e:
         fail(str(e))

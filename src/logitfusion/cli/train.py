@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .common import fail, say, train_and_report, user_errors
+from .common import check_paths, fail, say, train_and_report, user_errors
 
 # Options that mean the same for finetune and delta train, declared once.
 EPOCHS = typer.Option(3.0, help="Passes over the data (ignored when --max-steps is given).")
@@ -50,7 +50,8 @@ def finetune(
                          max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                          max_length=max_length, seed=seed, save_steps=save_steps, warmup_ratio=warmup_ratio,
                          weight_decay=weight_decay, dtype=dtype, overwrite=overwrite)
-    train_and_report(lambda: run_finetune(cfg), out, "LoRA adapter" if lora else "model")
+    train_and_report(lambda: (check_paths({"--base": base, "--data": data}, {"--out": out}, ("--out",)),
+                              run_finetune(cfg))[1], out, "LoRA adapter" if lora else "model")
 
 
 def merge(
@@ -64,6 +65,7 @@ def merge(
     """Merge experts by task arithmetic (method.md §5) into one model that loads as an expert."""
     from ..train.finetune import merge as run_merge
     try:
+        check_paths({"--base": base, "--expert": expert}, {"--out": out}, folders=("--out",))
         run_merge(base, expert, lam, str(out), overwrite=overwrite, dtype=dtype)
     except user_errors() as e:
         fail(str(e))
@@ -100,4 +102,7 @@ def delta_train(
                       max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                       max_length=max_length, seed=seed, save_steps=save_steps, warmup_ratio=warmup_ratio,
                       weight_decay=weight_decay, overwrite=overwrite)
-    train_and_report(lambda: train_delta(cfg), out, f"delta model ({objective})")
+    reads = {"--template": template, "--delta": delta if Path(delta).exists() else None, "--data": data,
+             "--forget": forget, "--retain": retain}
+    train_and_report(lambda: (check_paths(reads, {"--out": out}, ("--out",)), train_delta(cfg))[1], out,
+                     f"delta model ({objective})")

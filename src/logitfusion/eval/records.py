@@ -7,15 +7,29 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from ..engine import limits
+
 
 class RecordsError(ValueError):
     pass
 
 
+def special_file_problem(p: Path, what: str) -> str | None:
+    """Why an existing path is not a file a command may read or append to: a directory, or a
+    device, pipe or socket (/dev/full, /dev/zero, a FIFO), which can be endless or never end."""
+    if p.is_dir():
+        return f"{what} {str(p)!r} is a directory; give a .jsonl file"
+    if p.exists() and not p.is_file():
+        return (f"{what} {str(p)!r} is not a regular file (a device, pipe or socket, which may never end or "
+                "never hold what is written); give a .jsonl file")
+    return None
+
+
 def _lines(p: Path, what: str) -> list[tuple[int, bytes]]:
     """(line number, raw bytes with its newline) of a file; a clear error when it cannot be read."""
-    if p.is_dir():
-        raise RecordsError(f"{what} {str(p)!r} is a directory; give a .jsonl file")
+    problem = special_file_problem(p, what)
+    if problem:
+        raise RecordsError(problem)
     try:
         data = p.read_bytes()
     except OSError as e:
@@ -63,6 +77,9 @@ def read_prompts(path: str | Path) -> list[dict]:
         if not isinstance(row.get("prompt"), str):
             raise RecordsError(f'{p}:{n}: each line needs a string field "prompt", like {{"id": "q1", "prompt": "..."}}')
         row.setdefault("id", str(len(rows)))
+        if not (isinstance(row["id"], str) or limits.is_int(row["id"])):
+            raise RecordsError(f'{p}:{n}: "id" must be a string or an integer, got {json.dumps(row["id"])}; '
+                               'write it like "q1" or 1')
         row["id"] = str(row["id"])
         rows.append(row)
     ids = [r["id"] for r in rows]
@@ -78,6 +95,9 @@ def check_writable(path: str | Path, what: str) -> None:
     p = Path(path)
     if p.is_dir():
         raise RecordsError(f"{what} {str(p)!r} is a directory; give a file name inside it")
+    problem = special_file_problem(p, what)
+    if problem:
+        raise RecordsError(problem.replace("a .jsonl file", "a regular file"))
     if p.exists():
         try:
             p.open("ab").close()
@@ -131,12 +151,19 @@ class RecordWriter:
         self.done = {str(r[self.key]) for r in self.records}
 
     def write(self, records: Iterable[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-                self.done.add(str(r[self.key]))
-            f.flush()
+        """Append and flush; a write that fails (disk full, file too large) is an error naming the
+        file: the records already in it stay, and the same command resumes after them."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                    f.flush()
+                    self.done.add(str(r[self.key]))
+        except OSError as e:
+            raise RecordsError(f"could not write to {str(self.path)!r}: {e.strerror or e}; the "
+                               f"{len(self.done)} records written so far are kept there: free space (or "
+                               "give another file) and rerun the same command to resume") from None
 
 
 def reproduce_command(command: str, root) -> list[str]:
