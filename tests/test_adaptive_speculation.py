@@ -5,12 +5,14 @@ decoding; sampled: the same tokens for a seed whatever rows share the batch)."""
 from types import SimpleNamespace
 
 import pytest
+
+from logitfusion.engine.config import EngineConfig
 import torch
 
 from logitfusion.engine.decoding import Batch, decode
 from logitfusion.engine.recipe import Recipe
 from logitfusion.engine.sampling import DecodingError, SamplingParams
-from logitfusion.engine.speculation import check_draft_cost, expected_tokens, plan_round
+from logitfusion.engine.speculation import expected_tokens, plan_round
 
 PROMPTS = ["Question: 3 plus 4? Answer:", "the cat sells", "a", "two dogs and three birds go to the river"]
 
@@ -18,7 +20,7 @@ PROMPTS = ["Question: 3 plus 4? Answer:", "the cat sells", "a", "two dogs and th
 def batch_of(acceptance, sampled=(), k=4, cost=0.5, adaptive=True):
     seqs = [SimpleNamespace(acceptance=a, generator=object() if i in sampled else None)
             for i, a in enumerate(acceptance)]
-    return SimpleNamespace(seqs=seqs, speculate=k, adaptive=adaptive, draft_cost=cost)
+    return SimpleNamespace(seqs=seqs, engine=EngineConfig(speculate=k, speculate_adaptive=adaptive, draft_cost=cost))
 
 
 def test_expected_tokens_per_round():
@@ -63,7 +65,7 @@ def test_a_sampled_row_drafts_what_pays_for_it_alone_whatever_the_batch():
 def test_draft_cost_is_checked():
     for bad in (0, -1, float("nan"), 1e9, "1"):
         with pytest.raises(DecodingError, match="draft_cost"):
-            check_draft_cost(bad)
+            EngineConfig(draft_cost=bad).check()
     with pytest.raises(ValueError, match="draft_cost"):
         Recipe.model_validate({"large": {"path": "x"}, "generation": {"draft_cost": 0}})
 
@@ -74,13 +76,13 @@ def test_adaptive_greedy_equals_plain_decoding(fuser1, k):
     params = SamplingParams(max_new_tokens=20)
     plain = decode(fuser1.models, PROMPTS, solver, params)
     for cost in (0.05, 0.5, 5.0):  # from always drafting to never
-        fast = decode(fuser1.models, PROMPTS, solver, params, speculate=k, adaptive=True, draft_cost=cost)
+        fast = decode(fuser1.models, PROMPTS, solver, params, engine=EngineConfig(speculate=k, speculate_adaptive=True, draft_cost=cost))
         assert [g.token_ids for g in fast] == [g.token_ids for g in plain]
 
 
 def test_adaptive_batch_goes_plain_when_drafts_are_never_kept(fuser1):
     """Rows expected to keep no draft take a plain step, and emit what plain decoding emits."""
-    batch = Batch(fuser1.models, fuser1.method("static:1"), speculate=4, draft_cost=0.5)
+    batch = Batch(fuser1.models, fuser1.method("static:1"), EngineConfig(speculate=4, draft_cost=0.5))
     seqs = batch.add(PROMPTS[:2], [SamplingParams(max_new_tokens=24, ignore_eos=True)] * 2)
     for seq in seqs:
         seq.acceptance = 0.0

@@ -7,6 +7,8 @@ import types
 from pathlib import Path
 
 import pytest
+
+from logitfusion.engine.config import EngineConfig
 import torch
 from torch import nn
 
@@ -127,12 +129,12 @@ def test_lean_lm_eval_restores_what_it_patched_and_says_what_it_missed(monkeypat
 def test_speculation_that_cannot_run_says_so(fuser, caplog):
     compat.warn_once.cache_clear()
     with caplog.at_level(logging.WARNING, logger="logitfusion"):
-        batch = Batch(fuser.models, fuser.method("large"), speculate=4)
-        Batch(fuser.models, fuser.method("large"), speculate=4)
+        batch = Batch(fuser.models, fuser.method("large"), EngineConfig(speculate=4))
+        Batch(fuser.models, fuser.method("large"), EngineConfig(speculate=4))
     said = [r.getMessage() for r in caplog.records if r.name == "logitfusion"]
     assert said == ["speculate=4 ignored, decoding one token per step: speculation needs a method that reads "
                     "the large model, the small one and an expert"]
     assert not batch.speculative
     caplog.clear()
-    assert Batch(fuser.models, fuser.method("dynamic"), speculate=4).speculative
+    assert Batch(fuser.models, fuser.method("dynamic"), EngineConfig(speculate=4)).speculative
     assert not caplog.records

@@ -1,6 +1,8 @@
 """The decoding loop on the toy family, checked against plain transformers / PEFT references."""
 
 import pytest
+
+from logitfusion.engine.config import EngineConfig
 import torch
 
 from logitfusion.bench import toy
@@ -362,7 +364,7 @@ def test_static_and_alone_traces(fuser):
 
 
 def test_direct_decode_equals_fuser_generate(fuser):
-    gens = decode(fuser.models, PROMPTS[:2], Dynamic(), SamplingParams(max_new_tokens=5), trace=True)
+    gens = decode(fuser.models, PROMPTS[:2], Dynamic(), SamplingParams(max_new_tokens=5), engine=EngineConfig(trace=True))
     assert ids_of(gens) == ids_of(fuser.generate(PROMPTS[:2], solver="dynamic", max_new_tokens=5))
     assert [len(g.trace) for g in gens] == [5, 5]
 
@@ -564,7 +566,7 @@ def test_rows_joining_and_leaving_a_running_batch_decode_as_if_alone(fuser, use_
     if Batch is None:
         pytest.skip("decoding.Batch (dynamic batching) is not available")
     solver = Dynamic()
-    batch = Batch(fuser.models, solver, use_cache=use_cache)
+    batch = Batch(fuser.models, solver, EngineConfig(use_cache=use_cache))
     lengths = {PROMPTS[0]: 12, PROMPTS[1]: 4, PROMPTS[2]: 10, PROMPTS[3]: 9}
     params = {p: SamplingParams(max_new_tokens=n) for p, n in lengths.items()}
     first = batch.add(PROMPTS[:2], [dataclasses.replace(params[p]) for p in PROMPTS[:2]])

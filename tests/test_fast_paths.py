@@ -4,6 +4,8 @@ speculative fused decoding vs plain decoding. Token for token, no timing."""
 from collections import Counter
 
 import pytest
+
+from logitfusion.engine.config import EngineConfig
 import torch
 
 from logitfusion import Fuser
@@ -31,7 +33,7 @@ def test_small_base_and_lora_experts_share_one_forward(lora_fuser):
     groups = [[m.role for m in g] for g in batch.groups]
     assert groups == [["large"], ["small", "expert:lora1", "expert:lora2"], ["expert:expert1"]]
     assert batch.modules[1] is not lora_fuser.models.small.model  # adapters stacked (stacking.stack_lora)
-    separate = Batch(lora_fuser.models, lora_fuser.method("dynamic"), share_forwards=False)
+    separate = Batch(lora_fuser.models, lora_fuser.method("dynamic"), EngineConfig(share_forwards=False))
     assert len(separate.groups) == 5
 
 
@@ -39,8 +41,8 @@ def test_small_base_and_lora_experts_share_one_forward(lora_fuser):
 def test_shared_forwards_equal_separate_forwards(lora_fuser, method, assert_same_generations):
     solver = lora_fuser.method(method)
     params = SamplingParams(max_new_tokens=10)
-    shared = decode(lora_fuser.models, PROMPTS, solver, params, trace=True)
-    separate = decode(lora_fuser.models, PROMPTS, solver, params, trace=True, share_forwards=False)
+    shared = decode(lora_fuser.models, PROMPTS, solver, params, engine=EngineConfig(trace=True))
+    separate = decode(lora_fuser.models, PROMPTS, solver, params, engine=EngineConfig(trace=True, share_forwards=False))
     assert_same_generations(shared, separate)
 
 
@@ -48,7 +50,7 @@ def test_shared_forwards_equal_separate_forwards(lora_fuser, method, assert_same
 def test_shared_forwards_when_rows_join_and_leave(request, which):
     fuser = request.getfixturevalue(which)
     solver = fuser.method("dynamic")
-    alone = [decode(fuser.models, [p], solver, SamplingParams(max_new_tokens=8), share_forwards=False)[0].token_ids
+    alone = [decode(fuser.models, [p], solver, SamplingParams(max_new_tokens=8), engine=EngineConfig(share_forwards=False))[0].token_ids
              for p in PROMPTS]
     batch = Batch(fuser.models, solver)
     first = batch.add(PROMPTS[:1], [SamplingParams(max_new_tokens=8)])
@@ -67,8 +69,8 @@ def test_shared_forwards_when_rows_join_and_leave(request, which):
 def test_speculative_equals_plain_decoding(lora_fuser, method, k):
     solver = lora_fuser.method(method)
     params = SamplingParams(max_new_tokens=16)
-    plain = decode(lora_fuser.models, PROMPTS, solver, params, trace=True)
-    fast = decode(lora_fuser.models, PROMPTS, solver, params, trace=True, speculate=k)
+    plain = decode(lora_fuser.models, PROMPTS, solver, params, engine=EngineConfig(trace=True))
+    fast = decode(lora_fuser.models, PROMPTS, solver, params, engine=EngineConfig(trace=True, speculate=k))
     assert [g.token_ids for g in fast] == [g.token_ids for g in plain]
     assert [g.finish_reason for g in fast] == [g.finish_reason for g in plain]
     for a, b in zip(plain, fast):  # the weights of every emitted token come along too
@@ -92,7 +94,7 @@ def test_speculative_logprobs_equal_plain(fuser1):
     solver = fuser1.method("static:1")
     outs = []
     for k in (0, 4):
-        batch = Batch(fuser1.models, solver, speculate=k)
+        batch = Batch(fuser1.models, solver, EngineConfig(speculate=k))
         seqs = batch.add(PROMPTS, [SamplingParams(max_new_tokens=12, logprobs=True)] * len(PROMPTS))
         while len(batch):
             batch.step()
@@ -177,7 +179,7 @@ def test_greedy_rows_beside_sampled_rows_stay_exact(fuser1):
     emit exactly plain greedy decoding's tokens."""
     solver = fuser1.method("dynamic")
     greedy = decode(fuser1.models, PROMPTS[:1], solver, SamplingParams(max_new_tokens=16))[0].token_ids
-    batch = Batch(fuser1.models, solver, speculate=4)
+    batch = Batch(fuser1.models, solver, EngineConfig(speculate=4))
     seqs = batch.add(PROMPTS[:1] * 3, [SamplingParams(max_new_tokens=16),
                                        SamplingParams(max_new_tokens=16, temperature=1.0, seed=1),
                                        SamplingParams(max_new_tokens=16, temperature=1.0, seed=2)])

@@ -6,6 +6,8 @@ import dataclasses
 import logging
 
 import pytest
+
+from logitfusion.engine.config import EngineConfig
 import torch
 
 from logitfusion import Fuser
@@ -83,14 +85,14 @@ def test_grouping_and_cache(lora_fuser):
     assert isinstance(batch.modules[1].model.layers[0].self_attn.q_proj, StackedLoRALinear)
     # Built once per ModelSet and adapter list: every generate call makes a new Batch.
     assert Batch(models, lora_fuser.method("static:1")).modules[1] is batch.modules[1]
-    separate = Batch(models, lora_fuser.method("dynamic"), share_forwards=False)
+    separate = Batch(models, lora_fuser.method("dynamic"), EngineConfig(share_forwards=False))
     assert all(module is m.model for module, (m,) in zip(separate.modules, separate.groups))
 
 
-def shared_and_separate(fuser, method, **kw):
+def shared_and_separate(fuser, method):
     solver, params = fuser.method(method), SamplingParams(max_new_tokens=10)
-    return (decode(fuser.models, PROMPTS, solver, params, trace=True, **kw),
-            decode(fuser.models, PROMPTS, solver, params, trace=True, share_forwards=False))
+    return (decode(fuser.models, PROMPTS, solver, params, engine=EngineConfig(trace=True)),
+            decode(fuser.models, PROMPTS, solver, params, engine=EngineConfig(trace=True, share_forwards=False)))
 
 
 @pytest.mark.parametrize("method", ["static:0.5,1,1.5", "dynamic", "dynamic:joint", "expert:rank8"])
@@ -101,8 +103,8 @@ def test_stacked_lora_decoding_equals_separate_forwards(lora_fuser, method, asse
 @pytest.mark.parametrize("method", ["static:1", "dynamic"])
 def test_speculative_on_stacked_lora_equals_plain(lora_fuser, method):
     solver, params = lora_fuser.method(method), SamplingParams(max_new_tokens=16)
-    plain = decode(lora_fuser.models, PROMPTS, solver, params, share_forwards=False)
-    fast = decode(lora_fuser.models, PROMPTS, solver, params, speculate=3)
+    plain = decode(lora_fuser.models, PROMPTS, solver, params, engine=EngineConfig(share_forwards=False))
+    fast = decode(lora_fuser.models, PROMPTS, solver, params, engine=EngineConfig(speculate=3))
     assert [g.token_ids for g in fast] == [g.token_ids for g in plain]
     assert [g.finish_reason for g in fast] == [g.finish_reason for g in plain]
 
@@ -138,7 +140,7 @@ def test_refused_stack_falls_back_to_peft_mixed_batch(family, tmp_path, monkeypa
     assert batch.modules[1] is fuser.models.small.model
     params = SamplingParams(max_new_tokens=6)
     assert [g.token_ids for g in decode(fuser.models, PROMPTS, solver, params)] == \
-        [g.token_ids for g in decode(fuser.models, PROMPTS, solver, params, share_forwards=False)]
+        [g.token_ids for g in decode(fuser.models, PROMPTS, solver, params, engine=EngineConfig(share_forwards=False))]
     # Only a refusal falls back; a bug while stacking is not swallowed.
     monkeypatch.setattr(stacking, "stack_lora", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):

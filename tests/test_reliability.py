@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from logitfusion.engine.config import EngineConfig
 import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -77,7 +79,7 @@ def test_speculate_is_bounded_in_the_library(fuser1):
         with pytest.raises(DecodingError, match="speculate"):
             fuser1.generate("the cat", max_new_tokens=2, speculate=k)
         with pytest.raises(DecodingError, match="speculate"):
-            Batch(fuser1.models, fuser1.solver, speculate=k)
+            Batch(fuser1.models, fuser1.solver, EngineConfig(speculate=k))
     assert fuser1.generate("the cat", max_new_tokens=2, speculate=limits.MAX_SPECULATE)[0].token_ids
 
 

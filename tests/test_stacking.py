@@ -5,6 +5,8 @@ import dataclasses
 import logging
 
 import pytest
+
+from logitfusion.engine.config import EngineConfig
 import torch
 
 from logitfusion.engine import stacking
@@ -123,7 +125,7 @@ def test_grouping(full_fuser, fuser, fuser1):
     assert isinstance(mixed.modules[1].model.layers[0].self_attn.q_proj, stacking.StackedLoRALinear)
     # One full expert alone has nothing to stack with.
     assert roles(Batch(full_fuser.models, full_fuser.method("expert:expert2"))) == [["expert:expert2"]]
-    assert len(Batch(full_fuser.models, full_fuser.method("dynamic"), share_forwards=False).groups) == 4
+    assert len(Batch(full_fuser.models, full_fuser.method("dynamic"), EngineConfig(share_forwards=False)).groups) == 4
 
 
 def test_refused_stack_falls_back_to_separate_forwards(full_fuser, family, monkeypatch, caplog):
@@ -142,7 +144,7 @@ def test_refused_stack_falls_back_to_separate_forwards(full_fuser, family, monke
     assert not [r for r in caplog.records if r.name == "logitfusion"]
     params = SamplingParams(max_new_tokens=6)
     assert [g.token_ids for g in decode(models, PROMPTS, solver, params)] == \
-        [g.token_ids for g in decode(models, PROMPTS, solver, params, share_forwards=False)]
+        [g.token_ids for g in decode(models, PROMPTS, solver, params, engine=EngineConfig(share_forwards=False))]
     # Only a refusal falls back; a bug while stacking is not swallowed.
     monkeypatch.setattr(stacking, "stack_models", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
@@ -151,8 +153,8 @@ def test_refused_stack_falls_back_to_separate_forwards(full_fuser, family, monke
 
 def stacked_and_separate(fuser, method):
     solver, params = fuser.method(method), SamplingParams(max_new_tokens=10)
-    return (decode(fuser.models, PROMPTS, solver, params, trace=True),
-            decode(fuser.models, PROMPTS, solver, params, trace=True, share_forwards=False))
+    return (decode(fuser.models, PROMPTS, solver, params, engine=EngineConfig(trace=True)),
+            decode(fuser.models, PROMPTS, solver, params, engine=EngineConfig(trace=True, share_forwards=False)))
 
 
 @pytest.mark.parametrize("method", ["static:0.5,1.5", "dynamic", "dynamic:joint"])
@@ -169,8 +171,8 @@ def test_mixed_lora_and_stacked_experts_equal_separate_forwards(fuser, method, a
 def test_speculative_on_stacked_drafts_equals_plain(full_fuser, method):
     solver = full_fuser.method(method)
     params = SamplingParams(max_new_tokens=16)
-    plain = decode(full_fuser.models, PROMPTS, solver, params, share_forwards=False)
-    fast = decode(full_fuser.models, PROMPTS, solver, params, speculate=3)
+    plain = decode(full_fuser.models, PROMPTS, solver, params, engine=EngineConfig(share_forwards=False))
+    fast = decode(full_fuser.models, PROMPTS, solver, params, engine=EngineConfig(speculate=3))
     assert [g.token_ids for g in fast] == [g.token_ids for g in plain]
     assert [g.finish_reason for g in fast] == [g.finish_reason for g in plain]
 

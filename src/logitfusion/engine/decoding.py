@@ -21,13 +21,13 @@ from torch import Tensor
 
 from . import limits
 from .compat import warn_once
+from .config import EngineConfig
 from .context import Context, Retokenizer
 from .detokenize import Detokenizer, find_stop
 from .members import Member, Members, ModelSet
-from .sampling import DecodingError, Rows, SamplingParams, seeds_for
+from .sampling import DecodingError, Rows, SamplingParams
 from .solvers import Choice, Solver, SolverError
-from .speculation import (ACCEPT_PRIOR, DRAFT_COST, can_speculate, check_draft_cost, check_speculate, observe_plain,
-                          pick, plan_round, refusal, speculative_round)
+from .speculation import ACCEPT_PRIOR, can_speculate, observe_plain, pick, plan_round, refusal, speculative_round
 from .stacking import lora_stack, shared_stack
 
 TOP_TOKENS = 5  # tokens per model shown in a trace
@@ -69,6 +69,7 @@ class Seq:
     logprobs: list[float] = field(default_factory=list)  # when params.logprobs
     stop_at: int | None = None  # character offset of the stop string in the text
     budget: int = 0  # tokens it may still generate (max_new_tokens, capped by context)
+    prompt_tokens: int = 0  # the first member's (the large model's) prompt length, for usage figures
     generator: torch.Generator | None = None
     rejected_q: Tensor | None = None  # speculative sampling: the rejected draft's distribution [V]
     acceptance: float = ACCEPT_PRIOR  # running estimate of how often its drafts are accepted
@@ -134,10 +135,11 @@ def encode_prompts(models: ModelSet, member: Member, prompts: Sequence[str]) -> 
     for i, prompt in enumerate(prompts):
         ids = tok(render(member.template, prompt))["input_ids"]
         if not ids:
-            raise DecodingError(f"prompt {i} is empty for {member.role} after templating; give some text")
+            raise DecodingError(f"prompt {i} is empty for {member.role} after templating; give some text",
+                                field="prompt")
         if member.context is not None and len(ids) >= member.context:
             raise DecodingError(f"prompt {i} is {len(ids)} tokens for {member.role}, whose context is "
-                                f"{member.context} tokens; shorten the prompt (or its template)")
+                                f"{member.context} tokens; shorten the prompt (or its template)", field="prompt")
         out.append(ids)
     return out
 
@@ -151,21 +153,33 @@ def members_for(models: ModelSet, solver: Solver) -> Members:
     return members
 
 
-def validate_prompts(models: ModelSet, prompts: Sequence[str], solver: Solver) -> dict[str, list[list[int]]]:
-    """Check every prompt against every model the solver runs; returns token ids per model role.
+@dataclass(frozen=True)
+class Encoded:
+    """A prompt checked and tokenised for the models one solver runs: its text and, per member role,
+    its templated token ids. Batch.prefill takes these as they are (a prompt is tokenised once)."""
 
-    Cheap (tokenisation only), so callers can validate a whole input file before writing output.
-    """
-    for i, p in enumerate(prompts):
+    text: str
+    ids: dict[str, list[int]]
+
+
+def validate_prompts(models: ModelSet, prompts: Sequence[str | Encoded], solver: Solver) -> list[Encoded]:
+    """Check every prompt against every model the solver runs, tokenising each once (an Encoded
+    prompt is taken as it is). Cheap, so callers can validate a whole input file before writing output."""
+    solver.check(len(models.experts))
+    members = members_for(models, solver)
+    texts = [p.text if isinstance(p, Encoded) else p for p in prompts]
+    for i, p in enumerate(texts):
         problem = limits.text_problem(f"prompt {i}", p)
         if problem:
-            raise DecodingError(problem)
+            raise DecodingError(problem, field="prompt")
         if not p:
-            raise DecodingError(f"prompt {i} is empty; give some text to continue")
-    solver.check(len(models.experts))
-    return {m.role: encode_prompts(models, m, prompts) for m in members_for(models, solver)}
-
-
+            raise DecodingError(f"prompt {i} is empty; give some text to continue", field="prompt")
+    todo = [i for i, p in enumerate(prompts) if not (isinstance(p, Encoded) and all(m.role in p.ids for m in members))]
+    fresh = {m.role: encode_prompts(models, m, [texts[i] for i in todo]) for m in members}
+    out = list(prompts)
+    for j, i in enumerate(todo):
+        out[i] = Encoded(texts[i], {role: ids[j] for role, ids in fresh.items()})
+    return out
 
 
 def plan_forwards(models: ModelSet, members: Iterable[Member], share_forwards: bool = True) \
@@ -218,22 +232,16 @@ class Joining:
 class Batch:
     """Sequences decoded together with one solver. `add` and `step` may interleave freely."""
 
-    def __init__(self, models: ModelSet, solver: Solver, use_cache: bool = True, share_forwards: bool = True,
-                 speculate: int = 0, adaptive: bool = True, draft_cost: float = DRAFT_COST):
+    def __init__(self, models: ModelSet, solver: Solver, engine: EngineConfig | None = None):
         solver.check(len(models.experts))
-        check_speculate(speculate)
-        check_draft_cost(draft_cost)
-        self.models, self.solver, self.use_cache = models, solver, use_cache
-        self.speculate = speculate  # draft length k (at most k when adaptive); 0 or 1 = plain decoding
-        # adaptive: each round's k from the rows' acceptance (speculation.plan_round), where one
-        # more drafted position costs draft_cost plain steps
-        self.adaptive, self.draft_cost = adaptive, draft_cost
+        self.engine = (engine or EngineConfig()).check()
+        self.models, self.solver, self.use_cache = models, solver, self.engine.use_cache
         self.members = members_for(models, solver)
-        self.groups, self.modules, self.retoks = plan_forwards(models, self.members, share_forwards)
+        self.groups, self.modules, self.retoks = plan_forwards(models, self.members, self.engine.share_forwards)
         why_not = refusal(self)
         self.speculative = why_not is None  # whether speculate > 1 runs speculative rounds
-        if speculate > 1 and why_not:
-            warn_once(f"speculate={speculate} ignored, decoding one token per step: {why_not}")
+        if self.engine.speculate > 1 and why_not:
+            warn_once(f"speculate={self.engine.speculate} ignored, decoding one token per step: {why_not}")
         self.device = self.members.first.device  # where fusion happens
         tok = models.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -246,21 +254,23 @@ class Batch:
     def __len__(self) -> int:
         return len(self.seqs)
 
-    def add(self, prompts: Sequence[str], params: Sequence[SamplingParams], trace: bool = False) -> list[Seq]:
+    def add(self, prompts: Sequence[str | Encoded], params: Sequence[SamplingParams], trace: bool | None = None) -> list[Seq]:
         """Prefill new sequences and merge them into the batch. params: one per prompt, each
-        with an int seed (or None when greedy)."""
+        with an int seed (or None when greedy; SamplingParams.per_prompt)."""
         return self.join(self.prefill(prompts, params, trace))
 
-    def prefill(self, prompts: Sequence[str], params: Sequence[SamplingParams], trace: bool = False) -> Joining:
+    def prefill(self, prompts: Sequence[str | Encoded], params: Sequence[SamplingParams], trace: bool | None = None) -> Joining:
         """Check and prefill new sequences without touching the running ones: whatever fails here
         (a bad prompt or seed, memory) leaves the batch as it was. `join` then merges them."""
         for p in params:
             p.check()
+        trace = self.engine.trace if trace is None else trace
         encoded = validate_prompts(self.models, prompts, self.solver)
         seqs = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            room = [m.context - len(encoded[m.role][i]) for m in self.members if m.context is not None]
-            seq = Seq(prompt, p, trace, budget=min([p.max_new_tokens] + room))
+        for prompt, p in zip(encoded, params):
+            room = [m.context - len(prompt.ids[m.role]) for m in self.members if m.context is not None]
+            seq = Seq(prompt.text, p, trace, budget=min([p.max_new_tokens] + room),
+                      prompt_tokens=len(prompt.ids[self.members.first.role]))
             if p.temperature > 0:
                 # On the device where tokens are picked: drawing noise there needs no host copy.
                 seq.generator = torch.Generator(self.device).manual_seed(
@@ -271,7 +281,7 @@ class Batch:
             contexts = []
             for g, group in enumerate(self.groups):
                 retok = self.retoks[g]
-                contexts.append(Context.prefill(group, [encoded[m.role] for m in group], room,
+                contexts.append(Context.prefill(group, [[e.ids[m.role] for e in encoded] for m in group], room,
                                                 group[0].vocab or self.models.vocab_size,
                                                 retok.pad_id if retok else self.pad_id, self.use_cache,
                                                 retok=retok, module=self.modules[g]))
@@ -307,7 +317,7 @@ class Batch:
 
     def _plain_step(self) -> list[tuple[Seq, int]]:
         choice = self.solve(self.logits)
-        if can_speculate(self) and self.adaptive:
+        if can_speculate(self) and self.engine.speculate_adaptive:
             observe_plain(self, choice)
         tokens = pick(choice.logits, self.sampling, self.seqs)  # after a round: from the residual
         verdicts = self.verdicts(self.logits, choice, tokens)
@@ -370,15 +380,13 @@ class Batch:
         self.logits = {role: z[rows] for role, z in self.logits.items()}
 
 
-def decode(models: ModelSet, prompts: Sequence[str], solver: Solver, params: SamplingParams,
-           trace: bool = False, use_cache: bool = True, share_forwards: bool = True,
-           speculate: int = 0, adaptive: bool = True, draft_cost: float = DRAFT_COST) -> list[Generation]:
-    """Decode a list of prompts together. Returns one Generation per prompt, in order."""
-    params.check()
-    seeds = seeds_for(params.seed, len(prompts)) if params.temperature > 0 else [None] * len(prompts)
-    per_seq = [dataclasses.replace(params, seed=seed, stop=tuple(params.stop)) for seed in seeds]
-    batch = Batch(models, solver, use_cache, share_forwards, speculate, adaptive, draft_cost)
-    seqs = batch.add(prompts, per_seq, trace)
+def decode(models: ModelSet, prompts: Sequence[str | Encoded], solver: Solver, params: SamplingParams | Sequence[SamplingParams],
+           engine: EngineConfig | None = None) -> list[Generation]:
+    """Decode a list of prompts together. params: one for all (SamplingParams.per_prompt gives each
+    prompt its seed) or one per prompt. Returns one Generation per prompt, in order."""
+    per_seq = params.per_prompt(len(prompts)) if isinstance(params, SamplingParams) else list(params)
+    batch = Batch(models, solver, engine)
+    seqs = batch.add(prompts, per_seq)
     while len(batch):
         batch.step()
     return [s.result(models.tokenizer) for s in seqs]

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
-from . import limits
-from .decoding import Generation, decode
+from .config import EngineConfig
+from .decoding import Encoded, Generation, decode, validate_prompts
 from .models import ModelSet, load_model_set
 from .recipe import SPECULATION_FIELDS, Recipe
 from .registry import SearchConfig
-from .sampling import DecodingError, SamplingParams, check_batch_size, seeds_for
+from .sampling import DecodingError, SamplingParams
 from .solvers import Solver
-from .speculation import check_draft_cost, check_speculate
+
+SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
 class Fuser:
@@ -22,12 +24,13 @@ class Fuser:
         self.models, self.solver, self.recipe = models, solver, recipe
 
     @classmethod
-    def from_recipe(cls, recipe: str | Path | Recipe | dict) -> "Fuser":
+    def from_recipe(cls, recipe: str | Path | Recipe | dict, solver: Solver | None = None) -> "Fuser":
+        """Load a recipe's models. solver: decode with this one (built from the recipe by default)."""
         if isinstance(recipe, (str, Path)):
             recipe = Recipe.from_file(recipe)
         elif isinstance(recipe, dict):
             recipe = Recipe.from_dict(recipe)
-        solver = recipe.build_solver()  # fail on a bad solver before loading any weights
+        solver = solver or recipe.build_solver()  # fail on a bad solver before loading any weights
         dump = lambda spec: spec.model_dump() if spec else None  # noqa: E731
         models = load_model_set(dump(recipe.large), dump(recipe.small),
                                 [e.model_dump() for e in recipe.experts], recipe.load_options(),
@@ -62,55 +65,79 @@ class Fuser:
     def sampling(self, **overrides) -> SamplingParams:
         return sampling_params(self.recipe, **overrides)
 
-    def generate(self, prompts: str | Sequence[str], *, solver: Solver | str | None = None,
-                 max_new_tokens: int | None = None, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None,
-                 seed: int | Sequence[int] | None = None, stop: Sequence[str] | None = None,
-                 ignore_eos: bool = False, trace: bool = False, use_cache: bool = True,
-                 speculate: int | None = None, speculate_adaptive: bool | None = None,
-                 draft_cost: float | None = None, batch_size: int = 8) -> list[Generation]:
-        """Generate a continuation of every prompt. Unset options come from the recipe.
+    @property
+    def engine(self) -> EngineConfig:
+        """The recipe's engine settings (its generation section's speculation fields)."""
+        return self.recipe.engine()
 
-        `seed`: an int gives prompt i the seed `seed + i`; a list gives one seed per prompt.
-        `speculate`: draft length k of speculative fused decoding (the large model runs once per
-        up to k tokens). Greedy output is identical to plain decoding; sampled output has exactly
-        plain sampling's distribution, though not the same tokens for a seed. `speculate_adaptive`
-        (default on): each round drafts up to k tokens, as many as the rows' acceptance pays for,
-        one more drafted position costing `draft_cost` plain steps (`bench speed` measures it).
+    def generate(self, prompts: str | Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 solver: Solver | str | None = None, engine: EngineConfig | None = None,
+                 **options) -> list[Generation]:
+        """Generate a continuation of every prompt. Unset settings come from the recipe.
+
+        params: the sampling settings, one for all prompts (an int seed gives prompt i the seed
+        seed + i; SamplingParams.per_prompt) or one per prompt. engine: how to decode
+        (EngineConfig: speculation, caches, traces, batch size). `options` is the short form: any
+        SamplingParams or EngineConfig field by name, e.g. generate(p, max_new_tokens=16,
+        trace=True, speculate=4), applied over `params` and `engine`.
+
+        Speculative decoding (`speculate=k`): the large model runs once per up to k tokens;
+        greedy output is identical to plain decoding, sampled output has exactly plain sampling's
+        distribution, though not the same tokens for a seed.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)):
-            raise DecodingError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
-        if not prompts:
-            raise DecodingError("no prompts given")
-        for i, p in enumerate(prompts):  # numbered in the whole list, not in its batch
-            problem = limits.text_problem(f"prompt {i}", p) or (None if p else f"prompt {i} is empty; give some text")
-            if problem:
-                raise DecodingError(problem)
-        check_batch_size(batch_size)
+        return [g for _, gens in self.batches(prompts, params, solver, engine, **options) for g in gens]
+
+    def batches(self, prompts: str | Sequence[str], params=None, solver: Solver | str | None = None,
+                engine: EngineConfig | None = None, **options) -> Iterator[tuple[int, list[Generation]]]:
+        """`generate` batch by batch: (index of the batch's first prompt, its generations). Everything
+        is checked before the first batch decodes."""
+        prompts, per_prompt, solver, engine = self.request(prompts, params, solver, engine, **options)
+        for start in range(0, len(prompts), engine.batch_size):
+            end = start + engine.batch_size
+            yield start, decode(self.models, prompts[start:end], solver, per_prompt[start:end], engine)
+
+    def request(self, prompts, params=None, solver: Solver | str | None = None, engine: EngineConfig | None = None,
+                **options) -> tuple[list[Encoded], list[SamplingParams], Solver, EngineConfig]:
+        """The one check of a request where it enters: (prompts, each prompt's SamplingParams with
+        its seed, the solver, the engine settings), or a DecodingError / SolverError."""
+        prompts = check_prompts(prompts)
+        unknown = sorted(set(options) - SAMPLING_FIELDS - EngineConfig.names())
+        if unknown:
+            raise DecodingError(f"unknown generation option(s) {unknown}; use SamplingParams fields "
+                                f"({', '.join(sorted(SAMPLING_FIELDS))}) or EngineConfig fields "
+                                f"({', '.join(sorted(EngineConfig.names()))})", field=unknown[0])
+        engine = (engine or self.engine).replace(**{k: v for k, v in options.items() if k in EngineConfig.names()})
+        sampling = {k: v for k, v in options.items() if k in SAMPLING_FIELDS and v is not None}  # None: the default
+        if isinstance(params, (list, tuple)):
+            if sampling:
+                raise DecodingError("give sampling settings in the per-prompt params, not also as keywords")
+            if len(params) != len(prompts):
+                raise DecodingError(f"got {len(params)} SamplingParams for {len(prompts)} prompts", field="params")
+            per_prompt = [p.check() for p in params]
+        else:
+            base = params if params is not None else self.sampling()
+            per_prompt = dataclasses.replace(base, **sampling).per_prompt(len(prompts))
         if isinstance(solver, str):
             solver = self.method(solver)
-        params = self.sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, seed=seed, stop=stop)
-        params.ignore_eos = ignore_eos
-        spec = self.recipe.generation
-        speculate = spec.speculate if speculate is None else speculate
-        adaptive = spec.speculate_adaptive if speculate_adaptive is None else speculate_adaptive
-        draft_cost = spec.draft_cost if draft_cost is None else draft_cost
-        check_speculate(speculate)
-        check_draft_cost(draft_cost)
-        params.check()
-        # Greedy decoding needs no seeds: draw none from the global RNG (but still check a given list).
-        draw = params.temperature > 0 or params.seed is not None
-        seeds = seeds_for(params.seed, len(prompts)) if draw else [None] * len(prompts)
-        out: list[Generation] = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start: start + batch_size])
-            params.seed = seeds[start: start + len(chunk)]
-            out += decode(self.models, chunk, solver or self.solver, params, trace=trace, use_cache=use_cache,
-                          speculate=speculate, adaptive=adaptive, draft_cost=draft_cost)
-        return out
+        solver = solver or self.solver
+        return validate_prompts(self.models, prompts, solver), per_prompt, solver, engine
+
+    def check_prompts(self, prompts: Sequence[str], solver: Solver | None = None) -> list[Encoded]:
+        """Every prompt checked and tokenised for the models `solver` (default: the fuser's) runs;
+        generate takes the result as it is."""
+        return validate_prompts(self.models, check_prompts(prompts), solver or self.solver)
+
+
+def check_prompts(prompts) -> list[str | Encoded]:
+    """A prompt or a list of them, each a non-empty string (numbered in the whole list)."""
+    if isinstance(prompts, (str, Encoded)):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise DecodingError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}",
+                            field="prompt")
+    if not prompts:
+        raise DecodingError("no prompts given", field="prompt")
+    return list(prompts)  # each checked by validate_prompts
 
 
 def sampling_params(recipe: Recipe, **overrides) -> SamplingParams:
@@ -118,4 +145,3 @@ def sampling_params(recipe: Recipe, **overrides) -> SamplingParams:
     defaults = recipe.generation.model_dump(exclude=SPECULATION_FIELDS)
     defaults.update({k: v for k, v in overrides.items() if v is not None})
     return SamplingParams(**defaults)
-

@@ -5,9 +5,13 @@ for each prompt."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator, Sequence
 
-from .decoding import Generation
+from . import limits
+from .config import EngineConfig
+from .decoding import Encoded, Generation
+from .sampling import SamplingParams
 
 
 def pending(rows: Sequence[dict], done: set[str]) -> list[dict]:
@@ -31,15 +35,19 @@ def generation_record(row: dict, gen: Generation, tokenizer, trace: bool) -> dic
     return rec
 
 
-def generate_batches(fuser, rows: Sequence[dict], todo: Sequence[dict], *, batch_size: int,
-                     seed: int | None = None, trace: bool = False,
-                     **options) -> Iterator[tuple[list[dict], list[Generation]]]:
-    """Decode `todo` (some of `rows`) batch by batch, yielding (records, generations) per batch.
-    Row i of `rows` samples with seed + i. `options` go to Fuser.generate."""
-    index = {row["id"]: i for i, row in enumerate(rows)}
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start: start + batch_size]
-        seeds = None if seed is None else [seed + index[row["id"]] for row in chunk]
-        gens = fuser.generate([row["prompt"] for row in chunk], trace=trace, seed=seeds, batch_size=batch_size,
-                              **options)
-        yield [generation_record(row, g, fuser.models.tokenizer, trace) for row, g in zip(chunk, gens)], gens
+def generate_batches(fuser, rows: Sequence[dict], todo: Sequence[dict], params: SamplingParams,
+                     engine: EngineConfig | None = None,
+                     encoded: Sequence[Encoded] | None = None) -> Iterator[tuple[list[dict], list[Generation]]]:
+    """Decode `todo` (some of `rows`) batch by batch, yielding (records, generations) per batch;
+    `encoded`: todo's prompts already checked and tokenised (Fuser.check_prompts). With an int seed, row i of `rows` samples with seed + i (its place in the whole file, so that a
+    resumed run draws what the first would have)."""
+    if not todo:
+        return
+    if limits.is_int(params.seed):
+        index = {row["id"]: i for i, row in enumerate(rows)}
+        params = dataclasses.replace(params, seed=[params.seed + index[row["id"]] for row in todo])
+    engine = engine or fuser.engine
+    prompts = list(encoded) if encoded is not None else [row["prompt"] for row in todo]
+    for start, gens in fuser.batches(prompts, params, engine=engine):
+        chunk = todo[start: start + len(gens)]
+        yield [generation_record(row, g, fuser.models.tokenizer, engine.trace) for row, g in zip(chunk, gens)], gens

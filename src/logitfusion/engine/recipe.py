@@ -30,7 +30,7 @@ from .models import LoadOptions
 from .registry import SearchConfig, parse_method
 from .sampling import SamplingParams
 from .solvers import SolverError, Solver, check_grid, make_grid
-from .speculation import DRAFT_COST
+from .config import DRAFT_COST, EngineConfig
 
 
 class RecipeError(ValueError):
@@ -287,6 +287,11 @@ class Recipe(_Strict):
         name (default: the recipe's; a server request may fuse a subset)."""
         return parse_method(spec, [e.name for e in self.experts] if expert_names is None else expert_names,
                             (search or SearchConfig()).over(self.search()))
+
+    def engine(self) -> EngineConfig:
+        """The generation section's engine settings (speculation) as an EngineConfig."""
+        g = self.generation
+        return EngineConfig(speculate=g.speculate, speculate_adaptive=g.speculate_adaptive, draft_cost=g.draft_cost)
 
     def load_options(self) -> LoadOptions:
         return LoadOptions(**self.load.model_dump())

@@ -14,13 +14,10 @@ import torch
 from torch import Tensor
 
 from . import limits
+from .errors import DecodingError, first_problem
 
 if TYPE_CHECKING:
     from .decoding import Seq
-
-
-class DecodingError(ValueError):
-    """Bad decoding input (empty prompt, prompt too long, bad sampling parameters...)."""
 
 
 @dataclass
@@ -34,14 +31,32 @@ class SamplingParams:
     ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks)
     logprobs: bool = False  # record each chosen token's log-probability under the fused distribution
 
-    def check(self) -> None:
-        """Raise DecodingError naming the first bad field (bounds: limits.py)."""
-        problem = (limits.int_problem("max_new_tokens", self.max_new_tokens, 1, limits.MAX_NEW_TOKENS)
-                   or self._temperature_problem()
-                   or limits.int_problem("top_k", self.top_k, 0, limits.MAX_TOP_K, " (0 = off)")
-                   or self._top_p_problem() or self._stop_problem() or self._seed_problem())
-        if problem:
-            raise DecodingError(problem)
+    def check(self) -> "SamplingParams":
+        """Raise DecodingError naming the first bad field (bounds: limits.py); returns self."""
+        found = first_problem([
+            ("max_new_tokens", limits.int_problem("max_new_tokens", self.max_new_tokens, 1, limits.MAX_NEW_TOKENS)),
+            ("temperature", self._temperature_problem()),
+            ("top_k", limits.int_problem("top_k", self.top_k, 0, limits.MAX_TOP_K, " (0 = off)")),
+            ("top_p", self._top_p_problem()), ("stop", self._stop_problem()), ("seed", self._seed_problem()),
+            ("ignore_eos", self._bool_problem("ignore_eos")), ("logprobs", self._bool_problem("logprobs"))])
+        if found:
+            raise DecodingError(found[1], field=found[0])
+        return self
+
+    def _bool_problem(self, name: str) -> str | None:
+        value = getattr(self, name)
+        return None if isinstance(value, bool) else f"{name} must be true or false, got {value!r}"
+
+    def per_prompt(self, n: int) -> list["SamplingParams"]:
+        """The one seed rule: these parameters for each of n prompts, each with its own int seed.
+        An int seed gives prompt i seed + i; a list gives one per prompt; no seed draws a base from
+        the global RNG when sampling. Greedy rows get no seed (and draw nothing)."""
+        self.check()
+        draw = self.temperature > 0 or self.seed is not None  # a given list is still checked when greedy
+        seeds = seeds_for(self.seed, n) if draw else [None] * n
+        if self.temperature == 0:
+            seeds = [None] * n
+        return [dataclasses.replace(self, seed=seed, stop=tuple(self.stop)) for seed in seeds]
 
     def _temperature_problem(self) -> str | None:
         t = self.temperature

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import search
+from .errors import SolverError
 from .fusion import fuse, objective
 from .limits import MAX_GRID_POINTS, MAX_WEIGHT, weight_problem
 from .members import Logits
@@ -26,10 +27,6 @@ from .members import Logits
 # experts are split, so memory stays bounded. (Cache-sized chunks were measured on a CPU too:
 # slower than one op at every size tried, up to 3x at batch 1 with a 32k vocabulary.)
 MAX_CHUNK_ELEMENTS = 2**25
-
-
-class SolverError(ValueError):
-    pass
 
 
 @dataclass

@@ -20,27 +20,14 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor
 
-from . import limits
 from .fusion import fuse
-from .sampling import DecodingError, Rows, sample, warp
+from .sampling import Rows, sample, warp
 from .solvers import Choice
 
 if TYPE_CHECKING:
     from .context import Context
     from .decoding import Batch, Seq
     from .members import Members
-
-
-def check_speculate(speculate) -> None:
-    problem = limits.int_problem("speculate", speculate, 0, limits.MAX_SPECULATE, " (0 = off)")
-    if problem:
-        raise DecodingError(problem)
-
-
-def check_draft_cost(draft_cost) -> None:
-    if not (limits.is_real(draft_cost) and 0 < draft_cost <= limits.MAX_DRAFT_COST):
-        raise DecodingError(f"draft_cost must be a number in (0, {limits.MAX_DRAFT_COST}] (the cost of one more "
-                            f"drafted position, in plain fused steps), got {draft_cost!r}")
 
 
 def refusal(batch: Batch) -> str | None:
@@ -56,12 +43,9 @@ def refusal(batch: Batch) -> str | None:
 
 
 def can_speculate(batch: Batch) -> bool:
-    return batch.speculate > 1 and batch.speculative
+    return batch.engine.speculate > 1 and batch.speculative
 
 
-# What one more drafted position costs, in plain fused steps (a small-side step and one more
-# position in the large model's checking forward); `bench speed` measures it for given models.
-DRAFT_COST = 0.5
 # A new row's assumed acceptance: optimistic enough that a batch tries to speculate at first.
 ACCEPT_PRIOR = 0.7
 # Weight of each new observation in a row's running acceptance (about the last 10 drafts count).
@@ -79,17 +63,17 @@ def plan_round(batch: Batch) -> tuple[int, list[int]]:
     """(k, caps): the next round's draft length (1: a plain step) and each row's cap on the
     tokens it may emit from it.
 
-    Fixed: k = batch.speculate, no caps. Adaptive: a round of k costs 1 + draft_cost * (k - 1)
+    Fixed: k = engine.speculate, no caps. Adaptive: a round of k costs 1 + draft_cost * (k - 1)
     plain steps; k is the draft length with the most expected tokens per unit of cost summed
     over the rows (ties to the shorter). A sampled row drafts only as far as pays for it alone
     (its cap), and k is never below that, so its random draws, hence its tokens for a seed,
     depend on its own history only, not on the rows beside it. Greedy rows emit the same
     tokens whatever k is, and take whatever the round gives them."""
-    n, k_max = len(batch.seqs), batch.speculate
-    if not batch.adaptive:
+    n, k_max = len(batch.seqs), batch.engine.speculate
+    if not batch.engine.speculate_adaptive:
         return k_max, [k_max] * n
     tokens = expected_tokens(torch.tensor([s.acceptance for s in batch.seqs]), k_max)  # [B, k_max]
-    cost = 1 + batch.draft_cost * torch.arange(k_max)  # [k_max]: rounds of k = 1..k_max
+    cost = 1 + batch.engine.draft_cost * torch.arange(k_max)  # [k_max]: rounds of k = 1..k_max
     own = (tokens / cost).argmax(-1) + 1  # [B] (argmax: the first, i.e. shortest, of ties)
     sampled = torch.tensor([s.generator is not None for s in batch.seqs])
     caps = torch.where(sampled, own, k_max)  # [B]
@@ -169,7 +153,7 @@ def speculative_round(batch: Batch, k: int, caps: Sequence[int]) -> list[tuple[S
     start = large_ctx.length
 
     choice0 = batch.solve(batch.logits)
-    if batch.adaptive:  # rows capped at one token: what their plain step would have observed
+    if batch.engine.speculate_adaptive:  # rows capped at one token: what their plain step would have observed
         observe_plain(batch, choice0, [i for i, cap in enumerate(caps) if cap == 1])
     d, draft_logq, side = _draft(batch, k, caps, choice0, [c for c in batch.contexts if c is not large_ctx])
     z_large = large_ctx.extend(d)[0].to(batch.device)  # [B, k, V]: position j + 1 after d_j
