@@ -93,7 +93,32 @@ def test_bench_speed_refuses_mixed_or_partial_model_sources(extra, message):
 
 
 def test_the_cli_offers_exactly_the_shape_pairs_of_the_bench():
-    """cli/bench.py lists the pairs itself so that --help needs no torch: the two lists must agree."""
-    from logitfusion.bench import speed
+    """The CLI takes the pairs from the bench's torch-free shapes module (--help needs no torch)."""
+    import ast
+    from pathlib import Path
+
+    from logitfusion.bench import shapes, speed
     from logitfusion.cli.bench import ShapePair
-    assert [p.value for p in ShapePair] == list(speed.SHAPE_PAIRS)
+    assert [p.value for p in ShapePair] == list(speed.SHAPE_PAIRS) == list(shapes.PAIRS)
+    imported = {n.names[0].name.split(".")[0] for n in ast.walk(ast.parse(Path(shapes.__file__).read_text()))
+                if isinstance(n, ast.Import)}
+    imported |= {n.module.split(".")[0] for n in ast.walk(ast.parse(Path(shapes.__file__).read_text()))
+                 if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= {"__future__", "enum"}
+
+
+def test_bench_speed_times_the_given_lora_expert_and_reports_progress(family, tmp_path, monkeypatch, capsys):
+    """Given models: the LoRA table times the given adapter (no random adapters are made), and
+    progress goes to stderr while the report goes to stdout."""
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    args = ["bench", "speed", "--tokens", "2", "--batch", "1", "--repeats", "1", "--speculate", "0",
+            "--long-tokens", "4", "--no-naive", "--large", family["large"], "--small", family["small"],
+            "--expert", f"lora1={family['experts']['lora1']}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    captured = capsys.readouterr()
+    out = result.output + captured.out + captured.err
+    assert "the given experts that are LoRA adapters of the small base (lora1)" in out
+    assert "random adapters" not in out and not list(tmp_path.glob("logitfusion-bench-lora-*"))
+    assert "[bench speed] loading the models" in out and "[bench speed] batch 1: round 1/1" in out

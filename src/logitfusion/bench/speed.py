@@ -22,7 +22,9 @@ real shapes: `smollm2-cpu` (SmolLM2-135M's shape, 30 layers x 576, vocabulary 49
 model of the same vocabulary about 8x cheaper per step) for CPU measurements, TinyLlama-1.1B small +
 Llama-2-7B/13B large for GPU ones.
 Best of --repeats timed runs after one warm-up. The options are the `bench speed` command's
-(cli/bench.py); `main` takes them as keywords.
+(cli/bench.py); `main` takes them as keywords. Progress goes to stderr, the report to stdout.
+With given models (--large/--small/--expert, --recipe), the stacked-forward tables time the given
+experts (those that are LoRA adapters of the small base, and the full fine-tunes), not random ones.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import hashlib
 import math
 import platform
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,28 +43,19 @@ from typing import Sequence
 import torch
 
 from ..engine.compat import forward, returned_cache
+from ..engine.config import EngineConfig
 from ..engine.decoding import decode, render
 from ..engine.fuser import Fuser
 from ..engine.fusion import fuse, kl
 from ..engine.sampling import SamplingParams
 from ..engine.solvers import Dynamic
+from .shapes import PAIRS, SHAPE_PAIRS, SHAPES, TIED
 from .zoo import BUNDLED as BUNDLED_ZOO
 
-SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
-    "tinyllama": (2048, 22, 32, 4, 5632, 32000),
-    "llama2-7b": (4096, 32, 32, 32, 11008, 32000),
-    "llama2-13b": (5120, 40, 40, 40, 13824, 32000),
-    "smollm2-135m": (576, 30, 9, 3, 1536, 49152),
-    # Same vocabulary, so its output layer (256 x 49,152) is most of its cost: about 17M weights
-    # read per step against 135M, the 5-10x cheaper small model a real small/large pair has.
-    "smollm2-small": (256, 6, 4, 2, 768, 49152),
-}
-TIED = {"smollm2-135m", "smollm2-small"}  # SmolLM2 ties its input and output embeddings
-PAIRS = {  # --shapes: (small, large)
-    "smollm2-cpu": ("smollm2-small", "smollm2-135m"),
-    "tinyllama-7b": ("tinyllama", "llama2-7b"),
-    "tinyllama-13b": ("tinyllama", "llama2-13b"),
-}
+
+def note(text: str) -> None:
+    """Progress, on stderr (the report on stdout stays clean): a large model's tables take minutes."""
+    print(f"[bench speed] {text}", file=sys.stderr, flush=True)
 
 
 def sync(device: str) -> None:
@@ -73,14 +67,19 @@ def best_time(fn, repeats: int, device: str) -> float:
     return best_times({"": fn}, repeats, device)[""]
 
 
-def best_times(fns: dict, repeats: int, device: str) -> dict:
+def best_times(fns: dict, repeats: int, device: str, what: str = "") -> dict:
     """Best time of each function over `repeats` rounds in which the functions take turns, so that
     a slow spell of a shared machine slows every method alike instead of a few. A function that
-    returns a float reports its own time (e.g. steps without their prefill)."""
-    for fn in fns.values():
+    returns a float reports its own time (e.g. steps without their prefill). With `what`, each
+    warm-up and round is noted as it starts."""
+    for i, (label, fn) in enumerate(fns.items()):
+        if what:
+            note(f"{what}: warm-up {i + 1}/{len(fns)}{f' ({label})' if isinstance(label, str) and label else ''}")
         fn()  # warm-up
     best = dict.fromkeys(fns, math.inf)
-    for _ in range(repeats):
+    for r in range(repeats):
+        if what:
+            note(f"{what}: round {r + 1}/{repeats} of {len(fns)} timings")
         for label, fn in fns.items():
             sync(device)
             t0 = time.perf_counter()
@@ -236,12 +235,12 @@ def tokens_per_forward(fuser, run, tokens: int) -> float:
 
 
 def step_times(models, batch: int, variants: list[list[tuple[list, object]]], n_tokens: int, device: str,
-               repeats: int) -> tuple[float, ...]:
+               repeats: int, what: str = "") -> tuple[float, ...]:
     """Seconds per cached step of each variant: groups (members, module to run or None) run side
     by side, timed in turns."""
     prompts = [f"Question: {i % 12} plus {(5 * i) % 12}? Answer:" for i in range(batch)]
     fns = {str(i): steps(models, prompts, groups, n_tokens, device) for i, groups in enumerate(variants)}
-    best = best_times(fns, repeats, device)
+    best = best_times(fns, repeats, device, what)
     return tuple(best[str(i)] / n_tokens for i in range(len(variants)))
 
 
@@ -277,27 +276,36 @@ def lora_folder(small: str) -> Path:
     return Path(tempfile.gettempdir()) / f"logitfusion-bench-lora-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def lora_cost(paths: dict, root: Path, n_experts: int, batch: int, n_tokens: int, load: dict, device: str,
-              repeats: int) -> tuple[float, float, float, float]:
-    """Per-step time of: the small base alone (the plain model, no PEFT); small + n LoRA experts
-    as ONE forward with the adapters stacked (stacking.stack_lora, what decoding runs); the same
-    as ONE forward through PEFT's mixed-adapter batch (the fallback); the same as n + 1 separate
-    forwards. Returns the four times."""
-    from ..engine.stacking import lora_stack
+def random_lora_models(small: str, root: Path, n_experts: int, load: dict):
+    """The small model with n random rank-8 LoRA adapters (made once under `root`), as a ModelSet
+    in which the small model also stands in as "large": only the small side is timed (on a GPU a
+    second 13B copy would not fit beside the bench's own)."""
     from . import toy
     adapters = {}
     for i in range(1, n_experts + 1):
         out = root / f"bench-lora{i}"
         if not (out / "adapter_config.json").exists():
-            toy.lora_adapter(paths["small"], out, rank=8, seed=200 + i)
+            toy.lora_adapter(small, out, rank=8, seed=200 + i)
         adapters[f"lora{i}"] = str(out)
-    # Only the small side is timed: the small model stands in as "large" (on a GPU a second 13B
-    # copy would not fit beside the bench's own).
-    models = Fuser.from_pretrained(paths["small"], paths["small"], adapters, load=load).models
-    group = [models.small, *models.experts]  # one PEFT module
+    return Fuser.from_pretrained(small, small, adapters, load=load).models
+
+
+def adapter_experts(models) -> list:
+    """The experts that are LoRA adapters on the small base's module (they run with it as one forward)."""
+    return [m for m in models.experts if m.adapter and m.model is models.small.model]
+
+
+def lora_cost(models, batch: int, n_tokens: int, device: str, repeats: int) -> tuple[float, float, float, float]:
+    """Per-step time of: the small base alone (the plain model, no PEFT); small + its LoRA experts
+    (adapter_experts) as ONE forward with the adapters stacked (stacking.stack_lora, what decoding
+    runs); the same as ONE forward through PEFT's mixed-adapter batch (the fallback); the same as
+    n + 1 separate forwards. Returns the four times."""
+    from ..engine.stacking import lora_stack
+    group = [models.small, *adapter_experts(models)]  # one PEFT module
     alone = lora_stack(models, [models.small])  # no adapter: the plain base model
     return step_times(models, batch, [[([models.small], alone)], [(group, lora_stack(models, group))],
-                                      [(group, None)], [([m], None) for m in group]], n_tokens, device, repeats)
+                                      [(group, None)], [([m], None) for m in group]], n_tokens, device, repeats,
+                      f"LoRA experts, batch {batch}")
 
 
 def full_cost(models, batch: int, n_tokens: int, device: str, repeats: int) -> tuple[float, float, float] | None:
@@ -309,13 +317,10 @@ def full_cost(models, batch: int, n_tokens: int, device: str, repeats: int) -> t
     if not stacked:
         return None
     return step_times(models, batch, [[([models.small], None)], [(group, stack)], [([m], None) for m in group]],
-                      n_tokens, device, repeats)
+                      n_tokens, device, repeats, f"full experts, batch {batch}")
 
 
 # ---------------------------------------------------------------- main
-
-SHAPE_PAIRS = tuple(PAIRS)
-
 
 def given_models(large: str, small: str, experts: Sequence[str]) -> dict:
     """--large/--small/--expert: experts as NAME=PATH or PATH (then named e1, e2, ...)."""
@@ -368,7 +373,7 @@ def _methods(one, many, prompts: list[str], batch: int, tokens: int, speculate, 
 
     def unshared(fuser, method):  # every model its own forward: no stacking, no shared LoRA batch
         params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
-        return lambda: decode(fuser.models, prompts, fuser.method(method), params, share_forwards=False)
+        return lambda: decode(fuser.models, prompts, fuser.method(method), params, EngineConfig(share_forwards=False))
 
     def hf_generate():
         with torch.no_grad():
@@ -406,11 +411,12 @@ def _decoding_table(one, many, batch: int, tokens: int, repeats: int, speculate,
     # The component floor: every model's cached steps timed alone, in the same rounds.
     floor_members = [models.large, models.small, *models.experts]
     fns.update({f"floor {m.role}": steps(models, prompts, [([m], None)], tokens, device) for m in floor_members})
-    t = best_times(fns, repeats, device)
+    t = best_times(fns, repeats, device, f"batch {batch}")
     floors = [t.pop(f"floor {m.role}") for m in floor_members]
     floor1, floor_many = sum(floors[:3]), sum(floors)
     naive_s = None
     if naive:  # slow: timed once
+        note(f"batch {batch}: the naive reference loop")
         grid = [round(0.1 * i, 1) for i in range(21)]
         with torch.no_grad():
             naive_s = best_time(lambda: naive_dynamic(models, prompts, tokens, grid), 1, device)
@@ -434,6 +440,7 @@ def _decoding_table(one, many, batch: int, tokens: int, repeats: int, speculate,
         print(f"\n{label}: {k:.2f} tokens per sequence per large-model forward (prefill included)", end="")
     print("\n")
     _draft_costs(t, per_forward, fixed_greedy, tokens)
+    sys.stdout.flush()
 
 
 def _draft_costs(t: dict, per_forward: dict, fixed_greedy: dict, tokens: int) -> None:
@@ -450,23 +457,27 @@ def _draft_costs(t: dict, per_forward: dict, fixed_greedy: dict, tokens: int) ->
               f"{', '.join(costs)}\n")
 
 
+def _lora_models(paths: dict, models, n_experts: int, load: dict, given: bool):
+    """What the LoRA table times: the given experts that are adapters of the small base (None if
+    none is), else n random rank-8 adapters of the small model. (title, models) or None."""
+    if given:
+        adapters = adapter_experts(models)
+        names = ", ".join(m.name for m in adapters)
+        return (f"the given experts that are LoRA adapters of the small base ({names})", models) if adapters else None
+    lora = random_lora_models(paths["small"], lora_folder(paths["small"]), n_experts, load)
+    return f"experts that are LoRA adapters of the small base ({n_experts} random adapters, rank 8)", lora
+
+
 def _stacked_tables(paths: dict, models, batches, tokens: int, repeats: int, n_experts: int, load: dict,
-                    device: str) -> None:
-    """The small base with its experts as one forward: LoRA adapters, then full fine-tunes."""
-    print(f"## experts that are LoRA adapters of the small base ({n_experts} adapters, rank 8)\n")
-    print("small alone: the plain base model. Stacked: small + adapters as one forward, every adapter's A and B "
-          "stacked and applied by bmm (what decoding runs). PEFT mixed: one forward through PEFT's per-row "
-          "`adapter_names` (a loop over adapters in every LoRA layer; the fallback). Separate: one PEFT forward "
-          "per model.\n")
-    print("| batch | small alone, ms/step | small + LoRA experts, stacked forward | same, PEFT mixed-adapter forward | "
-          "same, separate forwards | stacked / small alone | PEFT mixed / small alone | separate / stacked |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    lora_root = lora_folder(paths["small"])
-    for batch in batches:
-        alone, stacked, mixed, separate = lora_cost(paths, lora_root, n_experts, batch, tokens, load, device, repeats)
-        print(f"| {batch} | {alone * 1e3:.2f} | {stacked * 1e3:.2f} | {mixed * 1e3:.2f} | {separate * 1e3:.2f} | "
-              f"{stacked / alone:.2f}x | {mixed / alone:.2f}x | {separate / stacked:.2f}x |")
-    print()
+                    device: str, given: bool = False) -> None:
+    """The small base with its experts as one forward: LoRA adapters, then full fine-tunes. Given
+    models: their own experts (random adapters would not time them)."""
+    lora = _lora_models(paths, models, n_experts, load, given)
+    if lora is None:
+        print("## experts that are LoRA adapters of the small base\n\nnone of the given experts is a LoRA "
+              "adapter of the small base: nothing to time\n")
+    else:
+        _lora_table(lora[0], lora[1], batches, tokens, repeats, device)
     print(f"## experts that are full fine-tunes of the small base ({n_experts} experts, weights stacked)\n")
     print("| batch | small alone, ms/step | small + full experts, stacked forward | same, separate forwards | "
           "stacked / small alone | separate / stacked |")
@@ -479,7 +490,23 @@ def _stacked_tables(paths: dict, models, batches, tokens: int, repeats: int, n_e
         alone, shared, separate = times
         print(f"| {batch} | {alone * 1e3:.2f} | {shared * 1e3:.2f} | {separate * 1e3:.2f} | "
               f"{shared / alone:.2f}x | {separate / shared:.2f}x |")
-    print()
+    print(flush=True)
+
+
+def _lora_table(title: str, models, batches, tokens: int, repeats: int, device: str) -> None:
+    print(f"## {title}\n")
+    print("small alone: the plain base model. Stacked: small + adapters as one forward, every adapter's A and B "
+          "stacked and applied by bmm (what decoding runs). PEFT mixed: one forward through PEFT's per-row "
+          "`adapter_names` (a loop over adapters in every LoRA layer; the fallback). Separate: one PEFT forward "
+          "per model.\n")
+    print("| batch | small alone, ms/step | small + LoRA experts, stacked forward | same, PEFT mixed-adapter forward | "
+          "same, separate forwards | stacked / small alone | PEFT mixed / small alone | separate / stacked |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for batch in batches:
+        alone, stacked, mixed, separate = lora_cost(models, batch, tokens, device, repeats)
+        print(f"| {batch} | {alone * 1e3:.2f} | {stacked * 1e3:.2f} | {mixed * 1e3:.2f} | {separate * 1e3:.2f} | "
+              f"{stacked / alone:.2f}x | {mixed / alone:.2f}x | {separate / stacked:.2f}x |")
+    print(flush=True)
 
 
 def _cache_and_solver_tables(one, models, batches, long_tokens: int, repeats: int, n_experts: int,
@@ -489,10 +516,12 @@ def _cache_and_solver_tables(one, models, batches, long_tokens: int, repeats: in
     print("| batch | large alone, reserved, ms/step | same, cat | dynamic, reserved | same, cat | cat / reserved |")
     print("|---:|---:|---:|---:|---:|---:|")
     for batch in batches:
+        note(f"KV cache, batch {batch}: {long} tokens, 4 runs x {repeats + 1}")
         c = cache_cost(one, batch, long, device, repeats)
         print(f"| {batch} | {c['large'][0] * 1e3:.2f} | {c['large'][1] * 1e3:.2f} | {c['dynamic'][0] * 1e3:.2f} | "
               f"{c['dynamic'][1] * 1e3:.2f} | {c['large'][1] / c['large'][0]:.2f}x, {c['dynamic'][1] / c['dynamic'][0]:.2f}x |")
-    print()
+    print(flush=True)
+    note("the weight solver alone")
     print("## the weight solver alone (dynamic, fast path, 21-point grid, random logits)\n")
     print(f"| batch | vocabulary | 1 expert, ms/step | {n_experts} experts, ms/step |")
     print("|---:|---:|---:|---:|")
@@ -500,7 +529,7 @@ def _cache_and_solver_tables(one, models, batches, long_tokens: int, repeats: in
         for vocab in sorted({models.vocab_size, 32000}):
             one_ms, many_ms = (solver_cost(batch, vocab, n, device, 10 * repeats) * 1e3 for n in (1, n_experts))
             print(f"| {batch} | {vocab} | {one_ms:.2f} | {many_ms:.2f} |")
-    print()
+    print(flush=True)
 
 
 def main(tokens: int = 32, batch: Sequence[int] = (1, 8), repeats: int = 3, experts: int = 4,
@@ -515,6 +544,7 @@ def main(tokens: int = 32, batch: Sequence[int] = (1, 8), repeats: int = 3, expe
     if given:
         experts = len(given["experts"])
     torch.manual_seed(0)
+    note(f"loading the models ({'given' if given else shapes or 'the zoo'}, {experts} experts) on {device}")
     paths, many, one = _load(models or BUNDLED_ZOO, shapes, experts, device, dtype, given)
     m = many.models
     print(f"# decode_speed: torch {torch.__version__}, {platform.machine()}, device {device}, "
@@ -522,21 +552,13 @@ def main(tokens: int = 32, batch: Sequence[int] = (1, 8), repeats: int = 3, expe
           f"{torch.cuda.get_device_name() if device.startswith('cuda') else platform.processor()}")
     source = f"{paths['large']} + {paths['small']} + {len(paths['experts'])} experts" if given else shapes or "the zoo"
     print(f"# models: {source}; {tokens} new tokens, greedy, EOS ignored; "
-          f"vocab {m.vocab_size}; best of {repeats} rounds in which the methods take turns\n")
+          f"vocab {m.vocab_size}; best of {repeats} rounds in which the methods take turns\n", flush=True)
     for b in batch:
         _decoding_table(one, many, b, tokens, repeats, list(speculate), experts, device, naive)
-    _stacked_tables(paths, m, batch, tokens, repeats, experts, {"dtype": dtype, "device": device}, device)
+    _stacked_tables(paths, m, batch, tokens, repeats, experts, {"dtype": dtype, "device": device}, device,
+                    given=bool(given))
     _cache_and_solver_tables(one, m, batch, long_tokens, repeats, experts, device)
     if device.startswith("cuda"):
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     else:
         print(f"peak process memory (RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-
-
-if __name__ == "__main__":  # `python -m logitfusion.bench.speed ARGS` is `logitfusion bench speed ARGS`
-    import typer
-
-    from logitfusion.cli import _quiet
-    from logitfusion.cli.bench import bench_speed
-    _quiet()  # as the `logitfusion` app does before every command
-    typer.run(bench_speed)

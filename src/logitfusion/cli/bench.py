@@ -3,13 +3,13 @@ side is bench/)."""
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
+from ..bench.shapes import ShapePair  # no torch: --help stays fast
 from .common import (ZOO_ROOT, bench_progress, console, fail, progress, say, timed, user_errors,
                      write_bench_report)
 
@@ -119,12 +119,6 @@ def bench_cmc(
             fail(str(e))
     # with every run's time (kept in cmc.jsonl)
     write_bench_report("cmc", out, lambda command: cmc_bench.report(records, root, command=command))
-
-
-class ShapePair(str, Enum):  # bench.speed.SHAPE_PAIRS, kept here so that --help needs no torch
-    smollm2_cpu = "smollm2-cpu"
-    tinyllama_7b = "tinyllama-7b"
-    tinyllama_13b = "tinyllama-13b"
 
 
 def bench_speed(
