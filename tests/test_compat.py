@@ -91,8 +91,8 @@ class Model(nn.Module):
 
 def test_a_model_that_ignores_the_cache_keyword_fails_clearly(newer):
     cache = object()
-    assert compat.forward(Model("past_key_values"), cache=cache, input_ids=None).past_key_values is cache
-    with pytest.raises(CompatError, match=r"forward's `past_key_values=` argument.*installed transformers 99\.0\.0"):
+    assert compat.returned_cache(compat.forward(Model(compat.CACHE_KEYWORD), cache=cache, input_ids=None)) is cache
+    with pytest.raises(CompatError, match=rf"forward's `{compat.CACHE_KEYWORD}=` argument.*installed transformers 99\.0\.0"):
         compat.forward(Model(None), cache=cache, input_ids=None)
     compat.forward(Model(None), cache=None, input_ids=None)  # nothing to use: nothing to check
 
@@ -102,6 +102,22 @@ def test_switching_the_cache_keyword_is_one_line(monkeypatch):
     cache = object()
     out = compat.forward(Model("cache"), cache=cache, input_ids=None)
     assert compat.returned_cache(out) is cache
+
+
+def test_the_cache_keyword_is_the_current_one_and_forwards_are_quiet(fuser1, caplog):
+    """transformers 5.24+ names the cache `cache`; `past_key_values=` warns (FutureWarning) and its
+    output field logs a deprecation: a generate shows neither."""
+    import warnings
+
+    import transformers
+    if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 24):
+        assert compat.CACHE_KEYWORD == "cache"
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        fuser1.generate("the cat", max_new_tokens=3)
+    noise = [str(w.message) for w in seen if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    noise += [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert not noise, noise
 
 
 def test_only_compat_passes_the_cache_keyword():

@@ -242,6 +242,9 @@ def version():
     typer.echo(__version__)
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
 def _named_recipes(recipe: list[str]) -> dict[str, Path]:
     from ..serve import NAME_PATTERN
     named: dict[str, Path] = {}
@@ -292,6 +295,8 @@ def serve(
 
     if not limits.MIN_PORT <= port <= limits.MAX_PORT:
         fail(f"--port must be between {limits.MIN_PORT} and {limits.MAX_PORT}, got {port}")
+    if log_level.lower() not in LOG_LEVELS:
+        fail(f"--log-level {log_level!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
     named = _named_recipes(recipe)
     if threads is not None:
         if threads < 1:

@@ -30,6 +30,7 @@ SERVER_MAX_TOKENS = 1024  # largest max_tokens a request may ask for (at most MA
 SERVER_MAX_BODY_BYTES = 1 << 20  # 1 MiB
 SERVER_MAX_STOP = 4  # stop strings per request, as in the OpenAI API
 MAX_LOGPROBS = 5  # alternatives per token (the engine's trace keeps the top 5)
+MAX_JSON_DEPTH = 64  # nesting of a request body: messages, content parts and tool schemas need a few
 
 
 def is_int(value) -> bool:

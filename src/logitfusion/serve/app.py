@@ -4,6 +4,7 @@ logic, the guard middleware, the OpenAI-format error handlers and the routes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from contextlib import asynccontextmanager
@@ -77,16 +78,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        if first.get("type") == "json_invalid":
-            message, param = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}", None
-        else:
-            message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
-            param = loc[0] if loc else None
-            if len(errors) > 1:
-                message += f" (and {len(errors) - 1} more problems)"
+        message, param = validation_message(exc.errors())
         return APIError(400, message, param=param, code="invalid_request").response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -100,6 +92,27 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request, exc: Exception):
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return INTERNAL.response()
+
+
+UNION_TAGS = re.compile(r"^(str|int|float|bool|none|function-\w+\[.*\]|\w+\[.*\])$")
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """One line for pydantic's errors: the deepest one (inside a union such as `content`, the
+    member the value was meant for), where it is, what was wrong and the value given."""
+    if not errors:
+        return "body: invalid value", None
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}", None
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and not UNION_TAGS.match(str(x))]
+    message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value').removeprefix('Value error, ')}"
+    if "input" in first and first.get("type") != "value_error" and not isinstance(first["input"], (dict, list)):
+        message += f", got {json.dumps(first['input'], ensure_ascii=True)[:60]}"
+    others = sorted({str(e["loc"][1]) for e in errors if len(e.get("loc", ())) > 1} - {loc[0] if loc else ""})
+    if others:
+        message += f" (and problems in {', '.join(others[:5])})"
+    return message, loc[0] if loc else None
 
 
 def _version() -> str:

@@ -7,6 +7,7 @@ import hmac
 import json
 import time
 
+from ..engine.limits import MAX_JSON_DEPTH
 from .metrics import Metrics
 from .protocol import APIError
 
@@ -72,6 +73,12 @@ class GuardMiddleware:
                     return await _send_json(send_tracked, 415, APIError(
                         415, f"the request body must be JSON sent with the header 'Content-Type: application/json'; "
                         f"got Content-Type {ctype!r}", code="unsupported_media_type").body())
+                if path in JSON_ROUTES and body:
+                    problem = json_problem(bytes(body))
+                    if problem:
+                        return await _send_json(send_tracked, 400, APIError(400, problem, code="invalid_json").body())
+                    if b"content-type" not in headers:  # read as JSON, as _is_json says
+                        scope = dict(scope, headers=[*scope["headers"], (b"content-type", b"application/json")])
                 receive = _replay(bytes(body), receive)
             await self.app(scope, receive, send_tracked)
         finally:
@@ -89,6 +96,36 @@ def _is_json(content_type: bytes | None) -> bool:
         return True
     kind = content_type.split(b";")[0].strip().lower()
     return kind == b"application/json" or kind.endswith(b"+json")
+
+
+def _depth(value) -> int:
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            todo += [(x, d + 1) for x in (v.values() if isinstance(v, dict) else v)]
+    return deepest
+
+
+def json_problem(body: bytes) -> str | None:
+    """Why a JSON route's body cannot be read, in words a client can act on: not UTF-8, not JSON,
+    or nested deeper than limits.MAX_JSON_DEPTH (a request needs a few levels)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"the request body is not valid UTF-8 (byte {e.start}); send JSON text encoded as UTF-8"
+    too_deep = (f"the request body is JSON nested more than {MAX_JSON_DEPTH} levels deep; a request needs a few "
+                "(messages, content parts, tools)")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+    except RecursionError:
+        return too_deep
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _depth(value) > MAX_JSON_DEPTH:
+        return too_deep
+    return None
 
 
 def _replay(body: bytes, receive):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..engine import limits, registry
 
@@ -53,11 +53,13 @@ def decoding_error(message: str | None) -> APIError:
 # ---------------------------------------------------------------- request bodies
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, metadata...)
+    # extra: clients send fields we do not use (user, metadata...). strict: JSON types as declared,
+    # never converted: `true` is not the number 1, "3" not 3, 2.5 not an integer (an int is a float).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class FusionOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     solver: str | None = Field(None, description=registry.grammar().replace(", ", " | "))
     experts: list[str] | None = Field(None, description="fuse only these experts (dynamic and static solvers)")
     return_weights: bool = False
@@ -96,6 +98,13 @@ class CompletionRequest(SamplingRequest):
 class ContentPart(_Body):
     type: str
     text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_has_text(self):
+        if self.type == "text" and self.text is None:
+            raise ValueError('a content part of type "text" needs a string field "text", like '
+                             '{"type": "text", "text": "Hello"}')
+        return self
 
 
 class ChatMessage(_Body):
