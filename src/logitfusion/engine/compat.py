@@ -23,7 +23,7 @@ log = logging.getLogger("logitfusion")
 
 # The versions every use below was checked against (the test environment's). A newer version may
 # well work; when one does not, the error says which use broke.
-CHECKED = {"transformers": "5.24.0", "peft": "0.21.2", "lm_eval": "0.4.13", "torch": "2.13.0"}
+CHECKED = {"transformers": "5.25.0", "peft": "0.22.0", "lm_eval": "0.4.13", "torch": "2.13.0"}
 
 
 class CompatError(RuntimeError):
@@ -55,10 +55,19 @@ def internals(lib: str, what: str) -> Iterator[None]:
 
 # ---------------------------------------------------------------- transformers: the forward call
 
-# transformers 5.24 renamed the forward's cache argument to `cache` and keeps `past_key_values`
-# until 5.40; older 5.x know only `past_key_values`. Every cached forward goes through `forward`,
-# so moving to `cache` is this one line.
-CACHE_KEYWORD = "past_key_values"
+# transformers 5.24 renamed the forward's cache argument (and the output's field) to `cache`, and
+# keeps `past_key_values` with a FutureWarning until 5.40; older 5.x know only `past_key_values`.
+# Every cached forward goes through `forward`, so the keyword is chosen here, once, by what the
+# installed transformers' outputs hold: never the deprecated name where the new one exists.
+def _cache_keyword() -> str:
+    import dataclasses
+    with internals("transformers", "transformers.modeling_outputs.CausalLMOutputWithPast"):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+        fields = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    return "cache" if "cache" in fields else "past_key_values"
+
+
+CACHE_KEYWORD = _cache_keyword()
 
 
 def forward(model: nn.Module, cache=None, **inputs):
