@@ -232,3 +232,34 @@ def test_property_file_options_either_pass_the_checks_or_say_why(tmp_path_factor
     if not allowed:  # every file check passed: what fails is the models, which do not exist
         allowed += ["does not exist", "use an image file name"]
     assert any(a in text for a in allowed), (allowed, text)
+
+
+# ---------------------------------------------------------------- 3. special tokens around a prompt
+
+def _with_bos(src: str, dst: Path) -> str:
+    """A copy of a member whose tokenizer adds a BOS before every prompt (same vocabulary)."""
+    import shutil
+
+    from tokenizers import Tokenizer, processors
+    shutil.copytree(src, dst)
+    tok = Tokenizer.from_file(str(dst / "tokenizer.json"))
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tok.save(str(dst / "tokenizer.json"))
+    return str(dst)
+
+
+def test_members_that_add_different_special_tokens_are_refused_by_name(family, tmp_path):
+    from logitfusion.engine.fuser import Fuser
+    from logitfusion.engine.models import LoadError
+    small = _with_bos(family["small"], tmp_path / "small-bos")
+    with pytest.raises(LoadError, match=r"large and small share a vocabulary but not the special tokens.*"
+                                        r"large's tokenizer adds nothing, small's adds \['<s>'\] \(ids \[\d+\]\) before"):
+        Fuser.from_pretrained(family["large"], small, {"e": family["experts"]["expert1"]})
+    expert = _with_bos(family["experts"]["expert1"], tmp_path / "expert-bos")
+    with pytest.raises(LoadError, match=r"expert:e's adds \['<s>'\]"):
+        Fuser.from_pretrained(family["large"], family["small"], {"e": expert})
+    r = cli("generate", "--large", family["large"], "--small", small, "--expert", f"e={expert}", "-p", "x")
+    assert r.exit_code == 2 and "special tokens around a prompt" in r.output
+    large = _with_bos(family["large"], tmp_path / "large-bos")  # all agree: accepted
+    assert Fuser.from_pretrained(large, small, {"e": expert}).generate("the cat", max_new_tokens=2)[0].token_ids

@@ -300,6 +300,38 @@ def check_same_vocabulary(tokenizers: dict[str, Any], show: int = 5) -> None:
             "(a PM-MinED map) or `mapping: FILE` from `logitfusion vocab map`.")
 
 
+def added_special_tokens(tok) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The token ids a tokenizer adds before and after a prompt's own (BOS, EOS, a prefix...)."""
+    plain = tok("a b", add_special_tokens=False)["input_ids"]
+    full = tok("a b")["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return tuple(full[:i]), tuple(full[i + len(plain):])
+    return tuple(full), ()
+
+
+def _describe_added(tok, added: tuple[tuple[int, ...], tuple[int, ...]]) -> str:
+    parts = [f"{tok.convert_ids_to_tokens(list(ids))} (ids {list(ids)}) {where}"
+             for ids, where in zip(added, ("before", "after")) if ids]
+    return " and ".join(parts) if parts else "nothing"
+
+
+def check_same_special_tokens(tokenizers: dict[str, Any]) -> None:
+    """Members that share a vocabulary read a prompt as one tokenizer writes it, so each must add the
+    same special tokens around a prompt (a BOS, an EOS); a model used to another start decodes garbage."""
+    names = list(tokenizers)
+    ref_name, ref = names[0], added_special_tokens(tokenizers[names[0]])
+    for name in names[1:]:
+        other = added_special_tokens(tokenizers[name])
+        if other != ref:
+            raise LoadError(
+                f"{ref_name} and {name} share a vocabulary but not the special tokens around a prompt: {ref_name}'s "
+                f"tokenizer adds {_describe_added(tokenizers[ref_name], ref)}, {name}'s adds "
+                f"{_describe_added(tokenizers[name], other)}. Give every member a tokenizer that adds the same "
+                "(e.g. the same add_bos_token / add_eos_token in tokenizer_config.json; for a GGUF, `logitfusion "
+                "convert` it and copy the other members' tokenizer files into the folder)")
+
+
 def same_vocabulary(a, b) -> bool:
     return a.get_vocab() == b.get_vocab()
 
@@ -377,9 +409,11 @@ def load_model_set(large: dict, small: dict | None, experts: list[dict], opts: L
     small_map = None
     if small and small.get("mapping") and not same_vocabulary(tokenizer, tokenizers["small"]):
         check_same_vocabulary(side)  # the small base and its experts still share one vocabulary
+        check_same_special_tokens(side)
         small_map = resolve_map(tokenizer, tokenizers["small"], small["mapping"], "small", opts)
     else:
         check_same_vocabulary(tokenizers)
+        check_same_special_tokens(tokenizers)
     foreign = dict(tokenizer=tokenizers["small"], vocab_map=small_map,
                    vocab=len(tokenizers["small"])) if small_map is not None else {}
 
@@ -428,6 +462,8 @@ def _load_delta(spec: dict, user_tok, opts: LoadOptions) -> Member:
                 "the vocabularies (PM-MinED, cached with load.vocab_cache), or `mapping: FILE` from "
                 "`logitfusion vocab map --from LARGE --to DELTA --out FILE`.")
         vmap = resolve_map(user_tok, tok, spec["mapping"], "delta", opts)
+    else:
+        check_same_special_tokens({"large": user_tok, "delta": tok})
     model = load_causal_lm(spec["path"], "delta", opts)
     extra = dict(tokenizer=tok, vocab_map=vmap, vocab=len(tok)) if vmap is not None else {}
     return Member("delta", model, None, spec.get("template", "{prompt}"), _context_of(model), **extra)
