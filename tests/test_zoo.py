@@ -94,3 +94,18 @@ def test_shipped_task_data_is_what_the_world_generates():
         for s in world.SPLITS:
             rows = [json.loads(line) for line in (ROOT / "data" / t / f"{s}.jsonl").read_text().splitlines()]
             assert rows == data[t][s], (t, s)
+
+
+@needs_zoo
+def test_zoo_tasks_are_the_benchs_and_load_with_their_scorers():
+    """The zoo's lm-eval tasks live in the bench (eval imports no bench): eval's task manager finds
+    them through the bench's folder, their data loads from the bundled zoo and their scorers run."""
+    from logitfusion.eval.lm import TASKS_DIR, task_manager
+    names = [f"zoo_{t}" for t in ("math", "truthful", "qa", "summ", "mmlu")]
+    assert not list(TASKS_DIR.glob("zoo_*.yaml")) and {p.stem for p in zoo.TASKS_DIR.glob("*.yaml")} == set(names)
+    manager = task_manager(names, [zoo.TASKS_DIR])
+    assert set(names) <= set(manager.all_tasks)
+    task = manager.load(["zoo_math"])["tasks"]["zoo_math"]
+    doc = next(iter(task.test_docs()))
+    assert task.process_results(doc, [doc["completion"]]) == {"exact_match": 1.0}
+    assert task.process_results(doc, ["no number here"]) == {"exact_match": 0.0}

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import world
+from . import world, zoo
 from ..eval.records import read_jsonl, reproduce_command
 
 TASKS = list(world.TASKS)
@@ -235,7 +235,7 @@ def run_cells(todo: list[Cell], writer, root: Path, limit: int | None = None, ba
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     task_cells = [c for c in todo if c.kind == "task"]
-    manager = ev.task_manager(sorted({TASK_NAMES[c.data] for c in task_cells}),
+    manager = ev.task_manager(sorted({TASK_NAMES[c.data] for c in task_cells}), [zoo.TASKS_DIR],
                               metadata={"data_dir": str(root / "data")}) if task_cells else None
     by_recipe: dict[str, list[Cell]] = {}
     for c in todo:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import world
+from . import world, zoo
 from ..eval.records import read_jsonl, reproduce_command
 
 TASK_NAMES = {t: f"zoo_{t}" for t in world.TASKS}
@@ -152,7 +152,7 @@ def run(root: str | Path, out_dir: str | Path, tasks: list[str] | None = None, l
     if other:
         raise ValueError(f"{results} holds {sorted(other)} results; write {split} results to another --out folder")
     todo = [c for c in cells(root, tasks) if c.key not in records and (not tables or c.table in tables)]
-    manager = ev.task_manager([TASK_NAMES[t] for t in {c.task for c in todo}],
+    manager = ev.task_manager([TASK_NAMES[t] for t in {c.task for c in todo}], [zoo.TASKS_DIR],
                               metadata={"data_dir": str(root / "data"), "split": split}) if todo else None
     by_recipe: dict[str, list[Cell]] = {}
     for c in todo:

@@ -18,7 +18,9 @@ is a fine-tune of a random initialisation on `{"text"}` records. Each step is re
 finished step is not redone, so `logitfusion zoo build` can be interrupted and rerun.
 
 `BUNDLED` is the folder inside the package that holds what ships (models without checkpoints,
-the task data, `zoo.json` with the build's figures).
+the task data, `zoo.json` with the build's figures). `TASKS_DIR` holds the zoo's lm-eval tasks
+(zoo_math, zoo_truthful, zoo_qa, zoo_summ, zoo_mmlu) and their scorers: the bench hands it to
+eval's task manager as an include path.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ..eval.records import read_jsonl
 from . import world
 
 BUNDLED = Path(__file__).parent / "bundled"
+TASKS_DIR = Path(__file__).parent / "tasks"  # the zoo's lm-eval tasks (tasks/utils.py: data and scorers)
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 

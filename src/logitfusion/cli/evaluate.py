@@ -63,6 +63,7 @@ def eval_(
         from ..eval import matrix
     except ImportError as e:
         fail(f"{e}. `logitfusion eval` runs lm-evaluation-harness: pip install lm-eval")
+    from ..bench.zoo import TASKS_DIR as ZOO_TASKS  # the zoo's tasks are the bench's, found here too
     from ..engine.recipe import Recipe
     from ..engine.registry import SearchConfig
     from ..eval.records import RecordWriter
@@ -84,7 +85,7 @@ def eval_(
             raise UsageError(f"local dataset path {str(data_dir)!r} does not exist (--data-dir)")
         if limit is not None and limit <= 0:
             raise UsageError(f"--limit must be > 0, got {limit}")
-        manager = ev.task_manager(task_list, [str(p) for p in include_path],
+        manager = ev.task_manager(task_list, [str(ZOO_TASKS), *(str(p) for p in include_path)],
                                   metadata={"data_dir": str(data_dir)} if data_dir else None)
         ev.check_tasks(manager, task_list)
         writer = RecordWriter(output, key="key") if output else None

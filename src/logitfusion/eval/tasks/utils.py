@@ -88,38 +88,3 @@ def rouge_results(doc: dict, results) -> dict:
         _SCORER = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     scores = _SCORER.score(" ".join(doc["highlights"].split()), " ".join(results[0].split()))
     return {name: scores[name].fmeasure for name in ("rouge1", "rouge2", "rougeL")}
-
-
-# ---------------------------------------------------------------- the bundled zoo's tasks (world.py)
-
-def zoo_dataset(task: str, data_dir: str | None = None, split: str = "test", **_metadata):
-    """All three splits of a zoo task, from a zoo build's data folder or the bundled copy.
-
-    `split` (metadata) is what lm-eval scores as the test split: `validation` evaluates design
-    choices on the validation rows without touching the test ones."""
-    from datasets import Dataset, DatasetDict
-    from logitfusion.bench.zoo import BUNDLED
-    folder = Path(str(data_dir)).expanduser() if data_dir else BUNDLED / "data"
-    if not (folder / task / "test.jsonl").is_file():
-        raise FileNotFoundError(f"zoo task data {str(folder / task)!r} not found: build the zoo "
-                                "(`logitfusion zoo build`) or pass data_dir=ROOT/data of a build")
-    if split not in ("validation", "test"):
-        raise ValueError(f"zoo task split {split!r}: use validation or test")
-    rows = {s: _read_jsonl(folder / task / f"{s}.jsonl") for s in ("train", "validation", "test")}
-    rows["test"] = rows[split]
-    return DatasetDict({s: Dataset.from_list(r) for s, r in rows.items()})
-
-
-def zoo_math_results(doc: dict, results) -> dict:
-    from logitfusion.bench.world import score_math
-    return {"exact_match": score_math(results[0], doc["answer"])}
-
-
-def zoo_qa_results(doc: dict, results) -> dict:
-    from logitfusion.bench.world import score_qa
-    return {"exact_match": score_qa(results[0], doc["answer"])}
-
-
-def zoo_summ_results(doc: dict, results) -> dict:
-    from logitfusion.bench.world import score_summ
-    return {"rouge2": score_summ(results[0], doc["summary"])}
