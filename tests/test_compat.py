@@ -148,8 +148,8 @@ def test_speculation_that_cannot_run_says_so(fuser, caplog):
         batch = Batch(fuser.models, fuser.method("large"), EngineConfig(speculate=4))
         Batch(fuser.models, fuser.method("large"), EngineConfig(speculate=4))
     said = [r.getMessage() for r in caplog.records if r.name == "logitfusion"]
-    assert said == ["speculate=4 ignored, decoding one token per step: speculation needs a method that reads "
-                    "the large model, the small one and an expert"]
+    assert said == ["speculate=4 ignored, decoding one token per step: the large model alone is not a fusion: "
+                    "the small side has nothing to draft for it"]
     assert not batch.speculative
     caplog.clear()
     assert Batch(fuser.models, fuser.method("dynamic"), EngineConfig(speculate=4)).speculative

@@ -498,8 +498,8 @@ class Scripted(Solver):
     def __init__(self, script):
         self.script, self.step = list(script), 0
 
-    def __call__(self, z_large, z_small, z_experts):
-        logits = torch.zeros_like(z_large.float())
+    def __call__(self, z):
+        logits = torch.zeros_like(z.large.float())
         logits[:, self.script[min(self.step, len(self.script) - 1)]] = 100.0
         self.step += 1
         return Choice(logits)

@@ -7,6 +7,8 @@ import shutil
 
 import pytest
 import torch
+
+from logitfusion.engine.members import Logits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -179,12 +181,12 @@ def test_dynamic_solver_exact_search_equals_scan():
     for T in (1, 3):
         z = logit_sets("tuned", 6, T, 500, 3.0, T)
         for strategy in ("fast", "joint") if T == 1 else ("fast",):
-            exact = Dynamic(grid, strategy=strategy, search="exact")(*z)
-            scan = Dynamic(grid, strategy=strategy, search="scan")(*z)
+            exact = Dynamic(grid, strategy=strategy, search="exact")(Logits.ordered(Dynamic().reads, [z[0], z[1], *z[2].unbind(1)]))
+            scan = Dynamic(grid, strategy=strategy, search="scan")(Logits.ordered(Dynamic().reads, [z[0], z[1], *z[2].unbind(1)]))
             assert torch.equal(exact.weights, scan.weights) and torch.equal(exact.objective, scan.objective)
             assert torch.equal(exact.logits, scan.logits)
     with torch.inference_mode():  # as the server calls it
-        exact = Dynamic(grid, search="exact")(*z)
+        exact = Dynamic(grid, search="exact")(Logits.ordered(Dynamic().reads, [z[0], z[1], *z[2].unbind(1)]))
     assert torch.equal(exact.weights, scan.weights) and torch.equal(exact.objective, scan.objective)
 
 

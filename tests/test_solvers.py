@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from logitfusion.engine.members import Logits
+
 from logitfusion.engine.fusion import fuse, objective
 from logitfusion.engine.registry import SearchConfig, parse_method
 from logitfusion.engine.solvers import (Alone, Choice, Dynamic, SolverError, Static, check_grid, grid_search,
@@ -184,7 +186,7 @@ def test_grid_search_in_chunks_equals_one_chunk():
 
 def test_dynamic_choice_logits_are_fused_at_the_chosen_weights():
     z_l, z_s, z_e = setting(B=4, T=3, seed=14)
-    choice = Dynamic()(z_l, z_s, z_e)
+    choice = Dynamic()(Logits.of(large=z_l, small=z_s, experts=z_e))
     assert isinstance(choice, Choice)
     torch.testing.assert_close(choice.logits, fuse(z_l, z_s, z_e, choice.weights))
     torch.testing.assert_close(choice.objective, Dynamic().solve(z_l, z_s, z_e)[1])
@@ -193,7 +195,7 @@ def test_dynamic_choice_logits_are_fused_at_the_chosen_weights():
 @pytest.mark.parametrize("weights", [[1.0], [0.5, 1.0, 1.5], [0.0]])
 def test_static_choice_equals_fuse(weights):
     z_l, z_s, z_e = setting(B=3, T=3, seed=15)
-    choice = Static(weights)(z_l, z_s, z_e)
+    choice = Static(weights)(Logits.of(large=z_l, small=z_s, experts=z_e))
     w = torch.tensor(weights).expand(3)
     torch.testing.assert_close(choice.logits, fuse(z_l, z_s, z_e, w))
     assert choice.weights.shape == (3, 3)
@@ -224,12 +226,12 @@ def test_alone_returns_the_right_member_logits():
     z_l, z_s, z_e = setting(B=2, T=3, seed=16)
     large = Alone("large")
     assert large.reads == {"large"} and large.experts == ()
-    torch.testing.assert_close(large(z_l, None, None).logits, z_l)
+    torch.testing.assert_close(large(Logits.of(large=z_l)).logits, z_l)
     expert = Alone("expert", 2)
     assert expert.reads == {"expert"} and expert.experts == (2,)
     # the decoding loop passes only the experts the solver declares: [B, 1, V]
-    torch.testing.assert_close(expert(None, None, z_e[:, 2:3]).logits, z_e[:, 2])
-    assert large(z_l, None, None).weights is None
+    torch.testing.assert_close(expert(Logits.of(experts=z_e[:, 2:3])).logits, z_e[:, 2])
+    assert large(Logits.of(large=z_l)).weights is None
     with pytest.raises(SolverError, match="out of range"):
         Alone("expert", 3).check(3)
     with pytest.raises(SolverError):

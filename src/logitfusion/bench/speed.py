@@ -194,7 +194,7 @@ def solver_cost(batch: int, vocab: int, n_experts: int, device: str, repeats: in
     gen = torch.Generator().manual_seed(0)
     z = [(3 * torch.randn(batch, vocab, generator=gen)).to(device) for _ in range(2 + n_experts)]
     solver = Dynamic()
-    return best_time(lambda: solver.on(z), repeats, device)
+    return best_time(lambda: solver(z), repeats, device)
 
 
 def cache_cost(fuser, batch: int, n_tokens: int, device: str, repeats: int) -> dict[str, tuple[float, float]]:

@@ -54,20 +54,14 @@ def solver_from_flags(recipe, solver: Optional[str], alpha: list[float], grid: O
     search = SearchConfig.parse(grid, strategy)
     if solver is None and search == SearchConfig():
         return recipe.build_solver()
-    spec = solver if solver is not None else recipe.method_spec()
-    if spec == "expert" and recipe.solver.expert:
-        spec = f"expert:{recipe.solver.expert}"
-    return recipe.method(spec, search=search)
+    return recipe.method(solver if solver is not None else recipe.method_spec(), search=search)
 
 
-def check_generation(recipe, params: dict, seed: Optional[int], batch_size: int, speculate: Optional[int]) -> None:
-    """Every generation option checked before any model loads (bounds: limits.py)."""
+def check_generation(recipe, params: dict, seed: Optional[int], engine: dict):
+    """Every generation option checked before any model loads (bounds: limits.py) -> (SamplingParams,
+    EngineConfig)."""
     from ..engine.fuser import sampling_params
-    from ..engine.sampling import check_batch_size
-    from ..engine.speculation import check_speculate
-    check_batch_size(batch_size)
-    check_speculate(recipe.generation.speculate if speculate is None else speculate)
-    sampling_params(recipe, seed=seed, **params).check()
+    return sampling_params(recipe, seed=seed, **params).check(), recipe.engine().replace(**engine)
 
 
 def check_plot(path: Path, solver) -> None:
@@ -97,13 +91,13 @@ def _check_prompt_options(prompt: list[str], input: Optional[Path], output: Opti
         raise UsageError(f"--output {str(output)!r} is the --input file; give another file for the results")
 
 
-def _decode(fuser, rows: list[dict], todo: list[dict], writer, **options) -> list:
+def _decode(fuser, rows: list[dict], todo: list[dict], writer, params, engine, encoded) -> list:
     """Every pending prompt decoded in batches under a progress bar, each batch written as it ends."""
     from ..engine.jobs import generate_batches
     gens_all = []
     with progress() as bar:
         task = bar.add_task(f"generating ({type(fuser.solver).__name__.lower()})", total=len(todo))
-        for records, gens in generate_batches(fuser, rows, todo, **options):
+        for records, gens in generate_batches(fuser, rows, todo, params, engine, encoded):
             if writer:
                 writer.write(records)
             gens_all += gens
@@ -164,7 +158,6 @@ def generate(
     speculate: Optional[int] = typer.Option(None, help="Speculative fused decoding with drafts of up to K tokens: the small models draft, the large model checks them in one forward; each round drafts as many as the rows' acceptance pays for (recipe: generation.speculate_adaptive, generation.draft_cost). Greedy output is identical to plain decoding; sampled output follows exactly the same distribution (speculative sampling)."),
 ):
     """Generate with a fused model: from --prompt (printed) or --input/--output JSONL (resumable)."""
-    from ..engine.decoding import validate_prompts
     from ..engine.fuser import Fuser
     from ..engine.jobs import pending
     from ..eval.records import RecordWriter, read_prompts
@@ -176,9 +169,11 @@ def generate(
                     {"--output": output, "--plot-weights": plot_weights})
         r = recipe_from_flags(recipe, large, small, expert, dtype, device, device_map, trust_remote_code, allow_pickle)
         chosen = solver_from_flags(r, solver, alpha, grid, strategy)
-        params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      stop=stop or None)
-        check_generation(r, params, seed, batch_size, speculate)
+        params, engine = check_generation(
+            r, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    stop=stop or None), seed,
+            dict(batch_size=batch_size, speculate=speculate, trace=trace or plot_weights is not None or None,
+                 use_cache=False if no_cache else None))
         if plot_weights is not None:
             check_plot(plot_weights, chosen)
         rows = read_prompts(input) if input else [{"id": str(i), "prompt": p} for i, p in enumerate(prompt)]
@@ -186,12 +181,10 @@ def generate(
         todo = pending(rows, writer.done if writer else set())
         if writer and len(todo) < len(rows):
             say(f"resuming: {len(rows) - len(todo)} of {len(rows)} prompts already in {output}")
-        fuser = Fuser.from_recipe(r)
-        fuser.solver = chosen
-        validate_prompts(fuser.models, [row["prompt"] for row in todo], chosen)  # before writing anything
-        gens = _decode(fuser, rows, todo, writer, batch_size=batch_size, seed=seed,
-                       trace=trace or plot_weights is not None, use_cache=not no_cache, speculate=speculate,
-                       **params)
+        fuser = Fuser.from_recipe(r, solver=chosen)
+        # every prompt checked and tokenised before anything is written
+        encoded = fuser.check_prompts([row["prompt"] for row in todo]) if todo else []
+        gens = _decode(fuser, rows, todo, writer, params, engine, encoded)
     except user_errors() as e:
         fail(str(e))
     _show(gens, writer, output)

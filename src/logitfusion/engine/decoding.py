@@ -12,7 +12,6 @@ boundaries. `decode` is the whole loop for a fixed list of prompts.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -22,13 +21,12 @@ from torch import Tensor
 from . import limits
 from .compat import warn_once
 from .config import EngineConfig
-from .context import Context, Retokenizer
 from .detokenize import Detokenizer, find_stop
 from .members import Member, Members, ModelSet
 from .sampling import DecodingError, Rows, SamplingParams
 from .solvers import Choice, Solver, SolverError
 from .speculation import ACCEPT_PRIOR, can_speculate, observe_plain, pick, plan_round, refusal, speculative_round
-from .stacking import lora_stack, shared_stack
+from .runner import HFRunner, Prefilled
 
 TOP_TOKENS = 5  # tokens per model shown in a trace
 
@@ -182,29 +180,6 @@ def validate_prompts(models: ModelSet, prompts: Sequence[str | Encoded], solver:
     return out
 
 
-def plan_forwards(models: ModelSet, members: Iterable[Member], share_forwards: bool = True) \
-        -> tuple[list[list[Member]], list, list[Retokenizer | None]]:
-    """How the members run: (groups of members that share one forward, the module each group
-    runs, its Retokenizer when the group has a tokenizer of its own).
-
-    Members on one module (the small base and its LoRA experts) run as one forward, and so do
-    full-weight copies of the small model (the small base, full experts) on one module with their
-    weights stacked; unless share_forwards is off (then every model runs alone; used to check
-    both agree). A PEFT group runs its adapters stacked (bmm) rather than through PEFT's
-    per-adapter loop, where they can be.
-    """
-    stack, stacked = shared_stack(models, members) if share_forwards else (None, [])
-    groups: dict[int | str, list[Member]] = {}
-    for m in members:
-        key = "stack" if any(m is s for s in stacked) else id(m.model) if share_forwards else id(m)
-        groups.setdefault(key, []).append(m)
-    modules = [stack if key == "stack" else lora_stack(models, g) if share_forwards and g[0].adapter
-               else g[0].model for key, g in groups.items()]
-    # Members with their own tokenizer follow the user's text through a Retokenizer.
-    retoks = [Retokenizer(g[0], models.tokenizer) if g[0].foreign else None for g in groups.values()]
-    return list(groups.values()), modules, retoks
-
-
 def step_traces(members: Iterable[Member], logits: dict[str, Tensor], choice: Choice) -> list[StepTrace]:
     """One StepTrace per row of `choice`: each model's and the fused top tokens, the weights and J."""
     tops = {}
@@ -226,7 +201,7 @@ class Joining:
     """Sequences prefilled by `Batch.prefill`, waiting to `join` the batch."""
 
     seqs: list[Seq]
-    contexts: list[tuple]  # per group: (Context, logits [G, B, V])
+    rows: Prefilled  # their rows in the runner
 
 
 class Batch:
@@ -235,24 +210,27 @@ class Batch:
     def __init__(self, models: ModelSet, solver: Solver, engine: EngineConfig | None = None):
         solver.check(len(models.experts))
         self.engine = (engine or EngineConfig()).check()
-        self.models, self.solver, self.use_cache = models, solver, self.engine.use_cache
+        self.models, self.solver = models, solver
         self.members = members_for(models, solver)
-        self.groups, self.modules, self.retoks = plan_forwards(models, self.members, self.engine.share_forwards)
+        self.runner = HFRunner(models, self.members, self.engine.use_cache, self.engine.share_forwards)
         why_not = refusal(self)
         self.speculative = why_not is None  # whether speculate > 1 runs speculative rounds
         if self.engine.speculate > 1 and why_not:
             warn_once(f"speculate={self.engine.speculate} ignored, decoding one token per step: {why_not}")
         self.device = self.members.first.device  # where fusion happens
-        tok = models.tokenizer
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.seqs: list[Seq] = []
         self.sampling = Rows.of([], self.device)  # the rows' sampling parameters, as seqs change
-        self.contexts: list[Context] = []  # one per group, once sequences exist
         self.logits: dict[str, Tensor] = {}  # next-token logits per model role, [B, V]
         self._eos = torch.tensor(sorted(models.eos_token_ids) or [-1], device=self.device)
 
     def __len__(self) -> int:
         return len(self.seqs)
+
+    # The runner's forward groups and contexts, as speculation and tests see them.
+    groups = property(lambda self: self.runner.groups)
+    modules = property(lambda self: self.runner.modules)
+    retoks = property(lambda self: self.runner.retoks)
+    contexts = property(lambda self: self.runner.contexts)
 
     def add(self, prompts: Sequence[str | Encoded], params: Sequence[SamplingParams], trace: bool | None = None) -> list[Seq]:
         """Prefill new sequences and merge them into the batch. params: one per prompt, each
@@ -277,27 +255,15 @@ class Batch:
                     int(p.seed if p.seed is not None else torch.randint(0, 2**31 - 1, ())))
             seqs.append(seq)
         room = max(s.budget for s in seqs)
-        with torch.no_grad():
-            contexts = []
-            for g, group in enumerate(self.groups):
-                retok = self.retoks[g]
-                contexts.append(Context.prefill(group, [[e.ids[m.role] for e in encoded] for m in group], room,
-                                                group[0].vocab or self.models.vocab_size,
-                                                retok.pad_id if retok else self.pad_id, self.use_cache,
-                                                retok=retok, module=self.modules[g]))
-        return Joining(seqs, contexts)
+        rows = self.runner.prefill({m.role: [e.ids[m.role] for e in encoded] for m in self.members}, room)
+        return Joining(seqs, rows)
 
     def join(self, joining: Joining) -> list[Seq]:
         """Merge prefilled sequences into the batch (at a step boundary)."""
         first = not self.seqs
-        with torch.no_grad():
-            for g, (group, (ctx, logits)) in enumerate(zip(self.groups, joining.contexts)):
-                if first:
-                    self.contexts.append(ctx)
-                else:
-                    self.contexts[g].merge(ctx)
-                for m, z in zip(group, logits.to(self.device)):
-                    self.logits[m.role] = z if first else torch.cat([self.logits[m.role], z])
+        for role, z in self.runner.join(joining.rows).items():
+            z = z.to(self.device)
+            self.logits[role] = z if first else torch.cat([self.logits[role], z])
         self.seqs += joining.seqs
         self.sampling = Rows.of(self.seqs, self.device)
         return joining.seqs
@@ -331,12 +297,11 @@ class Batch:
         if self.seqs:
             keep = torch.tensor([i for i, s in enumerate(rows) if not s.done], device=self.device)
             tokens = tokens[keep] if len(keep) < len(tokens) else tokens
-            self.logits = {m.role: z for ctx in self.contexts
-                           for m, z in zip(ctx.members, ctx.step(tokens).to(self.device))}
+            self.logits = {role: z.to(self.device) for role, z in self.runner.step(tokens).items()}
         return emitted
 
     def solve(self, logits: dict[str, Tensor]) -> Choice:
-        return self.solver.on(self.members.logits(logits))
+        return self.solver(self.members.logits(logits))
 
     def verdicts(self, logits: dict[str, Tensor], choice: Choice, tokens: Tensor) -> list[tuple]:
         """Per row: (token, first model with NaN/inf logits or None, is EOS, fused log-prob).
@@ -372,11 +337,11 @@ class Batch:
         self.seqs = [self.seqs[i] for i in keep]
         self.sampling = Rows.of(self.seqs, self.device)
         if not keep:
-            self.contexts, self.logits = [], {}
+            self.runner.select(torch.tensor([], dtype=torch.long))
+            self.logits = {}
             return
         rows = torch.tensor(keep, device=self.device)
-        for ctx in self.contexts:
-            ctx.select(rows)
+        self.runner.select(rows)
         self.logits = {role: z[rows] for role, z in self.logits.items()}
 
 

@@ -176,8 +176,8 @@ class Members:
     def logits(self, by_role: dict[str, Tensor]) -> "Logits":
         """These members' logits (`by_role`: [N, V] per member role) as a solver receives them."""
         z = {}
-        for kind in KINDS.values():
-            found = [by_role[m.role] for m in self._by_kind.get(kind.name, ())]
+        for kind in KINDS.values():  # a role missing from by_role reads as None (drafts have no large logits)
+            found = [by_role[m.role] for m in self._by_kind.get(kind.name, ()) if m.role in by_role]
             if kind.many:
                 z[kind.field] = torch.stack(found, 1) if found else None
             else:
@@ -191,6 +191,14 @@ class Logits:
 
     def __init__(self, by_field: dict[str, Tensor | None]):
         self._z = by_field
+
+    @classmethod
+    def of(cls, **by_field: Tensor | None) -> "Logits":
+        """Logits.of(large=z_l, small=z_s, experts=z_e): by field name (large, small, experts, delta)."""
+        unknown = set(by_field) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"unknown logits fields {sorted(unknown)}; use {', '.join(FIELDS)}")
+        return cls(dict(by_field))
 
     @classmethod
     def ordered(cls, reads: Iterable[str], z: Sequence[Tensor]) -> "Logits":

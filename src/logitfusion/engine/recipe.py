@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from . import limits, registry
 from .models import LoadOptions
-from .registry import SearchConfig, parse_method
+from .registry import SearchConfig, SolverSpec
 from .sampling import SamplingParams
-from .solvers import SolverError, Solver, check_grid, make_grid
+from .solvers import SolverError, Solver
 from .config import DRAFT_COST, EngineConfig
 
 
@@ -92,46 +92,6 @@ class DeltaSpec(MappedSpec):
         return v
 
 
-class GridSpec(_Strict):
-    start: float = 0.0
-    stop: float = 2.0
-    step: float = Field(0.1, gt=0)
-
-    def values(self) -> list[float]:
-        return make_grid(self.start, self.stop, self.step)
-
-
-class SolverSpec(_Strict):
-    kind: str = "dynamic"  # one of registry.kinds()
-    weights: list[float] = [1.0]  # static: one per expert, or one for all
-    grid: GridSpec | list[float] = GridSpec()
-    strategy: Literal["fast", "joint"] = "fast"
-    a_max: float | None = Field(None, gt=0, le=limits.MAX_WEIGHT)
-    expert: str | None = None  # kind "expert": which expert decodes alone
-
-    def grid_values(self) -> list[float]:
-        return self.grid.values() if isinstance(self.grid, GridSpec) else [float(a) for a in self.grid]
-
-    @field_validator("kind")
-    @classmethod
-    def _registered(cls, v: str) -> str:
-        if v not in registry.kinds():
-            raise ValueError(f"unknown solver kind {v!r}; use one of {', '.join(registry.kinds())}")
-        return v
-
-    @model_validator(mode="after")
-    def _check(self):
-        try:
-            grid = self.grid_values()
-            check_grid(grid, self.a_max if self.a_max is not None else max(grid, default=0.0))
-        except SolverError as e:
-            raise ValueError(str(e)) from None
-        problem = limits.weight_problem("solver.weights", self.weights)
-        if problem:
-            raise ValueError(problem)
-        return self
-
-
 class LoadSpec(_Strict):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     device: str = "cpu"
@@ -167,22 +127,28 @@ class Recipe(_Strict):
     experts: list[ExpertSpec] = []
     delta: DeltaSpec | None = None
     ceiling: ModelSpec | None = None  # a fine-tuned large model, for gap-closed figures
-    solver: SolverSpec = SolverSpec()
+    # One of the registered kinds' specs, chosen by its `kind` (registry.py; dynamic when left out).
+    solver: SerializeAsAny[SolverSpec] = Field(default_factory=lambda: registry.spec_of({}))
     load: LoadSpec = LoadSpec()
     generation: GenerationSpec = GenerationSpec()
+
+    @field_validator("solver", mode="before")
+    @classmethod
+    def _solver_kind(cls, v: Any) -> SolverSpec:
+        return registry.spec_of(v)
 
     @model_validator(mode="after")
     def _check(self):
         if "solver" not in self.model_fields_set and not self.experts:
             # nothing to fuse: the delta model on the large one, else the large model alone
-            self.solver = SolverSpec(kind="delta" if self.delta else "large")
+            self.solver = registry.spec_of({"kind": "delta" if self.delta else "large"})
         if self.experts and self.small is None:
             raise ValueError("experts need the small base model they were fine-tuned from: add `small`")
         names = [e.name for e in self.experts]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"expert names must be unique; repeated: {dup}")
-        problem = registry.check_recipe(self)
+        problem = self.solver.recipe_problem(names, self.delta is not None)
         if problem:
             raise ValueError(problem)
         return self
@@ -256,19 +222,23 @@ class Recipe(_Strict):
         line options change nothing); other keywords replace whole top-level fields."""
         data = self.model_dump() | fields
         for section, changes in (("load", load), ("solver", solver)):
-            data[section] = data[section] | {k: v for k, v in (changes or {}).items() if v is not None}
+            changes = {k: v for k, v in (changes or {}).items() if v is not None}
+            if section == "solver" and changes.get("kind", data["solver"]["kind"]) != data["solver"]["kind"]:
+                data[section] = changes  # another kind: its own settings, not the old kind's
+            else:
+                data[section] = data[section] | changes
         return Recipe.from_dict(data, source="recipe")
 
     def build_solver(self) -> Solver:
-        """The recipe's solver, built from its method string by the registry's parser."""
+        """The recipe's solver, built from its spec (no method string in between)."""
         try:
-            return self.method(self.method_spec())
+            return registry.build(self.solver, [e.name for e in self.experts], self.search())
         except SolverError as e:
             raise RecipeError(f"solver: {e}") from None
 
     def method_spec(self) -> str:
-        """The solver section as a method string ("static:0.5,1.5", "expert:math", "dynamic")."""
-        return registry.recipe_method(self)
+        """The solver section's short form ("static:0.5,1.5", "expert:math", "dynamic")."""
+        return self.solver.method()
 
     @property
     def delta_strength(self) -> float | None:
@@ -276,17 +246,18 @@ class Recipe(_Strict):
         return self.delta.strength if self.delta else None
 
     def search(self) -> SearchConfig:
-        """The solver section's search settings (and the delta's strength), as method defaults."""
-        s = self.solver
-        return SearchConfig(s.grid_values(), s.strategy, s.a_max, self.delta_strength)
+        """The solver section's search settings (a dynamic section's grid, strategy, a_max) and the
+        delta's strength, as defaults for method strings."""
+        own = self.solver.search() if hasattr(self.solver, "search") else SearchConfig()
+        return SearchConfig(own.grid, own.strategy, own.a_max, self.delta_strength)
 
     def method(self, spec: str, expert_names: Sequence[str] | None = None,
                search: SearchConfig | None = None) -> Solver:
         """A solver from a short method spec (registry.parse_method), with `search`'s settings, else
         this recipe's (`search()`), for what it leaves out. expert_names: the experts the spec may
         name (default: the recipe's; a server request may fuse a subset)."""
-        return parse_method(spec, [e.name for e in self.experts] if expert_names is None else expert_names,
-                            (search or SearchConfig()).over(self.search()))
+        return registry.parse_method(spec, [e.name for e in self.experts] if expert_names is None else expert_names,
+                                     (search or SearchConfig()).over(self.search()))
 
     def engine(self) -> EngineConfig:
         """The generation section's engine settings (speculation) as an EngineConfig."""

@@ -1,11 +1,13 @@
 """The solver registry and the one method grammar: every solver kind is declared here once.
 
-A kind is its name, how its method string is parsed into a solver (the builder: a recipe's
-solver section is built through the same parser), how a recipe's solver section is written as
-a method string, and what it demands of a recipe. generate, eval, recipes, the Python API and
-the server all read this table, so adding a solver is a class in solvers.py plus one
-`register(SolverKind(...))` below. What a method string leaves out (grid, strategy, a_max, the
-delta's strength) travels as one `SearchConfig`, from the CLI, eval, a recipe or the server.
+A kind is a typed spec (a pydantic model, `SolverSpec`, discriminated on `kind`): its settings as
+a recipe's `solver:` section writes them, how its method string (the short form of the CLI, eval
+and the server) reads into the same spec (`from_method`), what it needs of a recipe
+(`recipe_problem`) and the solver it builds (`build`). generate, eval, recipes, the Python API
+and the server all read this table, so adding a kind is one spec class and one `register(...)`
+(tests/test_registry.py adds one in a test module and runs it through every front end). What a
+method string leaves out (grid, strategy, a_max, the delta's strength) travels as one
+`SearchConfig`, from the CLI, eval, a recipe or the server.
 
 Method grammar: KIND or KIND:ARG. Values inside ARG are separated by "," or "+" (the same
 thing: "+" exists because eval's --methods is itself a comma-separated list), so
@@ -14,12 +16,16 @@ static:0.5,1.5 and static:0.5+1.5 are one method; a "+" that is a sign (1e+38, +
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
-from .limits import MAX_WEIGHT
-from .solvers import Alone, Delta, Dynamic, Solver, SolverError, Static, parse_grid
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import limits
+from .errors import SolverError
+from .solvers import Alone, Delta, Dynamic, Solver, Static, check_grid, make_grid, parse_grid
 
 
 @dataclass(frozen=True)
@@ -62,27 +68,57 @@ class MethodContext:
     search: SearchConfig = SearchConfig()
 
 
-@dataclass(frozen=True)
-class SolverKind:
-    name: str
-    syntax: str  # the method grammar of this kind, for messages: "static[:a,...]"
-    parse: Callable[[str, str, MethodContext], Solver]  # (arg, whole spec, context) -> checked solver
-    # The recipe's solver section as this kind's method argument ("" for none); the Recipe is
-    # duck-typed so that the engine's recipe module can import this one.
-    recipe_arg: Callable[[Any], str] = lambda recipe: ""
-    # What this kind needs of a validated recipe: a problem sentence, or None.
-    check_recipe: Callable[[Any], str | None] = lambda recipe: None
-    fuses_experts: bool = False  # weighs experts, so it may run on a subset of them (server fusion.experts)
+class SolverSpec(BaseModel):
+    """A solver kind's settings, as a recipe's `solver:` section writes them. Subclasses set `kind`
+    (a Literal), `syntax` and, as needed, `needs`, `fuses_experts`, `from_method`, `recipe_problem`."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str
+    syntax: ClassVar[str] = ""  # the method grammar of this kind, for messages: "static[:a,...]"
+    needs: ClassVar[frozenset[str]] = frozenset()  # member kinds a recipe must have: "expert", "delta"
+    fuses_experts: ClassVar[bool] = False  # weighs experts, so may run on a subset (server fusion.experts)
+
+    @classmethod
+    def from_method(cls, arg: str, method: str, ctx: MethodContext) -> "SolverSpec":
+        """This kind's spec from the argument of a method string (after "KIND:")."""
+        if arg:
+            raise SolverError(f"unknown method {method!r} ({cls.model_fields['kind'].default} takes no argument); "
+                              f"use {grammar()}", field="solver")
+        return cls()
+
+    def build(self, ctx: MethodContext) -> Solver:
+        raise NotImplementedError
+
+    def recipe_problem(self, expert_names: Sequence[str], has_delta: bool) -> str | None:
+        """What this kind lacks in a recipe (a problem sentence), or None."""
+        if "expert" in self.needs and not expert_names:
+            return f"solver kind {self.kind!r} needs at least one expert (or use kind: large)"
+        if "delta" in self.needs and not has_delta:
+            return f"solver kind {self.kind!r} needs a `delta` section: {{path: DELTA_MODEL, strength: 1.0}}"
+        return None
+
+    def method(self) -> str:
+        """The short form, for what a server answer or a table reports ("static:0.5,1.5")."""
+        return self.kind
 
 
-_KINDS: dict[str, SolverKind] = {}
+_KINDS: dict[str, type[SolverSpec]] = {}
 
 
-def register(kind: SolverKind) -> SolverKind:
-    if kind.name in _KINDS:
-        raise ValueError(f"solver kind {kind.name!r} is already registered")
-    _KINDS[kind.name] = kind
-    return kind
+def register(spec: type[SolverSpec]) -> type[SolverSpec]:
+    """Declare a solver kind (a SolverSpec subclass whose `kind` is a Literal with a default)."""
+    name = spec.model_fields["kind"].default
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{spec.__name__}: kind must be a Literal with a default, e.g. kind: Literal['x'] = 'x'")
+    if name in _KINDS:
+        raise ValueError(f"solver kind {name!r} is already registered")
+    _KINDS[name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    """Remove a kind (tests that register their own)."""
+    _KINDS.pop(name, None)
 
 
 def kinds() -> tuple[str, ...]:
@@ -90,20 +126,41 @@ def kinds() -> tuple[str, ...]:
     return tuple(_KINDS)
 
 
-def get(name: str) -> SolverKind:
+def get(name: str) -> type[SolverSpec]:
     try:
         return _KINDS[name]
     except KeyError:
-        raise SolverError(f"unknown solver kind {name!r}; use {', '.join(_KINDS)}") from None
+        raise SolverError(f"unknown solver kind {name!r}; use {', '.join(_KINDS)}", field="solver") from None
 
 
 def expert_subset_kinds() -> tuple[str, ...]:
     """The kinds that weigh experts, and so may fuse a subset of them (the server's fusion.experts)."""
-    return tuple(k.name for k in _KINDS.values() if k.fuses_experts)
+    return tuple(name for name, k in _KINDS.items() if k.fuses_experts)
 
 
 def grammar() -> str:
-    return ", ".join(k.syntax for k in _KINDS.values())
+    return ", ".join(k.syntax or name for name, k in _KINDS.items())
+
+
+def spec_of(data: Any) -> SolverSpec:
+    """A recipe's `solver:` section (a mapping; kind defaults to dynamic) as its kind's spec."""
+    if isinstance(data, SolverSpec):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(f"must be a mapping such as {{kind: dynamic}}, got {type(data).__name__}")
+    kind = _Kind.model_validate({"kind": data.get("kind", "dynamic")}).kind  # a bad kind: solver.kind
+    return _KINDS[kind].model_validate({**data, "kind": kind})
+
+
+class _Kind(BaseModel):
+    kind: Any
+
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, v):
+        if not isinstance(v, str) or v not in _KINDS:
+            raise ValueError(f"unknown solver kind {v!r}; use one of {', '.join(_KINDS)}")
+        return v
 
 
 # "+" after a digit or a point ends a value; elsewhere it is a sign: 1e+38, +1.5.
@@ -116,121 +173,223 @@ def split_method(spec: str) -> tuple[str, str]:
     return kind, _PLUS_SEPARATOR.sub(",", arg)
 
 
-def parse_method(spec: str, expert_names: Sequence[str], search: SearchConfig | None = None) -> Solver:
+def method_spec(method: str, expert_names: Sequence[str], search: SearchConfig | None = None) -> SolverSpec:
+    """The spec a method string stands for (the same spec a recipe section would give)."""
+    if not isinstance(method, str):
+        raise SolverError(f"a method must be a string such as 'dynamic', got {type(method).__name__}", field="solver")
+    name, arg = split_method(method)
+    kind = _KINDS.get(name)
+    if kind is None:
+        raise SolverError(f"unknown method {method!r}; use {grammar()}", field="solver")
+    if ":" in method and not arg.strip():
+        raise SolverError(f"method {method!r} ends in ':' with nothing after it; write {kind.syntax or name}",
+                          field="solver")
+    ctx = MethodContext(list(expert_names), search or SearchConfig())
+    try:
+        return kind.from_method(arg, method, ctx)
+    except ValidationError as e:
+        raise SolverError(f"method {method!r}: {_first_message(e)}", field="solver") from None
+
+
+def build(spec: SolverSpec, expert_names: Sequence[str], search: SearchConfig | None = None) -> Solver:
+    """The solver a spec describes, checked against the experts it may weigh."""
+    ctx = MethodContext(list(expert_names), search or SearchConfig())
+    solver = spec.build(ctx)
+    solver.check(len(ctx.expert_names))
+    return solver
+
+
+def parse_method(method: str, expert_names: Sequence[str], search: SearchConfig | None = None) -> Solver:
     """A solver from a method string, with `search` for what it leaves out:
 
     "large" | "expert" (the first expert) | "expert:NAME" | "static" (a = 1) | "static:0.5" |
     "static:0.5,1.0" or "static:0.5+1.0" (one per expert) | "dynamic" | "dynamic:fast" |
     "dynamic:joint" | "delta" (search.delta_strength, else 1) | "delta:0.5"
     """
-    name, arg = split_method(spec)
-    kind = _KINDS.get(name)
-    if kind is None:
-        raise SolverError(f"unknown method {spec!r}; use {grammar()}")
-    return kind.parse(arg, spec, MethodContext(list(expert_names), search or SearchConfig()))
+    return build(method_spec(method, expert_names, search), expert_names, search)
 
 
-def recipe_method(recipe) -> str:
-    """A recipe's solver section as a method string (so that method options can apply to it)."""
-    kind = get(recipe.solver.kind)
-    arg = kind.recipe_arg(recipe)
-    return f"{kind.name}:{arg}" if arg else kind.name
+def _first_message(e: ValidationError) -> str:
+    err = e.errors()[0]
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] != "value_error":  # pydantic's own words do not name the setting
+        msg = ".".join(str(x) for x in err["loc"]) + ": " + msg
+    return msg
 
-
-def check_recipe(recipe) -> str | None:
-    return get(recipe.solver.kind).check_recipe(recipe)
-
-
-# ---------------------------------------------------------------- the kinds
 
 def _floats(arg: str, problem: str) -> list[float]:
     try:
         return [float(w) for w in arg.split(",")]
     except ValueError:
-        raise SolverError(problem) from None
+        raise SolverError(problem, field="solver") from None
 
 
-def _checked(solver: Solver, ctx: MethodContext) -> Solver:
-    solver.check(len(ctx.expert_names))
-    return solver
+# ---------------------------------------------------------------- the kinds
+
+class GridSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    start: float = 0.0
+    stop: float = 2.0
+    step: float = Field(0.1, gt=0)
+
+    def values(self) -> list[float]:
+        return make_grid(self.start, self.stop, self.step)
 
 
-def _needs_experts(recipe) -> str | None:
-    if not recipe.experts:
-        return f"solver kind {recipe.solver.kind!r} needs at least one expert (or use kind: large)"
-    return None
+class LargeSpec(SolverSpec):
+    """The large model alone."""
+
+    kind: Literal["large"] = "large"
+    syntax: ClassVar[str] = "large"
+
+    def build(self, ctx: MethodContext) -> Solver:
+        return Alone("large")
 
 
-def _parse_dynamic(arg: str, spec: str, ctx: MethodContext) -> Solver:
-    search = ctx.search
-    kwargs = {"grid": list(search.grid)} if search.grid is not None else {}
-    return _checked(Dynamic(strategy=arg or search.strategy or "fast", a_max=search.a_max, **kwargs), ctx)
+class ExpertSpec(SolverSpec):
+    """One expert alone (the first when none is named)."""
+
+    kind: Literal["expert"] = "expert"
+    expert: str | None = None
+    syntax: ClassVar[str] = "expert[:NAME]"
+    needs: ClassVar[frozenset[str]] = frozenset({"expert"})
+
+    @classmethod
+    def from_method(cls, arg, method, ctx):
+        return cls(expert=arg or None)
+
+    def build(self, ctx: MethodContext) -> Solver:
+        names = list(ctx.expert_names)
+        if not names:
+            raise SolverError("method 'expert' needs at least one expert", field="solver")
+        name = self.expert or names[0]
+        if name not in names:
+            raise SolverError(f"unknown expert {name!r} in method {self.method()!r}; experts: {names}", field="solver")
+        return Alone("expert", names.index(name))
+
+    def recipe_problem(self, expert_names, has_delta):
+        if self.expert not in expert_names:
+            return f"solver.expert {self.expert!r} is not one of the experts {list(expert_names)}"
+        return None
+
+    def method(self) -> str:
+        return f"expert:{self.expert}" if self.expert else "expert"
 
 
-def _parse_static(arg: str, spec: str, ctx: MethodContext) -> Solver:
-    weights = _floats(arg, f"bad weights in {spec!r}; write e.g. static:1.0 or static:0.5,1.5") if arg else [1.0]
-    return _checked(Static(weights), ctx)
+class StaticSpec(SolverSpec):
+    """Fixed weights: one per expert, or one for all (proxy-tuning is one expert at a = 1)."""
+
+    kind: Literal["static"] = "static"
+    weights: list[float] = [1.0]
+    syntax: ClassVar[str] = "static[:a,...]"
+    needs: ClassVar[frozenset[str]] = frozenset({"expert"})
+    fuses_experts: ClassVar[bool] = True
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: list[float]) -> list[float]:
+        problem = limits.weight_problem("static weights", v) if v else \
+            "static weights: none given; give one weight per expert, or one for all"
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @classmethod
+    def from_method(cls, arg, method, ctx):
+        if not arg:
+            return cls()
+        return cls(weights=_floats(arg, f"bad weights in {method!r}; write e.g. static:1.0 or static:0.5,1.5"))
+
+    def build(self, ctx: MethodContext) -> Solver:
+        return Static(list(self.weights))
+
+    def recipe_problem(self, expert_names, has_delta):
+        n = len(expert_names)
+        if n and len(self.weights) not in (1, n):
+            return (f"solver.weights has {len(self.weights)} values for {n} experts; give one per expert or one "
+                    "for all")
+        return super().recipe_problem(expert_names, has_delta)
+
+    def method(self) -> str:
+        return "static:" + ",".join(str(w) for w in self.weights)
 
 
-def _check_static(recipe) -> str | None:
-    weights, n = recipe.solver.weights, len(recipe.experts)
-    if len(weights) not in (1, n):
-        return (f"solver.weights has {len(weights)} values for {n} experts; give one per expert or one "
-                "for all")
-    return None
+class DynamicSpec(SolverSpec):
+    """Per-step, per-sequence weights by KL matching (method.md §3-4)."""
+
+    kind: Literal["dynamic"] = "dynamic"
+    grid: GridSpec | list[float] = GridSpec()
+    strategy: Literal["fast", "joint"] = "fast"
+    a_max: float | None = Field(None, gt=0, le=limits.MAX_WEIGHT)
+    syntax: ClassVar[str] = "dynamic[:fast|joint]"
+    needs: ClassVar[frozenset[str]] = frozenset({"expert"})
+    fuses_experts: ClassVar[bool] = True
+
+    def grid_values(self) -> list[float]:
+        return self.grid.values() if isinstance(self.grid, GridSpec) else [float(a) for a in self.grid]
+
+    @model_validator(mode="after")
+    def _grid(self):
+        try:
+            grid = self.grid_values()
+            check_grid(grid, self.a_max if self.a_max is not None else max(grid, default=0.0))
+        except SolverError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    @classmethod
+    def from_method(cls, arg, method, ctx):
+        if arg not in ("", "fast", "joint"):
+            raise SolverError(f"unknown dynamic strategy {arg!r} in {method!r}; use 'fast' or 'joint' "
+                              f"({grammar()})", field="solver")
+        search = ctx.search
+        grid = {"grid": list(search.grid)} if search.grid is not None else {}
+        return cls(strategy=arg or search.strategy or "fast", a_max=search.a_max, **grid)
+
+    def build(self, ctx: MethodContext) -> Solver:
+        return Dynamic(self.grid_values(), strategy=self.strategy, a_max=self.a_max)
+
+    def search(self) -> SearchConfig:
+        return SearchConfig(tuple(self.grid_values()), self.strategy, self.a_max)
+
+    def method(self) -> str:
+        return f"dynamic:{self.strategy}" if self.strategy != "fast" else "dynamic"
 
 
-def _parse_large(arg: str, spec: str, ctx: MethodContext) -> Solver:
-    if arg:
-        raise SolverError(f"unknown method {spec!r}; use {grammar()}")
-    return Alone("large")
+class DeltaSpec(SolverSpec):
+    """Cross-model control: the recipe's delta model on the large model, at `strength` (default:
+    the delta section's)."""
 
+    kind: Literal["delta"] = "delta"
+    strength: float | None = None
+    syntax: ClassVar[str] = "delta[:a]"
+    needs: ClassVar[frozenset[str]] = frozenset({"delta"})
 
-def _parse_expert(arg: str, spec: str, ctx: MethodContext) -> Solver:
-    names = list(ctx.expert_names)
-    if not names:
-        raise SolverError("method 'expert' needs at least one expert")
-    name = arg or names[0]
-    if name not in names:
-        raise SolverError(f"unknown expert {name!r} in method {spec!r}; experts: {names}")
-    return Alone("expert", names.index(name))
+    @field_validator("strength")
+    @classmethod
+    def _bounded(cls, v: float | None) -> float | None:
+        if v is not None and not (math.isfinite(v) and abs(v) <= limits.MAX_WEIGHT):  # overflows, as a weight would
+            raise ValueError(f"delta strength must be between -{limits.MAX_WEIGHT:g} and {limits.MAX_WEIGHT:g}, "
+                             f"got {v}")
+        return v
 
-
-def _check_expert(recipe) -> str | None:
-    names = [e.name for e in recipe.experts]
-    if recipe.solver.expert not in names:
-        return f"solver.expert {recipe.solver.expert!r} is not one of the experts {names}"
-    return None
-
-
-def _parse_delta(arg: str, spec: str, ctx: MethodContext) -> Solver:
-    if arg:
-        problem = f"bad strength in {spec!r}; write e.g. delta or delta:0.5"
-        strength = _floats(arg, problem)
+    @classmethod
+    def from_method(cls, arg, method, ctx):
+        if not arg:
+            return cls(strength=ctx.search.delta_strength)
+        strength = _floats(arg, f"bad strength in {method!r}; write e.g. delta or delta:0.5")
         if len(strength) != 1:
-            raise SolverError(problem)
-        strength = strength[0]
-    else:
-        strength = 1.0 if ctx.search.delta_strength is None else ctx.search.delta_strength
-    solver = _checked(Delta(strength), ctx)
-    if abs(solver.strength) > MAX_WEIGHT:  # overflows the fused logits, as a weight would
-        raise SolverError(f"delta strength must be between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}, got {solver.strength}")
-    return solver
+            raise SolverError(f"bad strength in {method!r}; write e.g. delta or delta:0.5", field="solver")
+        return cls(strength=strength[0])
 
+    def build(self, ctx: MethodContext) -> Solver:
+        strength = self.strength if self.strength is not None else ctx.search.delta_strength
+        return Delta(1.0 if strength is None else strength)
 
-def _check_delta(recipe) -> str | None:
-    if recipe.delta is None:
-        return "solver kind 'delta' needs a `delta` section: {path: DELTA_MODEL, strength: 1.0}"
-    return None
+    def method(self) -> str:
+        return "delta" if self.strength is None else f"delta:{self.strength}"
 
 
 # Registration order is the order of messages ("unknown method ...; use large, expert[:NAME], ...").
-register(SolverKind("large", "large", _parse_large))
-register(SolverKind("expert", "expert[:NAME]", _parse_expert, recipe_arg=lambda r: r.solver.expert or "",
-                    check_recipe=_check_expert))
-register(SolverKind("static", "static[:a,...]", _parse_static,
-                    recipe_arg=lambda r: ",".join(str(w) for w in r.solver.weights),
-                    check_recipe=lambda r: _needs_experts(r) or _check_static(r), fuses_experts=True))
-register(SolverKind("dynamic", "dynamic[:fast|joint]", _parse_dynamic, check_recipe=_needs_experts,
-                    fuses_experts=True))
-register(SolverKind("delta", "delta[:a]", _parse_delta, check_recipe=_check_delta))
+for _spec in (LargeSpec, ExpertSpec, StaticSpec, DynamicSpec, DeltaSpec):
+    register(_spec)

@@ -134,28 +134,56 @@ def refine(z_large: Tensor, z_small: Tensor, z_experts: Tensor, start: Tensor, a
 
 
 class Solver:
-    """Base: which models a solver reads, and how it turns their logits into a Choice."""
+    """A weight rule: `solver(z) -> Choice`, z the step's logits of the models it reads, by kind
+    (members.Logits: .large, .small [B, V], .experts [B, T, V], .delta). It declares which kinds
+    it reads, whether it can run speculatively and how it drafts."""
 
     name = "solver"
     reads: frozenset[str] = frozenset({"large", "small", "expert"})  # member kinds (members.KINDS) it reads
     experts: tuple[int, ...] | None = None  # indices of the experts read; None = all
 
-    def __call__(self, z_large: Tensor | None, z_small: Tensor | None,
-                 z_experts: Tensor | None) -> Choice:
+    def __call__(self, z: Logits) -> Choice:
         raise NotImplementedError
 
     def check(self, n_experts: int) -> None:
         """Raise SolverError if this solver cannot run with n_experts experts."""
 
-    def on(self, z: Logits | Sequence[Tensor]) -> Choice:
-        """Run on the logits of the models it reads, by kind (or a list in the order of members.KINDS)."""
-        if not isinstance(z, Logits):
-            z = Logits.ordered(self.reads, z)
-        return self(z.large, z.small, z.experts)
+    def speculation_refusal(self) -> str | None:
+        """Why speculative decoding cannot run with this solver, or None when it can (then `draft`
+        gives the small side's proposals)."""
+        return f"the {self.name} solver has no weights to draft with on the small side"
+
+    def draft(self, z: Logits, choice: Choice) -> Tensor:
+        """Speculative drafting: the small side's proposal logits [B, V] at a drafted position, from
+        the small side's logits there (z.small, z.experts) and this round's exact `choice`."""
+        raise SolverError(self.speculation_refusal() or f"{self.name} cannot draft", field="speculate")
+
+
+class Linear(Solver):
+    """A solver whose choice is linear weights on the experts' shifts (static and dynamic fusion):
+    it drafts with the small base standing in for the large model, z_S + sum_t a_t (z_t - z_S),
+    at the weights of the round's exact step."""
+
+    def speculation_refusal(self) -> str | None:
+        return None
+
+    def draft(self, z: Logits, choice: Choice) -> Tensor:
+        return fuse(z.small, z.small, z.experts, choice.weights)
+
+
+class Rule(Solver):
+    """A solver from a function of the step's logits (z: Logits) -> Choice, reading `reads`; the
+    quickest way to try a new weight rule (register a spec whose `build` returns one)."""
+
+    def __init__(self, name: str, fn, reads=("large", "small", "expert")):
+        self.name, self.fn, self.reads = name, fn, frozenset(reads)
+
+    def __call__(self, z: Logits) -> Choice:
+        return self.fn(z)
 
 
 @dataclass
-class Static(Solver):
+class Static(Linear):
     """Fixed weights (proxy-tuning is one expert with a = 1). One weight per expert, or one for all."""
 
     weights: Sequence[float] = (1.0,)
@@ -172,15 +200,15 @@ class Static(Solver):
         if problem:
             raise SolverError(problem)
 
-    def __call__(self, z_large, z_small, z_experts) -> Choice:
-        batch, n_experts = z_experts.shape[:2]
-        w = torch.tensor(list(self.weights), dtype=torch.float32, device=z_large.device)
+    def __call__(self, z: Logits) -> Choice:
+        batch, n_experts = z.experts.shape[:2]
+        w = torch.tensor(list(self.weights), dtype=torch.float32, device=z.large.device)
         w = w.expand(n_experts).expand(batch, n_experts)
-        return Choice(fuse(z_large, z_small, z_experts, w), w, None)
+        return Choice(fuse(z.large, z.small, z.experts, w), w, None)
 
 
 @dataclass
-class Dynamic(Solver):
+class Dynamic(Linear):
     """Per-step, per-sequence weights by KL matching (method.md §3-4).
 
     strategy "fast": the paper's one-expert-per-step search (T x G candidates in one op).
@@ -248,9 +276,9 @@ class Dynamic(Solver):
                                self._candidates("fast", n_experts, z_large.device))
         return refine(z_large, z_small, z_experts, start, self.a_max, steps=self.refine_steps)
 
-    def __call__(self, z_large, z_small, z_experts) -> Choice:
-        weights, j = self.solve(z_large, z_small, z_experts)
-        return Choice(fuse(z_large, z_small, z_experts, weights), weights, j)
+    def __call__(self, z: Logits) -> Choice:
+        weights, j = self.solve(z.large, z.small, z.experts)
+        return Choice(fuse(z.large, z.small, z.experts, weights), weights, j)
 
 
 @dataclass
@@ -271,8 +299,11 @@ class Alone(Solver):
         if self.member == "expert" and not 0 <= self.expert < n_experts:
             raise SolverError(f"expert index {self.expert} out of range for {n_experts} experts")
 
-    def __call__(self, z_large, z_small, z_experts) -> Choice:
-        return Choice((z_large if self.member == "large" else z_experts[:, 0]).float())
+    def __call__(self, z: Logits) -> Choice:
+        return Choice((z.large if self.member == "large" else z.experts[:, 0]).float())
+
+    def speculation_refusal(self) -> str | None:
+        return f"the {self.member} model alone is not a fusion: the small side has nothing to draft for it"
 
 
 @dataclass
@@ -290,10 +321,11 @@ class Delta(Solver):
         if not math.isfinite(self.strength):
             raise SolverError(f"delta strength must be finite, got {self.strength}")
 
-    def on(self, z: Logits | Sequence[Tensor]) -> Choice:
-        if not isinstance(z, Logits):
-            z = Logits.ordered(self.reads, z)
+    def __call__(self, z: Logits) -> Choice:
         return Choice(z.large.float().log_softmax(-1) + self.strength * z.delta.float())
+
+    def speculation_refusal(self) -> str | None:
+        return "the delta solver reads no small base to draft with"
 
 
 def parse_grid(text: str) -> list[float]:

@@ -20,18 +20,19 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor
 
-from .fusion import fuse
 from .sampling import Rows, sample, warp
 from .solvers import Choice
 
 if TYPE_CHECKING:
     from .context import Context
     from .decoding import Batch, Seq
-    from .members import Members
 
 
 def refusal(batch: Batch) -> str | None:
     """Why this batch's solver and members cannot run speculative rounds, or None."""
+    why = batch.solver.speculation_refusal()
+    if why:
+        return why
     members = batch.members
     if not (members.large and members.small and members.experts):
         return "speculation needs a method that reads the large model, the small one and an expert"
@@ -85,12 +86,11 @@ def plan_round(batch: Batch) -> tuple[int, list[int]]:
     return best, caps.clamp_max(best).tolist()
 
 
-def proposal(members: Members, z: dict[str, Tensor], weights: Tensor) -> Tensor:
-    """The small side's fused draft logits: z_S + a (z_t - z_S), the small base standing in for
-    the large model. z: [B, V] per member role -> [B, V]."""
-    z_s = z[members.small.role]
-    z_e = torch.stack([z[m.role] for m in members.experts], 1)  # [B, T, V]
-    return fuse(z_s, z_s, z_e, weights)
+def proposal(batch: Batch, z: dict[str, Tensor], choice: Choice) -> Tensor:
+    """The small side's draft logits at a position, by the solver's own drafting rule (for linear
+    weights: z_S + a (z_t - z_S), the small base standing in for the large model, at this round's
+    weights). z: [B, V] per member role -> [B, V]."""
+    return batch.solver.draft(batch.members.logits(z), choice)
 
 
 def kept_probability(logp: Tensor, logq: Tensor) -> Tensor:
@@ -117,7 +117,7 @@ def observe_plain(batch: Batch, choice: Choice, rows: Sequence[int] | None = Non
     (this step's weights, the small base standing in for the large model) against the fused
     distribution, as the probability speculative sampling would keep it, sum_v min(p, q) (for
     greedy rows: 1 if the argmaxes agree, else 0)."""
-    draft = proposal(batch.members, batch.logits, choice.weights)
+    draft = proposal(batch, batch.logits, choice)
     if batch.sampling.sampled:
         agree = kept_probability(warp(choice.logits, batch.sampling), warp(draft, batch.sampling))  # [B]
     else:
@@ -182,7 +182,7 @@ def _draft(batch: Batch, k: int, caps: Sequence[int], choice0: Choice,
     """The small side's drafts d [B, k]; for sampled batches the draft distributions log q_j of
     d_1..d_{k-1} ([B, V] each); and the small side's logits at positions 1..k, {role: [B, k, V]}.
     A sampled row draws no random numbers for drafts past its cap."""
-    rows, members = batch.sampling, batch.members
+    rows = batch.sampling
     drafts = [pick(choice0.logits, rows, batch.seqs)]  # [B] each
     draft_logq: list[Tensor] = []
     side: list[dict[str, Tensor]] = []  # per position 1..k: {role: [B, V]}
@@ -191,7 +191,7 @@ def _draft(batch: Batch, k: int, caps: Sequence[int], choice0: Choice,
         side.append(z)
         if j == k - 1:
             break
-        z_draft = proposal(members, z, choice0.weights)
+        z_draft = proposal(batch, z, choice0)
         if rows.sampled:
             draft_logq.append(warp(z_draft, rows))
             drafts.append(sample(draft_logq[-1], rows, [cap > j + 1 for cap in caps]))

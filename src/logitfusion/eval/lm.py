@@ -144,7 +144,7 @@ def solve_positions(solver: Solver, z: Logits) -> Choice:
     rows = max(1, MAX_CHUNK_ELEMENTS // (vocab * 32))
     parts = []
     for start in range(0, n, rows):
-        parts.append(solver.on(z.rows(slice(start, start + rows))))
+        parts.append(solver(z.rows(slice(start, start + rows))))
 
     def cat(field: str):
         values = [getattr(p, field) for p in parts]
@@ -456,8 +456,9 @@ def _recipe_for(recipe, experts=None, ceiling: bool = False, device: str | None 
             raise EvalError(f"experts {unknown} are not in the recipe; its experts: {known}")
         keep = [i for i, name in enumerate(known) if name in wanted]
         fields["experts"] = [r.experts[i].model_dump() for i in keep]
-        if len(r.solver.weights) == len(known) > 1:  # static weights: one per expert
-            solver["weights"] = [r.solver.weights[i] for i in keep]
+        weights = getattr(r.solver, "weights", [])
+        if len(weights) == len(known) > 1:  # static weights: one per expert
+            solver["weights"] = [weights[i] for i in keep]
         if r.solver.kind == "expert" and r.solver.expert not in wanted:
             solver["expert"] = wanted[0]
     if ceiling:
