@@ -115,7 +115,8 @@ def test_bench_appends_records_resumes_and_reports(built, tmp_path):
     dyn = next(r for r in recs if r["method"] == "dynamic")
     assert dyn["weights_mean_by_step"] and all(0 <= r["both"] <= r["format"] <= 1 for r in recs)
     again = real_bench.bench_real(root, out, tasks=("arith",), bc=bc, log=logs.append)
-    assert len(again) == len(recs) and len(logs) == len(recs)  # nothing rerun
+    assert len(again) == len(recs) and len(logs) == len(recs) + 1  # nothing rerun
+    assert "nothing measured" in logs[-1]
     md = (out / "real.md").read_text()
     assert "| dynamic |" in md and "ppl held-out" in md and "Validation" in md
 
@@ -173,3 +174,34 @@ def test_missing_benchmark_text_is_named(tmp_path):
     cfg = real.RealConfig(benchmarks=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="gsm8k_test.jsonl, truthfulqa.jsonl not found .* --benchmarks"):
         real.teacher_prompts(cfg)
+
+
+def test_real_path_as_a_new_user_meets_it(built, tmp_path, monkeypatch):
+    """Issue 23, class 8: bench real writes beside the build by default (never ./docs/results), says
+    when it measured nothing, labels the build's step times as such; `--only measure` measures again;
+    the demo's table goes to stdout uncut; off a terminal the build logs its steps as lines."""
+    from typer.testing import CliRunner
+
+    from logitfusion.cli import app
+    root, cfg, *_ = built
+    runner = CliRunner()
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "real", "--root", str(root), "--tasks", "arith", "--limit", "1", "--validation", "1",
+            "--max-new-tokens", "1"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert (root / "results" / "real.md").exists() and not (tmp_path / "docs").exists()
+    md = (root / "results" / "real.md").read_text()
+    assert "measured once by the build's `measure` step" in md and "--only measure" in md
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "nothing measured" in res.output
+    events = []
+    real.build(root, cfg, only=["measure"], on_step=lambda n, s, t: events.append((n, s)))
+    assert events == [("measure", "start"), ("measure", "done")]  # done before, measured again when named
+    assert "measured" in json.loads((root / "measure.json").read_text())
+    fresh = tmp_path / "fresh"
+    res = runner.invoke(app, ["real", "build", "--root", str(fresh), "--only", "wheel", "--wheel", cfg.wheel])
+    assert res.exit_code == 0, res.output
+    assert "wheel: start" in res.output and "wheel: done" in res.output  # plain lines: no terminal here
+    res = runner.invoke(app, ["real", "demo", "--root", str(root), "--n", "1"])
+    assert res.exit_code == 0 and max(len(line) for line in res.stdout.splitlines()) > 80

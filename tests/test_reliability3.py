@@ -263,3 +263,75 @@ def test_members_that_add_different_special_tokens_are_refused_by_name(family, t
     assert r.exit_code == 2 and "special tokens around a prompt" in r.output
     large = _with_bos(family["large"], tmp_path / "large-bos")  # all agree: accepted
     assert Fuser.from_pretrained(large, small, {"e": expert}).generate("the cat", max_new_tokens=2)[0].token_ids
+
+
+# ---------------------------------------------------------------- 4. `real build` options, checked before any step
+
+def _real_build(tmp_path, *args):
+    return cli("real", "build", "--root", tmp_path / "root", *args)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--only", "nope"], "--only 'nope': unknown steps ['nope']; name one or more of wheel, gguf"),
+    (["--only", ""], "--only '': no step named"),
+    (["--only", ","], "no step named"),
+    (["--only", "wheel,experts/nope"], "unknown steps ['experts/nope']"),
+    (["--layers", ""], "--layers '': give comma-separated layer numbers"),
+    (["--layers", "0,30"], "give distinct layer numbers from 0 to 29 in increasing order"),
+    (["--layers", "-1,3"], "from 0 to 29"),
+    (["--layers", "3,3"], "distinct"),
+    (["--teacher-prompts", "-1"], "--teacher-prompts must be >= 1, got -1"),
+    (["--max-train-chunks", "0"], "--max-train-chunks must be >= 1"),
+    (["--distil-steps", "-5"], "--distil-steps must be >= 1"),
+    (["--seed", "-1"], "--seed must be between 0 and"),
+    (["--wheel", "{T}/notes.txt"], "is not a wheel (a .whl zip file"),
+    (["--wheel", "{T}/fake.whl"], "is not a wheel"),
+    (["--wheel", "{T}/empty"], "is a folder holding 0 .whl files"),
+    (["--benchmarks", "{T}/empty"], "gsm8k_test.jsonl, truthfulqa.jsonl not found"),
+])
+def test_real_build_options_are_checked_before_any_step(tmp_path, args, message):
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "fake.whl").write_text("not a zip")
+    (tmp_path / "empty").mkdir()
+    args = [a.replace("{T}", str(tmp_path)) for a in args]
+    r = _real_build(tmp_path, *args)
+    assert r.exit_code == 2 and message in " ".join(r.output.split()), (args, r.output)
+    assert not (tmp_path / "root").exists()  # nothing ran, nothing was made
+
+
+def test_real_build_root_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "root").write_text("mine")
+    r = _real_build(tmp_path)
+    assert r.exit_code == 2 and "is a file; give a folder" in r.output
+    assert (tmp_path / "root").read_text() == "mine"
+
+
+def test_bench_real_refuses_an_empty_task_list(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "measure.json").write_text("{}")
+    (root / "config.json").write_text(json.dumps({"tasks": ["arith", "capitals"]}))
+    for tasks in ("", "nope"):
+        r = cli("bench", "real", "--root", root, "--tasks", tasks)
+        assert r.exit_code == 2 and "name one or more of the tasks built" in r.output, r.output
+
+
+# ---------------------------------------------------------------- 8. the real-model path
+
+@pytest.mark.parametrize("text, gold", [("Answer: Sana'a", "Sanaa"), ("Answer: Sanaa", "Sana'a"),
+                                        ("Answer: Bogotá", "Bogota"), ("Answer: Port-au-Prince", "Port au Prince"),
+                                        ("Answer: SANA’A.", "Sanaa")])
+def test_answers_compare_without_apostrophes_accents_or_hyphens(text, gold):
+    from logitfusion.bench.real import score
+    assert score(text, gold) == {"format": True, "correct": True, "both": True}
+    assert not score("Answer: Sana", "Sanaa")["correct"]
+
+
+def test_the_real_build_modules_import_no_circle():
+    import ast
+
+    import logitfusion.bench.real as real
+    import logitfusion.bench.real_train as real_train
+    imported = lambda mod: {n.module for n in ast.walk(ast.parse(Path(mod.__file__).read_text()))
+                            if isinstance(n, ast.ImportFrom) and n.module}
+    assert "real" not in imported(real_train) and "real_config" in imported(real_train)

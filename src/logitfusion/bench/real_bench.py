@@ -116,6 +116,9 @@ def bench_real(root: str | Path, out: str | Path, tasks: tuple[str, ...] | None 
     for task in tasks:
         _TaskRun(root, task, jsonl, done, bc, log).all()
     records = _records(jsonl)
+    if len(records) == len(done):
+        log(f"bench real: nothing measured: {jsonl} already holds every (task, split, method) of this run; "
+            "give another --out (or delete it) to measure again")
     runs_file = out / "real.runs.json"
     runs = json.loads(runs_file.read_text()) if runs_file.exists() else []
     if len(records) > len(done):  # a run that only found its results already written is not one
@@ -162,7 +165,10 @@ def write_report(root: Path, out: Path, records: list[dict]) -> Path:
              "", "Written by `logitfusion bench real` from real.jsonl (see docs/real.md for how it was built).", ""]
     if m:
         lines += ["## The models", "",
-                  "| model | layers | parameters | ppl held-out task text | ppl unseen English | ms / decoding step (batch 8) |",
+                  (f"ms / decoding step: measured once by the build's `measure` step ({m.get('measured', 'date not recorded')}), "
+                   "on that machine at that load, not by this bench; measure again with `logitfusion real build "
+                   f"--root {root} --only measure`. Tokens/s below are this bench's own."), "",
+                  "| model | layers | parameters | ppl held-out task text | ppl unseen English | ms / decoding step (batch 8, at build) |",
                   "|---|---|---|---|---|---|"]
         for name in ("large", "small"):
             r = m[name]

