@@ -1,0 +1,122 @@
+"""What the vLLM logits processor is told, without vLLM: where its recipe is and how a request picks
+its method.
+
+A vLLM logits processor class is built by vLLM (in every worker, and its `validate_params` is
+called in the front-end process) with no arguments of ours, so the recipe travels by name:
+
+- `vllm.LLM(..., additional_config={"logitfusion_recipe": PATH})` (server: `--additional-config`):
+  part of the engine's config, so it reaches every worker, on every node;
+- or the environment variable LOGITFUSION_RECIPE=PATH, which the front-end process reads too (the
+  one place a request's method can be checked before it is queued). `offline.fused_llm` and the
+  `serve` launcher set both.
+
+A request picks its method with `SamplingParams(extra_args={"solver": "static:1.0"})` (HTTP:
+`"vllm_xargs": {"solver": "dynamic"}`), in the project's method grammar; without it the recipe's
+solver runs. "large" decodes from the large model alone.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..engine.errors import SolverError
+from ..engine.recipe import Recipe, RecipeError
+from ..engine.solvers import Solver
+
+RECIPE_ENV = "LOGITFUSION_RECIPE"
+CONFIG_KEY = "logitfusion_recipe"  # in vLLM's additional_config
+SOLVER_ARG = "solver"  # in SamplingParams.extra_args / vllm_xargs
+LARGE_ONLY = frozenset({"large"})
+
+
+class SettingsError(ValueError):
+    """A recipe or a request the vLLM processor cannot run; vLLM answers a request's with HTTP 400."""
+
+
+def recipe_path(additional_config: Mapping[str, Any] | None = None) -> str:
+    """The recipe's path: the engine config's, else the environment's."""
+    config = additional_config if isinstance(additional_config, Mapping) else {}
+    found = config.get(CONFIG_KEY) or os.environ.get(RECIPE_ENV)
+    if not found:
+        raise SettingsError(f"the logitfusion logits processor has no recipe: pass additional_config="
+                            f"{{'{CONFIG_KEY}': PATH}} to vllm.LLM (server: --additional-config '{{\"{CONFIG_KEY}\": "
+                            f"\"PATH\"}}'), or set {RECIPE_ENV}=PATH")
+    return str(Path(found).resolve())
+
+
+@lru_cache(maxsize=8)
+def methods(path: str) -> "Methods":
+    """The recipe at `path`, checked for this engine, and its methods (cached: read once per process)."""
+    try:
+        recipe = Recipe.from_file(path)
+    except RecipeError as e:
+        raise SettingsError(str(e)) from None
+    return Methods.of(recipe)
+
+
+def engine_problem(recipe: Recipe) -> str | None:
+    """What a recipe asks that the vLLM engine does not do, or None."""
+    if recipe.engine().speculate > 1:
+        return (f"generation.speculate is {recipe.engine().speculate}, but speculative fused decoding runs in "
+                "logitfusion's own engine only (vLLM refuses custom logits processors with its speculative "
+                "decoding); set generation.speculate to 0 for the vLLM engine")
+    if recipe.large.template != "{prompt}":
+        return ("large.template is set, but vLLM reads the prompt as it is sent; put the large model's template "
+                "into the prompt itself and remove large.template")
+    return None
+
+
+@dataclass
+class Methods:
+    """A recipe's default solver and the solvers requests ask for, by method string (one object per
+    method, so that rows with the same method are solved together)."""
+
+    recipe: Recipe
+    runner: Solver | None  # the solver whose members the small side runs (None: nothing to fuse)
+    default: Solver | None  # the recipe's solver (None: the large model alone)
+    cache: dict[str, Solver | None] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> "Methods":
+        problem = engine_problem(recipe)
+        if problem:
+            raise SettingsError(f"recipe: {problem}")
+        try:
+            default = recipe.build_solver()
+            # A recipe that decodes the large model alone by default still runs its experts for
+            # requests that ask for fusion.
+            runner = default if default.reads != LARGE_ONLY else (recipe.method("static") if recipe.experts else None)
+        except (RecipeError, SolverError) as e:
+            raise SettingsError(f"recipe: {e}") from None
+        return cls(recipe, runner, None if default.reads == LARGE_ONLY else default)
+
+    def of_request(self, extra_args: Mapping[str, Any] | None) -> Solver | None:
+        """The solver a request asks for (None: the large model alone), or SettingsError."""
+        spec = (extra_args or {}).get(SOLVER_ARG)
+        if spec is None:
+            return self.default
+        if not isinstance(spec, str) or not spec:
+            raise SettingsError(f"extra_args.{SOLVER_ARG} must be a method string such as 'dynamic' or "
+                                f"'static:1.0', got {spec!r}")
+        if spec not in self.cache:
+            self.cache[spec] = self._build(spec)
+        return self.cache[spec]
+
+    def _build(self, spec: str) -> Solver | None:
+        try:
+            solver = self.recipe.method(spec)
+        except SolverError as e:
+            raise SettingsError(f"extra_args.{SOLVER_ARG}: {e}") from None
+        if solver.reads == LARGE_ONLY:
+            return None
+        runner = self.runner
+        if runner is None or solver.reads != runner.reads or solver.experts != runner.experts:
+            runs = "the large model alone" if runner is None else f"method {self.recipe.method_spec()!r}'s models"
+            raise SettingsError(f"extra_args.{SOLVER_ARG}: method {spec!r} reads other models than this engine runs "
+                                f"({runs}); with the vLLM engine a request may ask for 'large' or any method that "
+                                "reads the same models (static and dynamic over all the experts)")
+        return solver

@@ -1,0 +1,168 @@
+"""The large model inside vLLM (logitfusion.vllm): fusion as a vLLM V1 logits processor.
+
+Skipped without vLLM (pip install 'logitfusion[vllm]'). One vLLM engine for the whole module
+(an engine start costs 40-70 s of CPU). Greedy tokens through vLLM must be the HF engine's
+(Fuser.generate) for the same recipe, with more requests than vLLM's batch slots, so rows join and
+leave mid-run, and with methods mixed in one batch; the row bookkeeping (moves, swaps,
+preemption) is also driven by hand with the large model's logits computed here."""
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'logitfusion[vllm]', then "
+                                          "pip uninstall -y torchvision torchaudio torchcodec)")
+
+from vllm.exceptions import VLLMValidationError  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
+
+from logitfusion.bench import toy  # noqa: E402
+from logitfusion.engine.fuser import Fuser  # noqa: E402
+from logitfusion.vllm.offline import fused_llm, sampling  # noqa: E402
+from logitfusion.vllm.processor import FusionLogitsProcessor  # noqa: E402
+from logitfusion.vllm.settings import CONFIG_KEY, SettingsError, methods  # noqa: E402
+
+PROMPTS = ["Question: 3 plus 4? Answer:", "the cat sells", "a", "two dogs and three birds go to the river",
+           "one bird", "Question: 5 plus 1? Answer:", "the king has ten coins and"]
+LENGTHS = [6, 9, 4, 7, 5, 8, 10]  # rows finish at different steps, so waiting requests join mid-run
+METHODS = ["static:1.0", "dynamic", "large"]
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """A toy family vLLM's CPU attention can run (head size 32; the suite's large model has 24) and
+    its recipe: the large model, the small base and two full experts, dynamic by default."""
+    root = tmp_path_factory.mktemp("vllm_family")
+    tok = toy.build_tokenizer(root / "tokenizer")
+    toy.build_model(root / "large", tok, hidden=64, layers=2, heads=2, seed=10)
+    toy.build_model(root / "small", tok, hidden=48, layers=2, heads=4, seed=20)
+    for i in (1, 2):
+        toy.perturbed_copy(root / "small", root / f"expert{i}", scale=0.5, seed=30 + i)
+    path = root / "fusion.yaml"
+    path.write_text(f"large: {{path: {root}/large}}\nsmall: {{path: {root}/small}}\nexperts: [{{name: e1, path: "
+                    f"{root}/expert1}}, {{name: e2, path: {root}/expert2}}]\nsolver: {{kind: dynamic}}\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def fuser(recipe):
+    return Fuser.from_recipe(recipe)
+
+
+@pytest.fixture(scope="module")
+def llm(recipe):
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    engine = fused_llm(recipe, enforce_eager=True, max_model_len=128, max_num_seqs=4, seed=0)
+    yield engine
+    engine.llm_engine.engine_core.shutdown()  # now, not in an atexit hook after pytest closed its streams
+
+
+def _engine_tokens(fuser, method, prompt, n):
+    return fuser.generate(prompt, solver=method, max_new_tokens=n, ignore_eos=True)[0].token_ids
+
+
+# ---------------------------------------------------------------- through vllm.LLM
+
+
+def test_vllm_fused_greedy_tokens_are_the_engine_tokens(llm, fuser):
+    """21 requests (7 prompts x static, dynamic, large alone) through 4 batch slots, methods mixed."""
+    cases = [(p, n, m) for m in METHODS for p, n in zip(PROMPTS, LENGTHS)]
+    outs = llm.generate([p for p, _, _ in cases],
+                        [sampling(m, temperature=0, max_tokens=n, ignore_eos=True) for _, n, m in cases])
+    got = [list(o.outputs[0].token_ids) for o in outs]
+    want = [_engine_tokens(fuser, m, p, n) for p, n, m in cases]
+    assert got == want
+    by_method = {m: [g for g, (_, _, mm) in zip(got, cases) if mm == m] for m in METHODS}
+    assert by_method["static:1.0"] != by_method["large"]  # fusion changed something
+
+
+def test_vllm_recipe_solver_by_default(llm, fuser):
+    outs = llm.generate(PROMPTS[:3], sampling(temperature=0, max_tokens=6, ignore_eos=True))
+    assert [list(o.outputs[0].token_ids) for o in outs] == \
+        [_engine_tokens(fuser, "dynamic", p, 6) for p in PROMPTS[:3]]
+
+
+@pytest.mark.parametrize("bad", ["bogus", "expert:e1", "static:1,2,3", 3])
+def test_vllm_refuses_a_bad_method_per_request(llm, bad):
+    with pytest.raises((ValueError, VLLMValidationError), match="extra_args.solver"):
+        llm.generate(["the cat"], sampling(temperature=0, max_tokens=2, extra_args={"solver": bad}))
+    ok = llm.generate(["the cat"], sampling("static:1.0", temperature=0, max_tokens=2))  # the engine lives on
+    assert len(ok[0].outputs[0].token_ids) == 2
+
+
+# ---------------------------------------------------------------- the processor driven by hand
+
+
+def test_settings_refuse_speculation_and_a_missing_recipe(recipe, tmp_path, monkeypatch):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(open(recipe).read() + "generation: {speculate: 4}\n")
+    with pytest.raises(SettingsError, match="speculate"):
+        methods(str(spec))
+    monkeypatch.delenv("LOGITFUSION_RECIPE", raising=False)
+    with pytest.raises(SettingsError, match="LOGITFUSION_RECIPE"):
+        FusionLogitsProcessor(SimpleNamespace(additional_config={}), torch.device("cpu"), False)
+
+
+@torch.no_grad()
+def _large_logits(fuser, ids):
+    return fuser.models.large.model(torch.tensor([ids])).logits[0, -1, : fuser.models.vocab_size].float()
+
+
+class _Request:
+    def __init__(self, i, method):
+        self.i, self.prompt = i, None
+        self.params = SimpleNamespace(extra_args={"solver": method})
+        self.output: list[int] = []
+
+
+def _drive(proc, fuser, requests, slots=3):
+    """vLLM's persistent batch by hand: finished rows leave holes, waiting requests fill them, the
+    last rows move into the holes left (one-way moves), every other step the first two rows swap,
+    and request 1 is preempted once (removed, then added back with its output so far, which the
+    processor must rebuild). Returns whether the preemption happened."""
+    tok = fuser.models.tokenizer
+    waiting, batch, step, preempted = list(requests), [], 0, False
+    while waiting or batch:
+        removed, added, moved = [], [], []
+        for index, r in enumerate(batch):
+            done = len(r.output) >= LENGTHS[r.i]
+            if done or (r.i == 1 and step == 3 and not preempted):
+                removed.append(index)
+                batch[index] = None
+                if not done:
+                    preempted = True
+                    waiting.insert(1, r)
+        while waiting and sum(r is not None for r in batch) < slots:
+            r = waiting.pop(0)
+            r.prompt = tok(PROMPTS[r.i])["input_ids"]
+            index = batch.index(None) if None in batch else len(batch)
+            batch[index:index + 1] = [r]
+            added.append((index, r.params, r.prompt, r.output))
+        while None in batch:  # condense
+            if batch[-1] is None:
+                batch.pop()
+                continue
+            hole = batch.index(None)
+            batch[hole] = batch.pop()
+            moved.append((len(batch), hole, MoveDirectionality.UNIDIRECTIONAL))
+        if len(batch) >= 2 and step % 2:
+            batch[0], batch[1] = batch[1], batch[0]
+            moved.append((0, 1, MoveDirectionality.SWAP))
+        proc.update_state(BatchUpdate(len(batch), removed, added, moved) if (removed or added or moved) else None)
+        if batch:
+            logits = torch.stack([_large_logits(fuser, r.prompt + r.output) for r in batch])
+            for r, token in zip(batch, proc.apply(logits).argmax(-1).tolist()):
+                r.output.append(token)
+        step += 1
+    return preempted
+
+
+def test_processor_rows_added_moved_and_preempted(recipe, fuser):
+    proc = FusionLogitsProcessor(SimpleNamespace(additional_config={CONFIG_KEY: recipe}), torch.device("cpu"), False)
+    requests = [_Request(i, m) for m in ("dynamic", "static:1.0") for i in range(len(PROMPTS))]
+    assert _drive(proc, fuser, requests)
+    assert [r.output for r in requests] == [_engine_tokens(fuser, m, PROMPTS[r.i], LENGTHS[r.i])
+                                            for r, m in zip(requests, ["dynamic"] * 7 + ["static:1.0"] * 7)]
+    assert len(proc.rows) == 0 and not proc.slots  # every row left
