@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from logitfusion.engine import search
 from logitfusion.engine.fusion import moves_of, one_expert_moves, prepare
-from logitfusion.engine.solvers import Dynamic, grid_search, make_grid, one_expert_candidates
+from logitfusion.engine.fusion import grid_search, one_expert_candidates
+from logitfusion.engine.solvers import Dynamic, make_grid
 
 GRIDS = {
     "paper": make_grid(0.0, 2.0, 0.1),

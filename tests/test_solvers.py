@@ -10,8 +10,8 @@ from logitfusion.engine.members import Logits
 
 from logitfusion.engine.fusion import fuse, objective
 from logitfusion.engine.registry import SearchConfig, parse_method
-from logitfusion.engine.solvers import (Alone, Choice, Dynamic, SolverError, Static, check_grid, grid_search,
-                                 make_grid, parse_grid)
+from logitfusion.engine.fusion import grid_search
+from logitfusion.engine.solvers import Alone, Choice, Dynamic, SolverError, Static, check_grid, make_grid, parse_grid
 
 GRID = make_grid(0.0, 2.0, 0.1)
 

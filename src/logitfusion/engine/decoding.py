@@ -23,9 +23,9 @@ from .compat import warn_once
 from .config import EngineConfig
 from .detokenize import Detokenizer, find_stop
 from .members import Member, Members, ModelSet
-from .sampling import DecodingError, Rows, SamplingParams
+from .sampling import DecodingError, Rows, SamplingParams, pick
 from .solvers import Choice, Solver, SolverError
-from .speculation import ACCEPT_PRIOR, can_speculate, observe_plain, pick, plan_round, refusal, speculative_round
+from .speculation import ACCEPT_PRIOR, Round, can_speculate, observe_plain, plan_round, refusal, speculative_round
 from .runner import HFRunner, Prefilled
 
 TOP_TOKENS = 5  # tokens per model shown in a trace
@@ -278,8 +278,23 @@ class Batch:
             if can_speculate(self):
                 k, caps = plan_round(self)
                 if k > 1:
-                    return speculative_round(self, k, caps)
+                    return self.apply(speculative_round(self, k, caps))
             return self._plain_step()
+
+    def apply(self, round: Round) -> list[tuple[Seq, int]]:
+        """Append a speculative round's tokens to each row, stopping early where a sequence
+        finishes; the round's logits are the next step's."""
+        emitted = []
+        for seq, tokens in zip(self.seqs, round.tokens):
+            for verdict, step in tokens:
+                if not seq.emit(verdict, step, self.models.tokenizer):
+                    break
+                emitted.append((seq, seq.tokens[-1]))
+                if seq.done:
+                    break
+        self.logits = round.logits
+        self.drop_done()
+        return emitted
 
     def _plain_step(self) -> list[tuple[Seq, int]]:
         choice = self.solve(self.logits)

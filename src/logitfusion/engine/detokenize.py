@@ -6,10 +6,16 @@
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Protocol, Sequence
 
-if TYPE_CHECKING:
-    from .decoding import Seq
+
+class Decoded(Protocol):
+    """What `find_stop` reads of a sequence (decoding.Seq): its text so far and its stop strings."""
+
+    detok: "Detokenizer | None"
+    params: Any  # .stop: the stop strings
+
+    def text(self, tokenizer) -> "Detokenizer": ...
 
 REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
 
@@ -133,7 +139,7 @@ class Detokenizer:
         return before - lead + min(found) if found else None
 
 
-def find_stop(tok, seq: Seq) -> int | None:
+def find_stop(tok, seq: Decoded) -> int | None:
     """Character offset where the first stop string starts in the decoded text, if one appeared.
 
     Called after every token, so a stop string not seen before ends in the text just read. The

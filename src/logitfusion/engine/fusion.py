@@ -131,3 +131,42 @@ def one_expert_moves(log_p: Tensor, deltas: Tensor, mean_p: Tensor, expert: Tens
     err_fwd = err_s + err_d + u * (moved_fwd.abs() + moved_s.abs() + log_partition.abs())
     err_rev = err_d + u * (2 * (moved_rev - log_partition).abs() + moved_rev.abs())
     return moved_fwd, moved_rev, err_fwd, err_rev
+
+
+# ---------------------------------------------------------------- searching candidate weights
+
+# Float32 elements of one [B, C, V] objective chunk (~128 MB). A 21-point grid at batch 8 and a
+# 32k vocabulary is 5.4M elements: one chunk, i.e. one batched op. Only product grids of several
+# experts are split, so memory stays bounded. (Cache-sized chunks were measured on a CPU too:
+# slower than one op at every size tried, up to 3x at batch 1 with a 32k vocabulary.)
+MAX_CHUNK_ELEMENTS = 2**25
+
+
+def one_expert_candidates(grid: Tensor, n_experts: int) -> Tensor:
+    """The paper's fast path: only one a_t is non-zero per candidate. [T * G, T]"""
+    eye = torch.eye(n_experts, dtype=grid.dtype, device=grid.device)  # [T, T]
+    return (eye[:, None, :] * grid[None, :, None]).reshape(-1, n_experts)
+
+
+def product_candidates(grid: Tensor, n_experts: int) -> Tensor:
+    """Every combination of grid values. [G ** T, T]"""
+    return torch.cartesian_prod(*([grid] * n_experts)).reshape(-1, n_experts)
+
+
+def grid_search(z_large: Tensor, z_small: Tensor, z_experts: Tensor, candidates: Tensor,
+                max_elements: int = MAX_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor]:
+    """argmin_a J(a) over candidates [C, T], per sequence -> (weights [B, T], J [B]).
+
+    Ties go to the earliest candidate (the smallest weights with a sorted grid).
+    """
+    batch, vocab = z_large.shape
+    chunk = max(1, max_elements // (batch * vocab))
+    best_j = torch.full((batch,), math.inf, device=z_large.device)
+    best_a = torch.zeros(batch, candidates.shape[1], device=z_large.device)
+    for part in candidates.split(chunk):  # one iteration unless the candidate set is huge
+        j = objective(z_large, z_small, z_experts, part)  # [B, c]
+        j_min, idx = j.min(-1)
+        better = j_min < best_j
+        best_j = torch.where(better, j_min, best_j)
+        best_a = torch.where(better[:, None], part[idx], best_a)
+    return best_a, best_j

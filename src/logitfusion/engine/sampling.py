@@ -1,6 +1,7 @@
 """Token choice: the sampling parameters a request carries (`SamplingParams`, checked against
 limits.py), their per-row tensors (`Rows`), and turning fused logits into tokens (`warp`,
-`sample`) with each sequence's own seeded generator.
+`sample`, `pick`) with each sequence's own seeded generator, including speculative sampling's
+test of a draft (`accept`) and the residual a rejected draft leaves (`residual`).
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -16,8 +17,15 @@ from torch import Tensor
 from . import limits
 from .errors import DecodingError, first_problem
 
-if TYPE_CHECKING:
-    from .decoding import Seq
+
+
+class Seq(Protocol):
+    """What token choice reads and keeps of a sequence (decoding.Seq): its sampling parameters, its
+    own generator, and the draft distribution of a rejected speculative draft."""
+
+    params: "SamplingParams"
+    generator: torch.Generator | None
+    rejected_q: Tensor | None
 
 
 @dataclass
@@ -209,3 +217,51 @@ def seeds_for(seed: int | Sequence[int] | None, n: int) -> list[int]:
             raise DecodingError(problem)
     return list(seed)
 
+
+# ---------------------------------------------------------------- token choice across speculative rounds
+
+def pick(logits: Tensor, rows: Rows, seqs: Sequence[Seq]) -> Tensor:
+    """Each row's next token from fused logits [B, V] -> [B]: greedy, or sampled, where a row
+    whose last draft was rejected draws from the residual (as the next round's d_0 does)."""
+    return sample(residual(warp(logits, rows), seqs), rows) if rows.sampled else logits.argmax(-1)
+
+
+def kept_probability(logp: Tensor, logq: Tensor) -> Tensor:
+    """The probability speculative sampling keeps a draft drawn from q when p is the target:
+    sum_v min(p, q) (1 or 0 when both are one-hot, as for greedy rows). [..., V] -> [...]"""
+    return torch.minimum(logp, logq).exp().sum(-1)
+
+
+def accept(d: Tensor, logp: Tensor, logq: Tensor, rows: Rows, seqs: Sequence[Seq],
+           caps: Sequence[int] | None = None) -> Tensor:
+    """Speculative sampling's test. d [B, k] drafts; logp [B, k, V] the fused (warped)
+    distribution at positions 1..k; logq [B, k - 1, V] the draft distributions of d_1..d_{k-1};
+    caps: row i keeps at most caps[i] - 1 drafts, and draws only that many numbers.
+    Returns the accepted count m [B]; a row that rejected d_{m+1} keeps q_{m+1} for `residual`."""
+    k = d.shape[1]
+    caps = [k] * len(seqs) if caps is None else caps
+    drafted = d[:, 1:, None]  # [B, k - 1, 1]
+    ratio = (logp[:, :-1].gather(-1, drafted) - logq.gather(-1, drafted))[..., 0].exp()  # [B, k - 1]
+    # Greedy rows: ratio is 1 (the draft is the fused argmax) or 0, and u = 0 keeps exactly those.
+    u = rows.uniform(k - 1, ratio.device, 0.0, [cap - 1 for cap in caps])
+    accepted = (u < ratio).long().cumprod(-1).sum(-1).clamp_max(torch.tensor(caps, device=u.device) - 1)  # [B]
+    for i, (seq, m) in enumerate(zip(seqs, accepted.tolist())):
+        seq.rejected_q = logq[i, m].exp() if m < caps[i] - 1 and seq.generator is not None else None
+    return accepted
+
+
+def residual(logp: Tensor, seqs: Sequence[Seq]) -> Tensor:
+    """Rows whose last draft was rejected draw from max(0, p - q), renormalised, where q is the
+    rejected draft's distribution: with the accepted drafts this makes every token exactly
+    p-distributed. logp [B, V] -> [B, V]."""
+    rejected = [i for i, seq in enumerate(seqs) if seq.rejected_q is not None]
+    if not rejected:
+        return logp
+    rows = torch.tensor(rejected, device=logp.device)
+    q = torch.stack([seqs[i].rejected_q for i in rejected])  # [R, V]
+    rest = (logp[rows].exp() - q).clamp_min(0)
+    total = rest.sum(-1, keepdim=True)  # 0 only when p == q, where no draft is ever rejected
+    logp[rows] = torch.where(total > 0, (rest / total).log(), logp[rows])  # no host sync per row
+    for i in rejected:
+        seqs[i].rejected_q = None
+    return logp

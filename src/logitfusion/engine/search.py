@@ -33,7 +33,7 @@ import os
 import torch
 from torch import Tensor
 
-from .fusion import objective_of, one_expert_moves, prepare
+from .fusion import grid_search, objective_of, one_expert_candidates, one_expert_moves, prepare
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,6 @@ def exact_search(z_large: Tensor, z_small: Tensor, z_experts: Tensor, grid: Tens
     """argmin_a J(a) over the one-expert candidates of a sorted grid >= 0 [G]: exactly what
     `grid_search(..., one_expert_candidates(grid, T))` returns -> (weights [B, T], J [B]).
     compiled: run the kernel through torch.compile (None: where it pays, see `pays`)."""
-    from .solvers import grid_search, one_expert_candidates  # solvers imports this module
-
     batch, n_experts = z_experts.shape[:2]
     g = grid.shape[0]
     if compiled is None:

@@ -15,17 +15,57 @@ for a seed independent of the rows beside it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
-from .sampling import Rows, sample, warp
-from .solvers import Choice
+from .config import EngineConfig
+from .context import Context
+from .members import Members
+from .sampling import Rows, accept, kept_probability, pick, sample, warp
+from .solvers import Choice, Solver
 
-if TYPE_CHECKING:
-    from .context import Context
-    from .decoding import Batch, Seq
+
+class Seq(Protocol):
+    """What speculation reads and keeps of a sequence (decoding.Seq)."""
+
+    acceptance: float  # running estimate of how often its drafts are kept
+    generator: torch.Generator | None
+    rejected_q: Tensor | None
+
+
+class Batch(Protocol):
+    """What a speculative round reads of the batch it runs for (decoding.Batch); it changes
+    nothing there but the runner's contexts (drafts fed, rejected ones masked) and the rows'
+    speculation state, and returns a `Round` that the batch applies."""
+
+    seqs: Sequence[Any]
+    members: Members
+    models: Any
+    solver: Solver
+    engine: EngineConfig
+    sampling: Rows
+    logits: dict[str, Tensor]
+    device: torch.device
+    contexts: list[Context]
+    groups: list
+    speculative: bool
+
+    def solve(self, logits: dict[str, Tensor]) -> Choice: ...
+    def verdicts(self, logits: dict[str, Tensor], choice: Choice, tokens: Tensor) -> list[tuple]: ...
+    def trace(self, logits: dict[str, Tensor], choice: Choice) -> list | None: ...
+
+
+@dataclass
+class Round:
+    """What a speculative round decided: per row, the (verdict, trace step) of each token it emits,
+    d_0..d_m in order (the batch appends them until a sequence finishes), and the next step's
+    logits per member role [B, V] (the prediction after each row's last accepted token)."""
+
+    tokens: list[list[tuple]]
+    logits: dict[str, Tensor]
 
 
 def refusal(batch: Batch) -> str | None:
@@ -93,16 +133,6 @@ def proposal(batch: Batch, z: dict[str, Tensor], choice: Choice) -> Tensor:
     return batch.solver.draft(batch.members.logits(z), choice)
 
 
-def kept_probability(logp: Tensor, logq: Tensor) -> Tensor:
-    """The probability speculative sampling keeps a draft drawn from q when p is the target:
-    sum_v min(p, q) (1 or 0 when both are one-hot, as for greedy rows). [..., V] -> [...]"""
-    return torch.minimum(logp, logq).exp().sum(-1)
-
-
-def pick(logits: Tensor, rows: Rows, seqs: Sequence[Seq]) -> Tensor:
-    """Each row's next token from fused logits [B, V] -> [B]: greedy, or sampled, where a row
-    whose last draft was rejected draws from the residual (as the next round's d_0 does)."""
-    return sample(residual(warp(logits, rows), seqs), rows) if rows.sampled else logits.argmax(-1)
 
 
 def observe(seq: Seq, outcomes) -> None:
@@ -127,7 +157,7 @@ def observe_plain(batch: Batch, choice: Choice, rows: Sequence[int] | None = Non
         observe(batch.seqs[i], [agree[i]])
 
 
-def speculative_round(batch: Batch, k: int, caps: Sequence[int]) -> list[tuple[Seq, int]]:
+def speculative_round(batch: Batch, k: int, caps: Sequence[int]) -> Round:
     """The small side drafts k tokens, the large model checks all k in one forward. Row i emits
     at most caps[i] of them (`plan_round`).
 
@@ -168,13 +198,12 @@ def speculative_round(batch: Batch, k: int, caps: Sequence[int]) -> list[tuple[S
     for seq, row, cap in zip(batch.seqs, agree.tolist(), caps):
         observe(seq, row[: cap - 1])
 
-    emitted = _emit(batch, k, (batch.logits, choice0, d[:, 0]), (later, choice, fused), accepted)
+    tokens = _tokens(batch, k, (batch.logits, choice0, d[:, 0]), (later, choice, fused), accepted)
     # Next round starts from the prediction after the last accepted token.
     rows = torch.arange(n, device=batch.device)
-    batch.logits = {large.role: z_large[rows, accepted]}
-    batch.logits.update({r: z[rows, accepted] for r, z in side.items()})
-    batch.drop_done()
-    return emitted
+    logits = {large.role: z_large[rows, accepted]}
+    logits.update({r: z[rows, accepted] for r, z in side.items()})
+    return Round(tokens, logits)
 
 
 def _draft(batch: Batch, k: int, caps: Sequence[int], choice0: Choice,
@@ -220,55 +249,10 @@ def _verify(batch: Batch, d: Tensor, choice: Choice, draft_logq: list[Tensor],
     return accepted, torch.cat([d[:, 1:], fused.view(n, k)[:, -1:]], 1).reshape(-1), agree
 
 
-def _emit(batch: Batch, k: int, first: tuple, later: tuple, accepted: Tensor) -> list[tuple[Seq, int]]:
-    """Append d_0..d_m to each row, stopping early where a sequence finishes. first / later:
-    (logits, choice, tokens) at position 0 ([B] rows) and at positions 1..k ([B * k] rows)."""
-    tokenizer = batch.models.tokenizer
+def _tokens(batch: Batch, k: int, first: tuple, later: tuple, accepted: Tensor) -> list[list[tuple]]:
+    """Per row, (verdict, trace step) of d_0..d_m. first / later: (logits, choice, tokens) at
+    position 0 ([B] rows) and at positions 1..k ([B * k] rows)."""
     v0, vs = batch.verdicts(*first), batch.verdicts(*later)
     t0, ts = batch.trace(*first[:2]), batch.trace(*later[:2])
-    emitted = []
-    for i, (seq, m) in enumerate(zip(batch.seqs, accepted.tolist())):
-        for j in range(m + 1):
-            verdict = v0[i] if j == 0 else vs[i * k + j - 1]
-            step = (t0[i] if j == 0 else ts[i * k + j - 1]) if t0 else None
-            if not seq.emit(verdict, step, tokenizer):
-                break
-            emitted.append((seq, seq.tokens[-1]))
-            if seq.done:
-                break
-    return emitted
-
-
-def accept(d: Tensor, logp: Tensor, logq: Tensor, rows: Rows, seqs: Sequence[Seq],
-           caps: Sequence[int] | None = None) -> Tensor:
-    """Speculative sampling's test. d [B, k] drafts; logp [B, k, V] the fused (warped)
-    distribution at positions 1..k; logq [B, k - 1, V] the draft distributions of d_1..d_{k-1};
-    caps: row i keeps at most caps[i] - 1 drafts, and draws only that many numbers.
-    Returns the accepted count m [B]; a row that rejected d_{m+1} keeps q_{m+1} for `residual`."""
-    k = d.shape[1]
-    caps = [k] * len(seqs) if caps is None else caps
-    drafted = d[:, 1:, None]  # [B, k - 1, 1]
-    ratio = (logp[:, :-1].gather(-1, drafted) - logq.gather(-1, drafted))[..., 0].exp()  # [B, k - 1]
-    # Greedy rows: ratio is 1 (the draft is the fused argmax) or 0, and u = 0 keeps exactly those.
-    u = rows.uniform(k - 1, ratio.device, 0.0, [cap - 1 for cap in caps])
-    accepted = (u < ratio).long().cumprod(-1).sum(-1).clamp_max(torch.tensor(caps, device=u.device) - 1)  # [B]
-    for i, (seq, m) in enumerate(zip(seqs, accepted.tolist())):
-        seq.rejected_q = logq[i, m].exp() if m < caps[i] - 1 and seq.generator is not None else None
-    return accepted
-
-
-def residual(logp: Tensor, seqs: Sequence[Seq]) -> Tensor:
-    """Rows whose last draft was rejected draw from max(0, p - q), renormalised, where q is the
-    rejected draft's distribution: with the accepted drafts this makes every token exactly
-    p-distributed. logp [B, V] -> [B, V]."""
-    rejected = [i for i, seq in enumerate(seqs) if seq.rejected_q is not None]
-    if not rejected:
-        return logp
-    rows = torch.tensor(rejected, device=logp.device)
-    q = torch.stack([seqs[i].rejected_q for i in rejected])  # [R, V]
-    rest = (logp[rows].exp() - q).clamp_min(0)
-    total = rest.sum(-1, keepdim=True)  # 0 only when p == q, where no draft is ever rejected
-    logp[rows] = torch.where(total > 0, (rest / total).log(), logp[rows])  # no host sync per row
-    for i in rejected:
-        seqs[i].rejected_q = None
-    return logp
+    return [[(v0[i], t0[i] if t0 else None) if j == 0 else (vs[i * k + j - 1], ts[i * k + j - 1] if ts else None)
+             for j in range(m + 1)] for i, m in enumerate(accepted.tolist())]
