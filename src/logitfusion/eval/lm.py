@@ -39,7 +39,8 @@ from ..engine.members import Logits, Member, ModelSet
 from ..engine.recipe import Recipe
 from ..engine.registry import SearchConfig
 from ..engine.sampling import SamplingParams
-from ..engine.solvers import MAX_CHUNK_ELEMENTS, Choice, Solver
+from ..engine.fusion import MAX_CHUNK_ELEMENTS
+from ..engine.solvers import Choice, Solver
 
 log = logging.getLogger(__name__)
 
