@@ -166,3 +166,69 @@ def test_processor_rows_added_moved_and_preempted(recipe, fuser):
     assert [r.output for r in requests] == [_engine_tokens(fuser, m, PROMPTS[r.i], LENGTHS[r.i])
                                             for r, m in zip(requests, ["dynamic"] * 7 + ["static:1.0"] * 7)]
     assert len(proc.rows) == 0 and not proc.slots  # every row left
+
+
+# ---------------------------------------------------------------- vLLM's OpenAI server
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(recipe, tmp_path_factory):
+    """`python -m logitfusion.vllm.serve RECIPE` on a free loopback port; its base URL."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
+    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "logitfusion.vllm.serve", recipe, "--host", "127.0.0.1",
+                             "--port", str(port), "--enforce-eager", "--max-model-len", "128", "--max-num-seqs", "2"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(360):  # up to 3 minutes on a busy 2-core machine
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited ({proc.returncode}); see {log.name}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the server did not start; see {log.name}")
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # our own session: the server and its engine process
+        log.close()
+
+
+@pytest.mark.slow
+def test_served_completions_are_fused_and_a_bad_method_is_a_400(server, recipe, fuser):
+    import httpx
+
+    large = methods(os.path.realpath(recipe)).recipe.large.path
+    for method in ("static:1.0", "dynamic"):
+        body = {"model": large, "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True, "vllm_xargs": {"solver": method}}
+        r = httpx.post(f"{server}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        # token ids: vLLM's streamed text holds back a last incomplete UTF-8 character
+        assert r.json()["choices"][0]["token_ids"] == _engine_tokens(fuser, method, PROMPTS[0], 6)
+    r = httpx.post(f"{server}/v1/completions", timeout=60,
+                   json={"model": large, "prompt": "a", "max_tokens": 2, "vllm_xargs": {"solver": "static:x"}})
+    assert r.status_code == 400 and "extra_args.solver" in r.text

@@ -13,8 +13,6 @@ import vllm
 from .processor import FusionLogitsProcessor
 from .settings import CONFIG_KEY, RECIPE_ENV, SOLVER_ARG, SettingsError, methods
 
-PROCESSOR = f"{FusionLogitsProcessor.__module__}:{FusionLogitsProcessor.__qualname__}"  # for --logits-processors
-
 
 def engine_args(recipe: str | Path, **overrides: Any) -> dict[str, Any]:
     """vLLM engine arguments for a recipe: its large model, its dtype, the processor and the recipe

@@ -31,6 +31,7 @@ RECIPE_ENV = "LOGITFUSION_RECIPE"
 CONFIG_KEY = "logitfusion_recipe"  # in vLLM's additional_config
 SOLVER_ARG = "solver"  # in SamplingParams.extra_args / vllm_xargs
 LARGE_ONLY = frozenset({"large"})
+PROCESSOR = "logitfusion.vllm.processor:FusionLogitsProcessor"  # vLLM's --logits-processors form
 
 
 class SettingsError(ValueError):
