@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..engine import limits
+from ..engine import limits, registry
 from .common import UsageError, check_paths, fail, progress, say, user_errors, warn
 
 
@@ -40,7 +40,7 @@ def _done(writer, output: Optional[Path], tasks: list[str], limit: Optional[floa
 def eval_(
     recipe: Path = typer.Option(..., "--recipe", "-r", help="Fusion recipe (YAML, TOML or JSON). Its `ceiling` (a fine-tuned large model), if any, is evaluated too, as method 'ceiling'."),
     tasks: str = typer.Option(..., "--tasks", "-t", help="Comma-separated lm-eval tasks: any lm-eval task name, ours (toy_sums, toy_sums_mc, toy_knowledge_ppl, gsm8k_local, truthfulqa_mc1_local, truthfulqa_mc2_local, triviaqa_local, mmlu_local, cnn_dailymail_local, cnn_dailymail_rouge), or a task YAML file."),
-    methods: str = typer.Option("large,expert,static:1.0,dynamic", "--methods", "-m", help="Comma-separated methods: large, expert[:NAME], static[:A] (several weights: static:0.5+1.5), dynamic, dynamic:joint, delta[:A] (a recipe with a `delta` section)."),
+    methods: str = typer.Option("large,expert,static:1.0,dynamic", "--methods", "-m", help=f"Comma-separated methods: {registry.grammar()} (several static weights: static:0.5+1.5; delta needs a recipe with a `delta` section)."),
     limit: Optional[float] = typer.Option(None, help="Examples per task: a count, or a fraction below 1 (for quick checks)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="JSONL file: one line per (method, task), written as each finishes. A rerun skips the pairs already there."),
     data_dir: Optional[Path] = typer.Option(None, envvar="LOGITFUSION_DATA_DIR", help="Folder with local dataset copies for the *_local tasks (gsm8k_test.jsonl, truthfulqa.jsonl, ...; see docs/evaluation.md). Also read from $LOGITFUSION_DATA_DIR."),

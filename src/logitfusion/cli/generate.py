@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from ..engine import limits
+from ..engine import limits, registry
 from .common import UsageError, check_paths, console, fail, progress, say, user_errors, warn
 
 
@@ -136,7 +136,7 @@ def generate(
     large: Optional[str] = typer.Option(None, help="Large model directory or .gguf file (instead of a recipe)."),
     small: Optional[str] = typer.Option(None, help="Small base model directory or .gguf file (instead of a recipe)."),
     expert: list[str] = typer.Option([], help="Expert as NAME=PATH: a full model (directory or .gguf) or a LoRA adapter of the small base. Repeat for several."),
-    solver: Optional[str] = typer.Option(None, help="Override the recipe's solver: dynamic, dynamic:joint, static, static:A[,A...], large (large model alone), expert[:NAME] (an expert alone), delta[:A] (the recipe's delta model at strength A)."),
+    solver: Optional[str] = typer.Option(None, help=f"Override the recipe's solver with a method: {registry.grammar()}. static:1.0 is proxy-tuning; large and expert:NAME decode one model alone; delta:A runs the recipe's delta model at strength A."),
     alpha: list[float] = typer.Option([], help="Static fusion weight(s): one for all experts or one per expert (repeat). Implies --solver static. Proxy-tuning is --alpha 1."),
     grid: Optional[str] = typer.Option(None, help="Weight grid of the dynamic solver: start:stop:step (e.g. 0:2:0.1, the default) or explicit values 0,0.5,1."),
     strategy: Optional[str] = typer.Option(None, help="Several experts, dynamic solver: 'fast' (one expert per step, as in the paper) or 'joint' (all weights together; never a worse objective)."),
@@ -216,7 +216,7 @@ def recipe_init(out: Path = typer.Argument(..., help="Where to write the recipe 
                 large: str = typer.Option(..., help="Large model directory or .gguf file."),
                 small: Optional[str] = typer.Option(None, help="Small base model directory or .gguf file."),
                 expert: list[str] = typer.Option([], help="Expert as NAME=PATH; repeat for several."),
-                solver: str = typer.Option("dynamic", help="Solver kind: dynamic, static, large, expert or delta.")):
+                solver: str = typer.Option("dynamic", help=f"Solver kind: {', '.join(registry.kinds())}.")):
     """Write a recipe file from model paths, with every default spelled out."""
     try:
         check_paths({"--large": large, "--small": small, "--expert": [e.partition("=")[2] for e in expert]},

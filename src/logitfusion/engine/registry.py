@@ -187,8 +187,13 @@ def method_spec(method: str, expert_names: Sequence[str], search: SearchConfig |
     ctx = MethodContext(list(expert_names), search or SearchConfig())
     try:
         return kind.from_method(arg, method, ctx)
+    except SolverError:
+        raise
     except ValidationError as e:
         raise SolverError(f"method {method!r}: {_first_message(e)}", field="solver") from None
+    except ValueError as e:  # a kind's own parsing (float("x")...): still this method's error, by name
+        raise SolverError(f"bad argument in method {method!r} ({e}); write {kind.syntax or name}",
+                          field="solver") from None
 
 
 def build(spec: SolverSpec, expert_names: Sequence[str], search: SearchConfig | None = None) -> Solver:
