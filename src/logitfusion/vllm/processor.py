@@ -17,6 +17,7 @@ vLLM >= 0.32 set VLLM_USE_V2_MODEL_RUNNER=0).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass
@@ -35,13 +36,17 @@ from .settings import SOLVER_ARG, Methods, SettingsError, methods, recipe_path
 log = logging.getLogger(__name__)
 
 
-def load_side(recipe: Recipe) -> ModelSet:
+def load_side(recipe: Recipe, device: torch.device | None = None) -> ModelSet:
     """The recipe's models for the processor: the small base, experts and delta, and the large
-    model's tokenizer (vLLM runs the large model itself)."""
+    model's tokenizer (vLLM runs the large model itself). On the worker's own device when the
+    recipe names that kind of device without an index (`cuda`: each tensor-parallel rank its GPU)."""
     dump = lambda spec: spec.model_dump() if spec else None  # noqa: E731
+    opts = recipe.load_options()
+    if device is not None and opts.device_map is None and opts.device == device.type and device.index is not None:
+        opts = dataclasses.replace(opts, device=str(device))
     # TODO(engine): load the large member without its weights once load_model_set can.
     return load_model_set(dump(recipe.large), dump(recipe.small), [e.model_dump() for e in recipe.experts],
-                          recipe.load_options(), delta=dump(recipe.delta))
+                          opts, delta=dump(recipe.delta))
 
 
 @dataclass
@@ -72,7 +77,7 @@ class FusionLogitsProcessor(LogitsProcessor):
         self.methods: Methods = methods(recipe_path(getattr(vllm_config, "additional_config", None)))
         self.rows: FusionRows | None = None
         if self.methods.runner is not None:
-            self.models = load_side(self.methods.recipe)
+            self.models = load_side(self.methods.recipe, device)
             self.rows = FusionRows(self.models, self.methods.runner, EngineConfig(trace=False))
         self.slots: dict[int, Slot] = {}  # vLLM's row index -> its slot
         self.keys = itertools.count()
