@@ -18,7 +18,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'l
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
 
-from logitfusion.bench import toy  # noqa: E402
+from logitfusion.testing import toy  # noqa: E402
 from logitfusion.engine.fuser import Fuser  # noqa: E402
 from logitfusion.vllm.offline import fused_llm, sampling  # noqa: E402
 from logitfusion.vllm.processor import FusionLogitsProcessor  # noqa: E402
@@ -232,3 +232,25 @@ def test_served_completions_are_fused_and_a_bad_method_is_a_400(server, recipe, 
     r = httpx.post(f"{server}/v1/completions", timeout=60,
                    json={"model": large, "prompt": "a", "max_tokens": 2, "vllm_xargs": {"solver": "static:x"}})
     assert r.status_code == 400 and "extra_args.solver" in r.text
+
+
+def test_processor_a_row_it_cannot_fuse_decodes_alone_and_the_rest_go_on(recipe, fuser, monkeypatch, caplog):
+    """A row FusionRows refuses (found only in the worker) must not stop the engine and its other rows."""
+    from logitfusion.engine.errors import DecodingError
+
+    proc = FusionLogitsProcessor(SimpleNamespace(additional_config={CONFIG_KEY: recipe}), torch.device("cpu"), False)
+    add = proc.rows.add
+
+    def refuse_the_first(key, prompt, solver=None):
+        if key == 0:
+            raise DecodingError("prompt 0 is too long for small", field="prompt")
+        add(key, prompt, solver)
+
+    monkeypatch.setattr(proc.rows, "add", refuse_the_first)
+    ids = [fuser.models.tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
+    params = SimpleNamespace(extra_args={"solver": "static:1.0"})
+    proc.update_state(BatchUpdate(2, [], [(0, params, ids[0], []), (1, params, ids[1], [])], []))
+    assert "not fused" in caplog.text
+    logits = torch.stack([_large_logits(fuser, i) for i in ids])
+    out = proc.apply(logits.clone())
+    assert torch.equal(out[0], logits[0]) and not torch.equal(out[1], logits[1])

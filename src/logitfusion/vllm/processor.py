@@ -27,6 +27,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from ..engine.config import EngineConfig
+from ..engine.errors import DecodingError, SolverError
 from ..engine.members import ModelSet
 from ..engine.models import load_model_set
 from ..engine.recipe import Recipe
@@ -113,7 +114,13 @@ class FusionLogitsProcessor(LogitsProcessor):
             log.warning("logitfusion: a request without prompt token ids (prompt embeddings?) decodes from the "
                         "large model alone")
             return Slot(key, output_ids, False)
-        self.rows.add(key, list(prompt_ids), solver)
+        try:
+            self.rows.add(key, list(prompt_ids), solver)
+        except (DecodingError, SolverError) as e:
+            # Found only here (a prompt too long for a small model's context...): raising would stop
+            # the engine and every request in it, so this one request decodes unfused, loudly.
+            log.error("logitfusion: a request decodes from the large model alone, not fused: %s", e)
+            return Slot(key, output_ids, False)
         return Slot(key, output_ids, True)
 
     def _drop(self, index: int) -> None:
