@@ -398,3 +398,128 @@ class DeltaSpec(SolverSpec):
 # Registration order is the order of messages ("unknown method ...; use large, expert[:NAME], ...").
 for _spec in (LargeSpec, ExpertSpec, StaticSpec, DynamicSpec, DeltaSpec):
     register(_spec)
+
+
+# ---------------------------------------------------------------- rules beyond the paper (issue 24, rules.py)
+# Each takes a linear base rule (static or dynamic; the recipe's `base: {kind: ...}`, or the rest of
+# the method string after its settings): plausible:expert:0.1:static:1.0, nudge:0.3, keep:0.1:0.1:dynamic,
+# route:0:static:1.0. Settings are separated by ':' so that eval's comma-separated --methods can hold them.
+
+from typing import Annotated, Union  # noqa: E402
+
+from . import rules  # noqa: E402
+
+Base = Annotated[Union[StaticSpec, DynamicSpec], Field(discriminator="kind")]
+
+
+def _split_base(arg: str, method: str, ctx: MethodContext, settings: int) -> tuple[list[str], SolverSpec | None]:
+    """(up to `settings` leading values, the base rule's spec or None) of a method's argument."""
+    parts = arg.split(":") if arg else []
+    at = next((i for i, p in enumerate(parts) if p in ("static", "dynamic")), len(parts))
+    head, base = parts[:at], ":".join(parts[at:])
+    if len(head) > settings or any(not p for p in head):
+        raise SolverError(f"bad settings in {method!r}; write {get(method.partition(':')[0]).syntax}", field="solver")
+    return head, (method_spec(base, ctx.expert_names, ctx.search) if base else None)
+
+
+def _number(text: str, method: str) -> float:
+    (value,) = _floats(text, f"bad number {text!r} in {method!r}")
+    return value
+
+
+class _Based(SolverSpec):
+    """A rule over a linear base rule (static or dynamic)."""
+
+    base: Base = DynamicSpec()
+    needs: ClassVar[frozenset[str]] = frozenset({"expert"})
+    fuses_experts: ClassVar[bool] = True
+
+    def recipe_problem(self, expert_names, has_delta):
+        return self.base.recipe_problem(expert_names, has_delta) or super().recipe_problem(expert_names, has_delta)
+
+    def search(self) -> SearchConfig:
+        return self.base.search() if isinstance(self.base, DynamicSpec) else SearchConfig()
+
+    def method(self) -> str:
+        values = [getattr(self, name) for name in self._settings]
+        return ":".join([self.kind, *(v if isinstance(v, str) else f"{v:g}" for v in values), self.base.method()])
+
+    @classmethod
+    def from_method(cls, arg, method, ctx):
+        head, base = _split_base(arg, method, ctx, len(cls._settings))
+        values = {name: (text if name == "by" else _number(text, method)) for name, text in zip(cls._settings, head)}
+        return cls(**values, **({"base": base} if base is not None else {}))
+
+
+class PlausibleSpec(_Based):
+    """A linear rule restricted to the tokens with at least alpha x the top probability under `by`."""
+
+    kind: Literal["plausible"] = "plausible"
+    by: Literal["expert", "large", "small", "either"] = "expert"
+    alpha: float = Field(0.1, gt=0, le=1)
+    syntax: ClassVar[str] = "plausible[:BY[:ALPHA]][:static|dynamic...]"
+    _settings: ClassVar[tuple[str, ...]] = ("by", "alpha")
+
+    def build(self, ctx: MethodContext) -> Solver:
+        return rules.Plausible(self.base.build(ctx), self.by, self.alpha)
+
+
+class NudgeSpec(_Based):
+    """Token-level nudging: the large model where its top probability is >= gamma, else the (first)
+    expert alone (base: none) or a linear rule."""
+
+    kind: Literal["nudge"] = "nudge"
+    gamma: float = Field(0.3, gt=0, le=1)
+    base: Base | None = None
+    syntax: ClassVar[str] = "nudge[:GAMMA][:static|dynamic...]"
+    _settings: ClassVar[tuple[str, ...]] = ("gamma",)
+
+    def recipe_problem(self, expert_names, has_delta):
+        return SolverSpec.recipe_problem(self, expert_names, has_delta) if self.base is None else \
+            super().recipe_problem(expert_names, has_delta)
+
+    def search(self) -> SearchConfig:
+        return SearchConfig() if self.base is None else super().search()
+
+    def method(self) -> str:
+        return f"nudge:{self.gamma:g}" + ("" if self.base is None else ":" + self.base.method())
+
+    def build(self, ctx: MethodContext) -> Solver:
+        return rules.Nudge(self.gamma, None if self.base is None else self.base.build(ctx))
+
+
+class KeepSpec(_Based):
+    """The large model decodes unless the experts find its top token implausible (beta); there, a
+    linear rule restricted to the experts' plausible set (alpha)."""
+
+    kind: Literal["keep"] = "keep"
+    beta: float = Field(0.1, gt=0, le=1)
+    alpha: float = Field(0.1, gt=0, le=1)
+    syntax: ClassVar[str] = "keep[:BETA[:ALPHA]][:static|dynamic...]"
+    _settings: ClassVar[tuple[str, ...]] = ("beta", "alpha")
+
+    def build(self, ctx: MethodContext) -> Solver:
+        return rules.Keep(self.base.build(ctx), self.beta, self.alpha)
+
+
+class RouteSpec(_Based):
+    """Several experts, no label: the experts moving the small model toward the large model's
+    prediction form one virtual expert (all on the best at temperature 0), weighed by the base."""
+
+    kind: Literal["route"] = "route"
+    temperature: float = Field(0.0, ge=0, le=limits.MAX_WEIGHT)
+    base: Base = StaticSpec()
+    syntax: ClassVar[str] = "route[:TEMPERATURE][:static:a|dynamic...]"
+    _settings: ClassVar[tuple[str, ...]] = ("temperature",)
+
+    def recipe_problem(self, expert_names, has_delta):
+        if isinstance(self.base, StaticSpec) and len(self.base.weights) != 1:
+            return "solver kind 'route' weighs one virtual expert: give its base one static weight"
+        return super().recipe_problem(expert_names, has_delta)
+
+    def build(self, ctx: MethodContext) -> Solver:
+        return rules.Route(self.base.build(ctx), self.temperature)
+
+
+for _spec in (PlausibleSpec, NudgeSpec, KeepSpec, RouteSpec):
+    register(_spec)
