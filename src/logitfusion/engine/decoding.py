@@ -97,8 +97,8 @@ class Seq:
             return False
         if bad is not None:
             self.finish_reason = "error"
-            self.error = (f"{bad} produced NaN/inf logits at step {len(self.tokens)}; sequence "
-                          "stopped (check the model's weights and dtype)")
+            self.error = (f"{bad} produced NaN or +inf logits, or no finite logit, at step {len(self.tokens)}; "
+                          "sequence stopped (check the model's weights and dtype; -inf alone is a mask)")
             return False
         self.tokens.append(token)
         if self.params.logprobs:
@@ -178,6 +178,12 @@ def validate_prompts(models: ModelSet, prompts: Sequence[str | Encoded], solver:
     for j, i in enumerate(todo):
         out[i] = Encoded(texts[i], {role: ids[j] for role, ids in fresh.items()})
     return out
+
+
+def usable(z: Tensor) -> Tensor:
+    """Rows of logits [N, V] that can be decoded from: no NaN, no +inf, at least one finite logit
+    (-inf masks a token) -> [N] bool."""
+    return z.amax(-1).isfinite()
 
 
 def step_traces(members: Iterable[Member], logits: dict[str, Tensor], choice: Choice) -> list[StepTrace]:
@@ -319,11 +325,14 @@ class Batch:
         return self.solver(self.members.logits(logits))
 
     def verdicts(self, logits: dict[str, Tensor], choice: Choice, tokens: Tensor) -> list[tuple]:
-        """Per row: (token, first model with NaN/inf logits or None, is EOS, fused log-prob).
+        """Per row: (token, first model with unusable logits or None, is EOS, fused log-prob).
         Everything the host needs travels in one transfer."""
-        # Every solver's fused logits read every input at every token (0 * inf is NaN too), so
-        # one check of them finds any model's NaN/inf; which model it was is looked up only then.
-        fused_ok = choice.logits.isfinite().all(-1)  # [N]
+        # -inf is a mask (top-k, plausibility, grammars); a row is unusable when it holds a NaN or
+        # a +inf, or no finite logit: exactly when its max is not finite (amax propagates NaN).
+        # A masking rule may hide a model's NaN from the fused logits, so every model is checked too.
+        fused_ok = usable(choice.logits)  # [N]
+        for m in self.members:
+            fused_ok = fused_ok & usable(logits[m.role])
         is_eos = (tokens[:, None] == self._eos).any(-1)
         if any(s.params.logprobs for s in self.seqs):
             logprob = choice.logits.float().log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
@@ -332,7 +341,7 @@ class Batch:
         host = torch.stack([tokens.double(), fused_ok.double(), is_eos.double(), logprob.double()], -1).cpu().tolist()
         bad = {}
         if not all(ok for _, ok, _, _ in host):
-            finite = torch.stack([logits[m.role].isfinite().all(-1) for m in self.members], -1)  # [N, M]
+            finite = torch.stack([usable(logits[m.role]) for m in self.members], -1)  # [N, M]
             roles = [m.role for m in self.members]
             bad = {i: next((r for r, ok in zip(roles, row) if not ok), "fused")
                    for i, row in enumerate(finite.tolist()) if not host[i][1]}
