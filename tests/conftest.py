@@ -21,7 +21,7 @@ import torch  # noqa: E402
 # second test run) does not thrash two cores with four spinning OpenMP threads.
 torch.set_num_threads(int(os.environ.get("LOGITFUSION_TEST_THREADS", "1")))
 
-from logitfusion.bench import toy  # noqa: E402
+from logitfusion.testing import toy  # noqa: E402
 from logitfusion.engine.fuser import Fuser  # noqa: E402
 
 try:  # quieter logs: the weight-loading progress bars of transformers 5

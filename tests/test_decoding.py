@@ -5,7 +5,7 @@ import pytest
 from logitfusion.engine.config import EngineConfig
 import torch
 
-from logitfusion.bench import toy
+from logitfusion.testing import toy
 from logitfusion.engine.decoding import Batch, decode
 from logitfusion.engine.fuser import Fuser
 from logitfusion.engine.sampling import DecodingError, SamplingParams

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from logitfusion.bench import toy
+from logitfusion.testing import toy
 from logitfusion.train.delta import DeltaConfig, mean_loss, train_delta
 from logitfusion.train.finetune import TrainingError
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from logitfusion.bench import toy
+from logitfusion.testing import toy
 from logitfusion.bench.zoo import BUNDLED
 from logitfusion.engine.decoding import Seq
 from logitfusion.engine.detokenize import REPLACEMENT, Detokenizer, find_stop

@@ -23,7 +23,7 @@ import yaml  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from logitfusion import Fuser  # noqa: E402
-from logitfusion.bench import toy  # noqa: E402
+from logitfusion.testing import toy  # noqa: E402
 from logitfusion.cli import app  # noqa: E402
 from logitfusion.engine.decoding import Batch  # noqa: E402
 from logitfusion.engine.sampling import SamplingParams  # noqa: E402

@@ -9,7 +9,7 @@ from logitfusion.engine.config import EngineConfig
 import torch
 
 from logitfusion import Fuser
-from logitfusion.bench import toy
+from logitfusion.testing import toy
 from logitfusion.engine import decoding
 from logitfusion.engine.decoding import Batch, decode
 from logitfusion.engine.sampling import SamplingParams

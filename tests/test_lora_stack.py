@@ -11,7 +11,7 @@ from logitfusion.engine.config import EngineConfig
 import torch
 
 from logitfusion import Fuser
-from logitfusion.bench import toy
+from logitfusion.testing import toy
 from logitfusion.engine import stacking
 from logitfusion.engine.decoding import Batch, decode
 from logitfusion.engine.models import Member

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from logitfusion.bench import toy
+from logitfusion.testing import toy
 from logitfusion.engine.fuser import Fuser
 from logitfusion.engine.models import LoadError, LoadOptions, VocabularyMismatchError, load_causal_lm, load_model_set
 from logitfusion.engine.recipe import RecipeError

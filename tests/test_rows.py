@@ -105,3 +105,23 @@ def test_bad_rows_are_refused(fuser1):
     with pytest.raises(DecodingError, match="reads other models"):
         rows.add("y", [1, 2], solver=fuser1.method("large"))
     rows.remove("nobody")  # a no-op
+
+
+def test_the_small_side_runs_without_the_large_weights(family, fuser1):
+    """load_model_set(large_weights=False): the large model's tokenizer only, as a vLLM worker loads
+    it; the fused tokens are those of the engine with every model loaded."""
+    from logitfusion.engine.models import LoadOptions, load_model_set
+    side = load_model_set({"path": family["large"]}, {"path": family["small"]},
+                          [{"name": "expert1", "path": family["experts"]["expert1"]}], LoadOptions(),
+                          large_weights=False)
+    assert side.large.model is None and side.vocab_size == fuser1.models.vocab_size
+    with pytest.raises(RuntimeError, match="no weights here"):
+        side.large.device
+    tok = fuser1.models.tokenizer
+    ids = tok(PROMPTS[1])["input_ids"]
+    rows = FusionRows(side, fuser1.method("dynamic"))
+    rows.add(0, ids)
+    out: list[int] = []
+    for _ in range(6):
+        out.append(int(rows.apply([0], [out], _large_logits(fuser1, ids + out)[None]).argmax()))
+    assert out == fuser1.generate(PROMPTS[1], solver="dynamic", max_new_tokens=6, ignore_eos=True)[0].token_ids

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from typer.testing import CliRunner
 
-from logitfusion.bench import toy
+from logitfusion.testing import toy
 from logitfusion.cli import app
 from logitfusion.engine.fuser import Fuser
 from logitfusion.train.finetune import MARKER, Collator, FinetuneConfig, encode_example, finetune, load_dataset

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
-from logitfusion.bench import toy
+from logitfusion.testing import toy
 from logitfusion.cli import app
 from logitfusion.engine.vocab import (VocabError, VocabMap, as_vocab, build_map, build_or_load, from_hf,
                                load_vocab)

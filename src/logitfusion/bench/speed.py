@@ -108,7 +108,7 @@ def shaped_models(root: Path, pair: str, n_experts: int, dtype: torch.dtype, dev
     52 GB and minutes of a GPU session's time."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from . import toy
+    from ..testing import toy
     small_name, large_name = PAIRS[pair]
     tok = toy.build_tokenizer(root / "tokenizer")
     # Filler tokens up to the models' vocabulary: fused logits are cut to the tokenizer's length,
@@ -280,7 +280,7 @@ def random_lora_models(small: str, root: Path, n_experts: int, load: dict):
     """The small model with n random rank-8 LoRA adapters (made once under `root`), as a ModelSet
     in which the small model also stands in as "large": only the small side is timed (on a GPU a
     second 13B copy would not fit beside the bench's own)."""
-    from . import toy
+    from ..testing import toy
     adapters = {}
     for i in range(1, n_experts + 1):
         out = root / f"bench-lora{i}"

@@ -61,7 +61,7 @@ def check_generation(recipe, params: dict, seed: Optional[int], engine: dict):
     """Every generation option checked before any model loads (bounds: limits.py) -> (SamplingParams,
     EngineConfig)."""
     from ..engine.fuser import sampling_params
-    return sampling_params(recipe, seed=seed, **params).check(), recipe.engine().replace(**engine)
+    return sampling_params(recipe, seed=seed, **params).check(), recipe.engine_config().replace(**engine)
 
 
 def check_plot(path: Path, solver) -> None:

@@ -68,7 +68,7 @@ class Fuser:
     @property
     def engine(self) -> EngineConfig:
         """The recipe's engine settings (its generation section's speculation fields)."""
-        return self.recipe.engine()
+        return self.recipe.engine_config()
 
     def generate(self, prompts: str | Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None = None,
                  solver: Solver | str | None = None, engine: EngineConfig | None = None,

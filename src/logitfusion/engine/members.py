@@ -52,7 +52,7 @@ class Member:
     """One model as the decoding loop sees it: a module, and which LoRA adapter (if any) to run."""
 
     role: str  # "large", "small", "delta" or "expert:<name>" (role_of)
-    model: nn.Module
+    model: nn.Module | None  # None: the large model's weights run elsewhere (models.load_model_set)
     adapter: str | None = None  # adapter name inside a PeftModel; "__base__" = adapters off
     template: str = "{prompt}"
     context: int | None = None  # max positions, when the config says
@@ -81,6 +81,9 @@ class Member:
 
     @property
     def device(self) -> torch.device:
+        if self.model is None:
+            raise RuntimeError(f"{self.role} has no weights here (loaded with large_weights=False: another "
+                               "backend runs it)")
         return next(self.model.parameters()).device
 
     def forward_kwargs(self, batch: int) -> dict[str, Any]:

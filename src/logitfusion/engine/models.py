@@ -375,7 +375,7 @@ def _logit_rows(model: nn.Module) -> int:
 
 
 def load_model_set(large: dict, small: dict | None, experts: list[dict], opts: LoadOptions,
-                   delta: dict | None = None) -> ModelSet:
+                   delta: dict | None = None, large_weights: bool = True) -> ModelSet:
     """Load every model of a fusion. Each spec: {"path", "template"} (+ "name" for experts).
 
     LoRA adapters among the experts are attached to the one loaded small base (PEFT
@@ -383,6 +383,8 @@ def load_model_set(large: dict, small: dict | None, experts: list[dict], opts: L
     file): then the small base and experts (one shared tokenizer) may differ from the large
     model's vocabulary, and their logits are mapped into it. `delta` ({"path", "template",
     "mapping"}) is a cross-model-control delta model for the large (user) model.
+    large_weights=False loads the large model's tokenizer only (another backend, e.g. vLLM, runs
+    it; the small side fuses its logits through rows.FusionRows).
     """
     roles = {"large": large} | ({"small": small} if small else {})
     if opts.device_map is None:
@@ -417,9 +419,9 @@ def load_model_set(large: dict, small: dict | None, experts: list[dict], opts: L
     foreign = dict(tokenizer=tokenizers["small"], vocab_map=small_map,
                    vocab=len(tokenizers["small"])) if small_map is not None else {}
 
-    large_model = load_causal_lm(large["path"], "large", opts)
+    large_model = load_causal_lm(large["path"], "large", opts) if large_weights else None
     members = {"large": Member("large", large_model, None, large.get("template", "{prompt}"),
-                               _context_of(large_model))}
+                               _context_of(large_model) if large_model is not None else None)}
     small_model = load_causal_lm(small["path"], "small", opts) if small else None
     adapters = [(e, k) for e, k in zip(experts, expert_kinds) if k == "adapter"]
     peft_small = _attach_adapters(small_model, adapters, opts) if adapters else None
@@ -440,7 +442,7 @@ def load_model_set(large: dict, small: dict | None, experts: list[dict], opts: L
     vocab_size = len(tokenizer)
     for member in [members["large"], members.get("small"), *expert_members, delta_member]:
         need = (member.vocab or vocab_size) if member is not None else 0
-        if member is not None and _logit_rows(member.model) < need:
+        if member is not None and member.model is not None and _logit_rows(member.model) < need:
             raise LoadError(f"{member.role}: the model outputs {_logit_rows(member.model)} logits but the "
                             f"tokenizer has {need} tokens; tokenizer and weights do not belong together")
     return ModelSet(tokenizer, members["large"], members.get("small"), expert_members, vocab_size, delta_member)

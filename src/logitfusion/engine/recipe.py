@@ -259,7 +259,7 @@ class Recipe(_Strict):
         return registry.parse_method(spec, [e.name for e in self.experts] if expert_names is None else expert_names,
                                      (search or SearchConfig()).over(self.search()))
 
-    def engine(self) -> EngineConfig:
+    def engine_config(self) -> EngineConfig:
         """The generation section's engine settings (speculation) as an EngineConfig."""
         g = self.generation
         return EngineConfig(speculate=g.speculate, speculate_adaptive=g.speculate_adaptive, draft_cost=g.draft_cost)

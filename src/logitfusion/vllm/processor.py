@@ -45,9 +45,8 @@ def load_side(recipe: Recipe, device: torch.device | None = None) -> ModelSet:
     opts = recipe.load_options()
     if device is not None and opts.device_map is None and opts.device == device.type and device.index is not None:
         opts = dataclasses.replace(opts, device=str(device))
-    # TODO(engine): load the large member without its weights once load_model_set can.
     return load_model_set(dump(recipe.large), dump(recipe.small), [e.model_dump() for e in recipe.experts],
-                          opts, delta=dump(recipe.delta))
+                          opts, delta=dump(recipe.delta), large_weights=False)
 
 
 @dataclass

@@ -61,8 +61,8 @@ def methods(path: str) -> "Methods":
 
 def engine_problem(recipe: Recipe) -> str | None:
     """What a recipe asks that the vLLM engine does not do, or None."""
-    if recipe.engine().speculate > 1:
-        return (f"generation.speculate is {recipe.engine().speculate}, but speculative fused decoding runs in "
+    if recipe.engine_config().speculate > 1:
+        return (f"generation.speculate is {recipe.engine_config().speculate}, but speculative fused decoding runs in "
                 "logitfusion's own engine only (vLLM refuses custom logits processors with its speculative "
                 "decoding); set generation.speculate to 0 for the vLLM engine")
     if recipe.large.template != "{prompt}":
