@@ -121,6 +121,55 @@ class GenerationSpec(_Strict):
     draft_cost: float = Field(DRAFT_COST, gt=0, le=limits.MAX_DRAFT_COST)  # one more drafted position, in plain steps
 
 
+class BackendSpec(_Strict):
+    """Which engine runs the large model: `hf` (logitfusion's own loop; the default) or `vllm`
+    (vLLM runs the large model, the fusion runs as its logits processor: logitfusion.vllm). The
+    other fields are vLLM engine arguments and apply to kind vllm only; `options` passes any other
+    vllm.LLM argument by its name (vLLM checks it when the engine starts). The engine itself never
+    reads this section: the front ends (logitfusion.vllm.backend.load, the CLI) choose by it."""
+
+    kind: Literal["hf", "vllm"] = "hf"
+    tensor_parallel_size: int = Field(1, ge=1, le=1024)
+    pipeline_parallel_size: int = Field(1, ge=1, le=1024)
+    max_model_len: int | None = Field(None, ge=1)  # default: the large model's context
+    max_num_seqs: int | None = Field(None, ge=1)  # vLLM's batch slots (its default: 256, 128 on CPU)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None  # default: load.dtype
+    enforce_eager: bool = False
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = None
+    options: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _vllm_only(self):
+        if self.kind == "hf":
+            fields = type(self).model_fields
+            given = sorted(f for f in self.model_fields_set - {"kind"} if getattr(self, f) != fields[f].default)
+            if given:  # a saved recipe spells the defaults out: those are no setting
+                raise ValueError(f"{', '.join(given)}: vLLM engine settings; they apply to `kind: vllm` only "
+                                 "(the hf engine takes its settings from `load` and `generation`)")
+        for name in ("speculative_config", "speculative_model", "num_speculative_tokens"):
+            if name in self.options:
+                raise ValueError(f"options.{name}: vLLM refuses custom logits processors (the fusion) with its "
+                                 "speculative decoding; leave it out")
+        own = sorted(set(self.options) & (set(type(self).model_fields) | {"model", "tokenizer", "logits_processors"}))
+        if own:
+            raise ValueError(f"options.{own[0]}: set by the recipe itself (backend.{own[0]} or the large model); "
+                             "not in options")
+        return self
+
+    def vllm_problem(self, recipe: "Recipe") -> str | None:
+        """What a recipe asks that the vLLM backend cannot do, or None."""
+        g = recipe.generation
+        if g.speculate > 1:
+            return (f"generation.speculate is {g.speculate}, but with `backend: {{kind: vllm}}` speculative fused "
+                    "decoding is not available (it runs in logitfusion's own engine; vLLM refuses custom logits "
+                    "processors with its speculative decoding): set generation.speculate to 0, or backend.kind hf")
+        if recipe.large.template != "{prompt}":
+            return ("large.template is set, but with `backend: {kind: vllm}` vLLM reads the prompt as it is sent: "
+                    "put the large model's template into the prompt itself and remove large.template")
+        return None
+
+
 class Recipe(_Strict):
     large: ModelSpec
     small: MappedSpec | None = None  # small.mapping also covers the experts (one shared tokenizer)
@@ -131,6 +180,7 @@ class Recipe(_Strict):
     solver: SerializeAsAny[SolverSpec] = Field(default_factory=lambda: registry.spec_of({}))
     load: LoadSpec = LoadSpec()
     generation: GenerationSpec = GenerationSpec()
+    backend: BackendSpec = BackendSpec()  # which engine runs the large model (hf, vllm)
 
     @field_validator("solver", mode="before")
     @classmethod
@@ -149,6 +199,9 @@ class Recipe(_Strict):
         if dup:
             raise ValueError(f"expert names must be unique; repeated: {dup}")
         problem = self.solver.recipe_problem(names, self.delta is not None)
+        if problem:
+            raise ValueError(problem)
+        problem = self.backend.vllm_problem(self) if self.backend.kind == "vllm" else None
         if problem:
             raise ValueError(problem)
         return self

@@ -11,12 +11,13 @@ from typing import Any
 import vllm
 
 from .processor import FusionLogitsProcessor
-from .settings import CONFIG_KEY, RECIPE_ENV, SOLVER_ARG, SettingsError, methods
+from .settings import CONFIG_KEY, RECIPE_ENV, SOLVER_ARG, SettingsError, backend_args, methods
 
 
 def engine_args(recipe: str | Path, **overrides: Any) -> dict[str, Any]:
-    """vLLM engine arguments for a recipe: its large model, its dtype, the processor and the recipe
-    (additional_config, for every worker); `overrides` (any vllm.LLM argument) win. Sets
+    """vLLM engine arguments for a recipe: its large model, its `backend` section (dtype, parallel
+    sizes...), the processor and the recipe (additional_config, for every worker); `overrides` (any
+    vllm.LLM argument) win. Sets
     LOGITFUSION_RECIPE for this process and the ones it starts (requests' methods are checked
     in the front end against it)."""
     path = str(Path(recipe).resolve())
@@ -25,9 +26,8 @@ def engine_args(recipe: str | Path, **overrides: Any) -> dict[str, Any]:
         raise SettingsError("speculative_config: vLLM refuses custom logits processors with its speculative "
                             "decoding; leave it out")
     os.environ[RECIPE_ENV] = path
-    dtype = found.recipe.load.dtype
     args = dict(model=found.recipe.large.path, tokenizer=found.recipe.large.path,
-                dtype="auto" if dtype == "auto" else dtype, logits_processors=[FusionLogitsProcessor])
+                logits_processors=[FusionLogitsProcessor]) | backend_args(found.recipe)
     extra = dict(overrides.pop("additional_config", None) or {})
     return args | overrides | {"additional_config": extra | {CONFIG_KEY: path}}
 

@@ -17,22 +17,35 @@ import os
 import sys
 from pathlib import Path
 
-from .settings import CONFIG_KEY, PROCESSOR, RECIPE_ENV, SettingsError, methods
+from .settings import CONFIG_KEY, PROCESSOR, RECIPE_ENV, SettingsError, backend_args, methods
 
 USAGE = "usage: python -m logitfusion.vllm.serve RECIPE [vLLM server options]"
 
 
+def flags(args: dict) -> list[str]:
+    """vllm.LLM-style arguments as vLLM server flags (tensor_parallel_size=2 -> --tensor-parallel-size 2;
+    True -> the bare flag; False and None -> nothing; a dict or list as JSON)."""
+    out = []
+    for name, value in args.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is not None and value is not False:
+            out += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
+    return out
+
+
 def server_argv(recipe: str, options: list[str]) -> list[str]:
-    """vLLM server arguments for a recipe (its model, dtype, the processor, the recipe), then the
-    user's options; sets LOGITFUSION_RECIPE for the front end, which checks each request's method."""
+    """vLLM server arguments for a recipe (its model, its `backend` section, the processor, the
+    recipe), then the user's options, which win; sets LOGITFUSION_RECIPE for the front end, which
+    checks each request's method."""
     path = str(Path(recipe).resolve())
     found = methods(path)
     if any(o.split("=")[0] in ("--speculative-config", "-sc") for o in options):
         raise SettingsError("--speculative-config: vLLM refuses custom logits processors with its speculative "
                             "decoding; leave it out")
     os.environ[RECIPE_ENV] = path
-    argv = ["--model", found.recipe.large.path, "--dtype", found.recipe.load.dtype,
-            "--logits-processors", PROCESSOR]
+    argv = ["--model", found.recipe.large.path, "--logits-processors", PROCESSOR, *flags(backend_args(found.recipe))]
     if not any(o.split("=")[0] == "--additional-config" for o in options):  # the user's own wins
         argv += ["--additional-config", json.dumps({CONFIG_KEY: path})]
     return argv + options

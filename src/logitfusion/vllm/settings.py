@@ -18,6 +18,7 @@ solver runs. "large" decodes from the large model alone.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -49,6 +50,18 @@ def recipe_path(additional_config: Mapping[str, Any] | None = None) -> str:
     return str(Path(found).resolve())
 
 
+def recipe_file(recipe: str | Path | Recipe | dict) -> tuple[str, tempfile.TemporaryDirectory | None]:
+    """A recipe file vLLM's workers can read (they get the recipe by path): the given file, or the
+    given recipe written out, paths resolved against the working directory, in a temporary folder
+    (returned, to be kept as long as the engine runs)."""
+    if isinstance(recipe, (str, Path)):
+        return str(Path(recipe).resolve()), None
+    folder = tempfile.TemporaryDirectory(prefix="logitfusion-vllm-recipe-")
+    path = Path(folder.name) / "recipe.json"
+    (recipe if isinstance(recipe, Recipe) else Recipe.from_dict(recipe)).resolve_paths(Path.cwd()).save(path)
+    return str(path), folder
+
+
 @lru_cache(maxsize=8)
 def methods(path: str) -> "Methods":
     """The recipe at `path`, checked for this engine, and its methods (cached: read once per process)."""
@@ -60,15 +73,23 @@ def methods(path: str) -> "Methods":
 
 
 def engine_problem(recipe: Recipe) -> str | None:
-    """What a recipe asks that the vLLM engine does not do, or None."""
-    if recipe.engine_config().speculate > 1:
-        return (f"generation.speculate is {recipe.engine_config().speculate}, but speculative fused decoding runs in "
-                "logitfusion's own engine only (vLLM refuses custom logits processors with its speculative "
-                "decoding); set generation.speculate to 0 for the vLLM engine")
-    if recipe.large.template != "{prompt}":
-        return ("large.template is set, but vLLM reads the prompt as it is sent; put the large model's template "
-                "into the prompt itself and remove large.template")
-    return None
+    """What a recipe asks that the vLLM engine does not do, or None (whatever its backend.kind says:
+    the launcher and fused_llm run any recipe's large model in vLLM)."""
+    return recipe.backend.vllm_problem(recipe)
+
+
+def backend_args(recipe: Recipe) -> dict[str, Any]:
+    """The vllm.LLM arguments of the recipe's `backend` section (its dtype: backend.dtype, else
+    load.dtype), its `options` last."""
+    b = recipe.backend
+    args: dict[str, Any] = {"tensor_parallel_size": b.tensor_parallel_size,
+                            "pipeline_parallel_size": b.pipeline_parallel_size, "dtype": b.dtype or recipe.load.dtype}
+    for name in ("max_model_len", "max_num_seqs", "gpu_memory_utilization", "distributed_executor_backend"):
+        if getattr(b, name) is not None:
+            args[name] = getattr(b, name)
+    if b.enforce_eager:
+        args["enforce_eager"] = True
+    return args | b.options
 
 
 @dataclass
