@@ -26,6 +26,25 @@ def _check_options(tasks: list[str], methods: list[str], batch_size: int, num_fe
             raise UsageError(problem)
 
 
+def _check_vllm(recipe, methods: list[str], search) -> None:
+    """A vLLM recipe's methods, checked before vLLM starts: each one the workers can run, the grid
+    and strategy the recipe's (the workers read it)."""
+    from ..engine.registry import SearchConfig
+    from ..vllm.backend import quiet_vllm, vllm_fuser_class
+    from ..vllm.settings import Methods, SettingsError
+    quiet_vllm()  # the tables go to stdout: vLLM's own log lines to stderr
+    if search != SearchConfig():
+        raise UsageError("--grid/--strategy: with `backend: {kind: vllm}` set them in the recipe's solver section")
+    known = Methods.of(recipe)
+    for m in methods:
+        try:
+            if m != "ceiling":
+                known.of_request({"solver": m})
+        except SettingsError as e:
+            raise UsageError(str(e).replace("extra_args.solver", f"--methods {m}")) from None
+    vllm_fuser_class()  # installed and importable, or one line saying how
+
+
 def _done(writer, output: Optional[Path], tasks: list[str], limit: Optional[float]) -> dict[str, dict]:
     """The records already in --output, by key; a warning for those run with another --limit."""
     records = {}
@@ -81,6 +100,8 @@ def eval_(
                              f"to {recipe}")
         search = SearchConfig.parse(grid, strategy)
         method_list = matrix.plan_methods(r, method_list, recipe, search)
+        if r.backend.kind == "vllm":
+            _check_vllm(r, method_list, search)
         if data_dir is not None and not data_dir.is_dir():
             raise UsageError(f"local dataset path {str(data_dir)!r} does not exist (--data-dir)")
         if limit is not None and limit <= 0:

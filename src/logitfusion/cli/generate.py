@@ -57,6 +57,32 @@ def solver_from_flags(recipe, solver: Optional[str], alpha: list[float], grid: O
     return recipe.method(solver if solver is not None else recipe.method_spec(), search=search)
 
 
+def vllm_method(recipe, solver: Optional[str], alpha: list[float], grid: Optional[str], strategy: Optional[str],
+                refused: dict[str, bool]) -> Optional[str]:
+    """A vLLM recipe's method from the flags, as the method string its requests carry (None: the
+    recipe's solver), checked before vLLM starts; `refused`: options the vLLM backend cannot take."""
+    from ..vllm.backend import quiet_vllm
+    from ..vllm.settings import Methods, SettingsError
+    quiet_vllm()  # results go to stdout: vLLM's own log lines to stderr
+    given = [name for name, used in refused.items() if used]
+    if given:
+        raise UsageError(f"{', '.join(given)}: not available with `backend: {{kind: vllm}}` (vLLM returns no weight "
+                         "traces, always caches, and refuses speculation with logits processors); use backend.kind hf")
+    if grid or strategy:
+        raise UsageError("--grid/--strategy: with `backend: {kind: vllm}` set the dynamic grid and strategy in the "
+                         "recipe's solver section (vLLM's workers read the recipe)")
+    if alpha:
+        if solver and solver != "static":
+            raise UsageError(f"--alpha sets static weights; it cannot be combined with --solver {solver}")
+        solver = "static:" + ",".join(str(a) for a in alpha)
+    if solver is not None:
+        try:
+            Methods.of(recipe).of_request({"solver": solver})
+        except SettingsError as e:
+            raise UsageError(str(e).replace("extra_args.solver", "--solver")) from None
+    return solver
+
+
 def check_generation(recipe, params: dict, seed: Optional[int], engine: dict):
     """Every generation option checked before any model loads (bounds: limits.py) -> (SamplingParams,
     EngineConfig)."""
@@ -158,8 +184,8 @@ def generate(
     speculate: Optional[int] = typer.Option(None, help="Speculative fused decoding with drafts of up to K tokens: the small models draft, the large model checks them in one forward; each round drafts as many as the rows' acceptance pays for (recipe: generation.speculate_adaptive, generation.draft_cost). Greedy output is identical to plain decoding; sampled output follows exactly the same distribution (speculative sampling)."),
 ):
     """Generate with a fused model: from --prompt (printed) or --input/--output JSONL (resumable)."""
-    from ..engine.fuser import Fuser
     from ..engine.jobs import pending
+    from ..vllm.backend import load
     from ..eval.records import RecordWriter, read_prompts
 
     try:
@@ -168,7 +194,12 @@ def generate(
                      "--expert": [e.partition("=")[2] for e in expert]},
                     {"--output": output, "--plot-weights": plot_weights})
         r = recipe_from_flags(recipe, large, small, expert, dtype, device, device_map, trust_remote_code, allow_pickle)
-        chosen = solver_from_flags(r, solver, alpha, grid, strategy)
+        if r.backend.kind == "vllm":
+            chosen = vllm_method(r, solver, alpha, grid, strategy, {
+                "--trace": trace, "--plot-weights": plot_weights is not None, "--no-cache": no_cache,
+                "--speculate": (speculate or 0) > 1})
+        else:
+            chosen = solver_from_flags(r, solver, alpha, grid, strategy)
         params, engine = check_generation(
             r, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     stop=stop or None), seed,
@@ -181,7 +212,7 @@ def generate(
         todo = pending(rows, writer.done if writer else set())
         if writer and len(todo) < len(rows):
             say(f"resuming: {len(rows) - len(todo)} of {len(rows)} prompts already in {output}")
-        fuser = Fuser.from_recipe(r, solver=chosen)
+        fuser = load(r, solver=chosen)  # Fuser, or VLLMFuser for `backend: {kind: vllm}`
         # every prompt checked and tokenised before anything is written
         encoded = fuser.check_prompts([row["prompt"] for row in todo]) if todo else []
         gens = _decode(fuser, rows, todo, writer, params, engine, encoded)
@@ -266,6 +297,36 @@ def _shown_address(host: str, port: int, api_key: Optional[str]) -> str:
     return f"http://{shown}:{port}/v1"
 
 
+def _serve_vllm_if_asked(named: dict[str, Path], host: str, port: int, api_key: Optional[str],
+                         log_level: str) -> None:
+    """A recipe with `backend: {kind: vllm}` is served by vLLM's own OpenAI server with the fusion
+    processor registered (logitfusion.vllm.serve), under its name; this call then does not return."""
+    from ..engine.recipe import Recipe
+    from ..vllm.backend import vllm_fuser_class
+    try:
+        kinds = {name: Recipe.from_file(path).backend.kind for name, path in named.items()}
+    except user_errors() as e:
+        fail(str(e))
+    if "vllm" not in kinds.values():
+        return
+    if len(named) > 1:
+        fail(f"--recipe: {', '.join(n for n, k in kinds.items() if k == 'vllm')} runs in vLLM (backend.kind: vllm), "
+             "which serves one recipe per server; serve it alone (another server, another --port, for the others)")
+    try:
+        vllm_fuser_class()  # vLLM installed and importable, or one line saying how
+    except user_errors() as e:
+        fail(str(e))
+    from ..vllm.serve import main as vllm_serve
+    (name, path), = named.items()
+    if api_key:
+        os.environ["VLLM_API_KEY"] = api_key  # vLLM's server reads it; kept out of the process list
+    _shown_address(host, port, api_key)  # the same warning for a public interface without a key
+    say(f"serving {name} with vLLM (backend.kind: vllm) on http://{host}:{port}/v1")
+    vllm_serve([str(path), "--host", host, "--port", str(port), "--served-model-name", name,
+                "--uvicorn-log-level", log_level.lower()])
+    raise typer.Exit(0)
+
+
 def serve(
     recipe: list[str] = typer.Option(..., "--recipe", "-r", help="Recipe to serve: PATH (served under the file's stem, e.g. fusion.yaml -> 'fusion') or NAME=PATH. Repeat to serve several; a request's `model` field picks one."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind. The default accepts local connections only; 0.0.0.0 listens on every interface (then also set --api-key)."),
@@ -291,6 +352,7 @@ def serve(
     if log_level.lower() not in LOG_LEVELS:
         fail(f"--log-level {log_level!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
     named = _named_recipes(recipe)
+    _serve_vllm_if_asked(named, host, port, api_key, log_level)
     if threads is not None:
         if threads < 1:
             fail(f"--threads must be >= 1, got {threads}")

@@ -35,6 +35,7 @@ from ..engine.registry import SearchConfig
 from ..engine.sampling import SamplingParams
 from ..engine.scoring import fused_logprobs, prefix_token_id
 from ..engine.solvers import Solver
+from ..vllm.backend import load
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ class FusedLM(LM):
         if fuser is None:
             if recipe is None:
                 raise EvalError("model_args need recipe=PATH (a fusion recipe file)")
-            fuser = Fuser.from_recipe(_recipe_for(recipe, experts, ceiling, device, dtype, trust_remote_code))
+            # Fuser, or VLLMFuser for `backend: {kind: vllm}` (generation only)
+            fuser = load(_recipe_for(recipe, experts, ceiling, device, dtype, trust_remote_code))
         self.fuser = fuser
         self.batch_size = _batch_size(batch_size)
         self.max_gen_toks = int(max_gen_toks)
@@ -121,7 +123,7 @@ class FusedLM(LM):
         spec = spec.strip()
         if spec == "static" and self.static_weights:
             spec = "static:" + ",".join(str(w) for w in self.static_weights)
-        self.solver = self.fuser.recipe.method(spec, self.fuser.expert_names, self.search)
+        self.solver = self.fuser.method(spec, self.search)
         return self.solver
 
     def _recipe_spec(self) -> str:
@@ -190,6 +192,10 @@ class FusedLM(LM):
         by_head = {same[0]: same for same in groups.values()}
         heads = list(by_head)
         results: list[tuple[float, bool]] = [(0.0, True)] * len(contexts)  # empty continuation: log 1
+        if not isinstance(self.fuser, Fuser):
+            raise EvalError("loglikelihood tasks (multiple choice, perplexity) score the prompt's tokens, which vLLM's "
+                            "logits processor never sees: with `backend: {kind: vllm}` run generation tasks, or "
+                            "use backend.kind hf for these")
         sorter = Collator(heads, sort_fn=lambda i: (-len(continuations[i]) - len(str(contexts[i])), i))
         for chunk in sorter.get_batched(n=self.batch_size):
             scored = fused_logprobs(self.models, self.solver, [contexts[i] for i in chunk],
@@ -241,7 +247,9 @@ class FusedLM(LM):
 
     def _fit_prompt(self, prompt: str, max_new: int) -> str:
         """Drop tokens from the prompt's start until every model's templated prompt leaves room
-        for max_new tokens (lm-eval's hf backend left-truncates the same way)."""
+        for max_new tokens (lm-eval's hf backend left-truncates the same way). With vLLM, vLLM checks."""
+        if not isinstance(self.fuser, Fuser):
+            return prompt
         members = [m for m in members_for(self.models, self.solver) if m.context]
         for _ in range(4):
             over = max([len(self.encode(render(m.template, prompt))) - max(m.context - max_new, m.context // 2)

@@ -1,0 +1,181 @@
+"""Every front end on a recipe with `backend: {kind: vllm}`: the Python API (backend.load ->
+VLLMFuser, Fuser.generate's shape), `logitfusion generate` and `logitfusion eval` give the HF
+engine's greedy tokens and text for the same recipe.
+
+Skipped without vLLM (pip install 'logitfusion[vllm]'; LOGITFUSION_REQUIRE_VLLM makes that a failure).
+ONE vLLM engine for the module (a start costs 40-70 s of CPU): the CLI commands run in this
+process and, instead of starting an engine of their own, get a VLLMFuser on the module's engine
+for the recipe they built (the one step they skip is `vllm.LLM(...)`; the slow test at the end
+runs `logitfusion generate` as a process, with its own engine)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+if os.environ.get("LOGITFUSION_REQUIRE_VLLM"):  # `make test-vllm` (CI): a broken install fails, never skips
+    import vllm  # noqa: F401
+else:
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'logitfusion[vllm]', then "
+                                       "pip uninstall -y torchvision torchaudio torchcodec)")
+
+from typer.testing import CliRunner  # noqa: E402
+
+from logitfusion.cli import app  # noqa: E402
+from logitfusion.engine.errors import DecodingError, SolverError  # noqa: E402
+from logitfusion.engine.fuser import Fuser  # noqa: E402
+from logitfusion.engine.sampling import SamplingParams  # noqa: E402
+from logitfusion.testing import toy  # noqa: E402
+from logitfusion.vllm import backend  # noqa: E402
+from logitfusion.vllm.fuser import VLLMFuser  # noqa: E402
+from logitfusion.vllm.settings import recipe_file  # noqa: E402
+
+PROMPTS = ["Question: 3 plus 4? Answer:", "the cat sells", "a", "two dogs and three birds go to the river",
+           "one bird", "Question: 5 plus 1? Answer:", "the king has ten coins and"]
+METHODS = ["static:1.0", "dynamic", "large"]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """A toy family vLLM's CPU attention can run (head size 32) and two recipes of it that differ only
+    in their backend section: (hf recipe, vllm recipe)."""
+    root = tmp_path_factory.mktemp("vllm_frontends")
+    tok = toy.build_tokenizer(root / "tokenizer")
+    toy.build_model(root / "large", tok, hidden=64, layers=2, heads=2, seed=10)
+    toy.build_model(root / "small", tok, hidden=48, layers=2, heads=4, seed=20)
+    for i in (1, 2):
+        toy.perturbed_copy(root / "small", root / f"expert{i}", scale=0.5, seed=30 + i)
+    body = ("large: {path: large}\nsmall: {path: small}\nexperts: [{name: e1, path: expert1}, {name: e2, path: expert2}]\n"
+            "solver: {kind: dynamic}\n")
+    (root / "hf.yaml").write_text(body)
+    (root / "vllm.yaml").write_text(body + "backend: {kind: vllm, enforce_eager: true, max_model_len: 128, "
+                                           "max_num_seqs: 4, options: {seed: 0}}\n")
+    return root / "hf.yaml", root / "vllm.yaml"
+
+
+@pytest.fixture(scope="module")
+def hf(family):
+    return Fuser.from_recipe(family[0])
+
+
+@pytest.fixture(scope="module")
+def vf(family):
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    fuser = backend.load(family[1])
+    yield fuser
+    fuser.close()
+
+
+@pytest.fixture
+def on_module_engine(vf, monkeypatch):
+    """The CLI's VLLMFuser.from_recipe, on the module's engine: what it was asked for is recorded."""
+    asked = []
+
+    def from_recipe(cls, recipe, solver=None, **vllm_args):
+        asked.append((recipe, solver, vllm_args))
+        path, keep = recipe_file(recipe)
+        return cls(vf.llm, path, solver, keep)
+
+    monkeypatch.setattr(VLLMFuser, "from_recipe", classmethod(from_recipe))
+    return asked
+
+
+# ---------------------------------------------------------------- the Python API
+
+
+def test_load_chooses_vllm_and_greedy_output_is_the_hf_engines(vf, hf):
+    assert isinstance(vf, VLLMFuser) and vf.expert_names == ["e1", "e2"]
+    for method in METHODS:
+        got = vf.generate(PROMPTS, solver=method, max_new_tokens=7, ignore_eos=True)
+        want = hf.generate(PROMPTS, solver=method, max_new_tokens=7, ignore_eos=True)
+        assert [(g.prompt, g.token_ids, g.text, g.finish_reason) for g in got] == \
+               [(g.prompt, g.token_ids, g.text, g.finish_reason) for g in want], method
+    # the recipe's solver (dynamic) by default; the long form; a solver the fuser built
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    want = [g.token_ids for g in hf.generate(PROMPTS[:3], params, solver="dynamic")]
+    assert [g.token_ids for g in vf.generate(PROMPTS[:3], params)] == want
+    assert [g.token_ids for g in vf.generate(PROMPTS[:3], [params] * 3, solver=vf.method("dynamic"))] == want
+
+
+def test_batches_and_sampled_seeds(vf):
+    chunks = list(vf.batches(PROMPTS, solver="static:1.0", max_new_tokens=3, batch_size=2))
+    assert [start for start, _ in chunks] == [0, 4] and sum(len(g) for _, g in chunks) == len(PROMPTS)  # 4 slots
+    a = vf.generate(PROMPTS[:3], temperature=1.0, seed=5, max_new_tokens=6, ignore_eos=True)
+    b = vf.generate(PROMPTS[:3], temperature=1.0, seed=5, max_new_tokens=6, ignore_eos=True)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]  # prompt i: seed 5 + i
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"trace": True}, DecodingError, "trace: weight traces are not returned"),
+    ({"speculate": 4}, DecodingError, "speculate: speculative fused decoding runs in logitfusion's own engine"),
+    ({"use_cache": False}, DecodingError, "use_cache"),
+    ({"solver": "expert:e1"}, SolverError, "solver: method 'expert:e1' reads other models"),
+    ({"solver": "static:x"}, SolverError, "solver"),
+    ({"bogus": 1}, DecodingError, "unknown generation option"),
+])
+def test_what_vllm_cannot_do_is_refused_by_name(vf, hf, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        vf.generate(PROMPTS[:1], max_new_tokens=2, **kwargs)
+    with pytest.raises(SolverError, match="method string"):
+        vf.generate(PROMPTS[:1], solver=hf.method("static:1.0"))  # a Solver vLLM's workers cannot rebuild
+    assert len(vf.generate(PROMPTS[:1], max_new_tokens=2)[0].token_ids) == 2  # the engine lives on
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def _cli(*args):
+    res = CliRunner().invoke(app, list(args))
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def test_cli_generate_on_a_vllm_recipe_prints_the_hf_recipes_text(family, on_module_engine, tmp_path):
+    hf_recipe, vllm_recipe = family
+    flags = ["--solver", "static:1.0", "--max-new-tokens", "6"] + [a for p in PROMPTS[:3] for a in ("-p", p)]
+    want = _cli("generate", "-r", str(hf_recipe), *flags).stdout
+    got = _cli("generate", "-r", str(vllm_recipe), *flags).stdout
+    assert got == want and got.count("---") == 3
+    assert on_module_engine[-1][1] == "static:1.0"
+    # --input/--output JSONL, resumable: the records of the HF engine's run
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    for recipe, out in ((hf_recipe, "hf.jsonl"), (vllm_recipe, "vllm.jsonl")):
+        _cli("generate", "-r", str(recipe), "-i", str(prompts), "-o", str(tmp_path / out), "--alpha", "0.5",
+             "--max-new-tokens", "5")
+    read = lambda name: [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]  # noqa: E731
+    assert read("vllm.jsonl") == read("hf.jsonl")
+
+
+def test_cli_eval_on_a_vllm_recipe_scores_as_the_hf_recipe(family, on_module_engine, tmp_path):
+    pytest.importorskip("lm_eval")
+    hf_recipe, vllm_recipe = family
+    scores = {}
+    for name, recipe in (("hf", hf_recipe), ("vllm", vllm_recipe)):
+        out = tmp_path / f"{name}.jsonl"
+        _cli("eval", "-r", str(recipe), "--tasks", "toy_sums", "--methods", "large,static:1.0,dynamic",
+             "--limit", "6", "--max-gen-toks", "6", "-o", str(out))
+        scores[name] = {(r["method"], r["metric"], r["value"], r["n"]) for r in map(json.loads, out.open())}
+    assert scores["vllm"] == scores["hf"] and len(scores["hf"]) == 3
+
+
+def test_eval_refuses_loglikelihood_tasks_with_vllm(vf):
+    from logitfusion.eval.lm import EvalError, FusedLM
+
+    lm = FusedLM(fuser=vf)
+    with pytest.raises(EvalError, match="loglikelihood tasks"):
+        lm._loglikelihood(["Question: 3 plus 4? Answer:"], [[5, 6]])
+
+
+@pytest.mark.slow
+def test_cli_generate_as_a_process_starts_vllm_from_the_recipe(family, hf):
+    """The whole path, vllm.LLM included: `logitfusion generate -r vllm.yaml` in its own process."""
+    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    res = subprocess.run([sys.executable, "-m", "logitfusion.cli", "generate", "-r", str(family[1]), "-p", PROMPTS[0],
+                          "-p", PROMPTS[1], "--max-new-tokens", "6"], capture_output=True, text=True, env=env,
+                         timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    want = "".join(f"--- {p!r}\n{g.text}\n" for p, g in zip(PROMPTS[:2], hf.generate(PROMPTS[:2], max_new_tokens=6)))
+    assert res.stdout == want  # results only: vLLM's log lines went to stderr
