@@ -32,15 +32,15 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import unicodedata
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from ..eval.records import read_jsonl
 from .real_config import LARGE_LAYERS, LOCAL_SETTINGS, RealConfig, _atomic_dir, _load, _tokenizer  # noqa: F401 (_load re-exported)
+from .steps import Step, run_steps, selected
 
 BENCH_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "benchmarks"
 
@@ -198,13 +198,6 @@ def general_english() -> list[str]:
 
 # ---------------------------------------------------------------- the build
 
-@dataclass
-class Step:
-    name: str
-    done: Callable[[], bool]
-    run: Callable[[Callable[[int, int], None]], object]  # run(progress(done, total))
-
-
 def plan(root: str | Path, cfg: RealConfig | None = None) -> list[Step]:
     from .real_train import distil, init_student, measure, teacher_topk, train_expert
     cfg = cfg or RealConfig()
@@ -235,17 +228,13 @@ def plan(root: str | Path, cfg: RealConfig | None = None) -> list[Step]:
 REDOABLE = ("measure",)  # steps that a build naming them in `only` runs again even when done
 
 
-def _selected(step: str, only: list[str] | None) -> bool:
-    return not only or step in only or any(step.startswith(o.rstrip("/") + "/") for o in only)
-
-
 def check_build(root: str | Path, cfg: RealConfig, only: list[str] | None = None) -> None:
     """Every build option checked before any step runs (ValueError naming the option and the fix):
     the steps named, the build folder, the wheel, the small model's layers, the counts and the
     benchmark text the teacher and corpus steps will need."""
     root, names = Path(root), [s.name for s in plan(root, cfg)]
     if only is not None:
-        unknown = [o for o in only if not any(_selected(n, [o]) for n in names)]
+        unknown = [o for o in only if not any(selected(n, [o]) for n in names)]
         if not only or unknown:
             raise ValueError(f"--only {','.join(only)!r}: {'unknown steps ' + str(unknown) if only else 'no step named'}; "
                              f"name one or more of {', '.join(names)} (comma-separated)")
@@ -262,7 +251,7 @@ def check_build(root: str | Path, cfg: RealConfig, only: list[str] | None = None
             raise ValueError(f"{name} must be >= 1, got {value}")
     if not 0 <= cfg.seed < 2**32:
         raise ValueError(f"--seed must be between 0 and {2**32 - 1}, got {cfg.seed}")
-    pending = [s.name for s in plan(root, cfg) if _selected(s.name, only) and not s.done()]
+    pending = [s.name for s in plan(root, cfg) if selected(s.name, only) and not s.done()]
     if {"teacher", "corpus"} & set(pending):
         _bench_dir(cfg)
 
@@ -298,24 +287,8 @@ def build(root: str | Path, cfg: RealConfig | None = None, only: list[str] | Non
             raise ValueError(f"{root} holds a build with other settings ({', '.join(f'{k}: {old.get(k)} now {settings[k]}' for k in differ)}); "
                              "rerun with its settings, or give another --root")
     (root / "config.json").write_text(json.dumps(settings, indent=1))
-    timings_file = root / "timings.json"
-    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
     on_step = on_step or (lambda name, state, s: print(f"real: {name} {state}" + (f" ({s:.0f}s)" if s else "")))
-    for step in plan(root, cfg):
-        if not _selected(step.name, only):
-            continue
-        if step.done() and not (only and step.name in only and step.name in REDOABLE):
-            on_step(step.name, "skipped", 0.0)
-            continue
-        on_step(step.name, "start", 0.0)
-        t0 = time.perf_counter()
-        step.run(lambda d, t, n=step.name: progress and progress(n, d, t))
-        seconds = time.perf_counter() - t0
-        timings[step.name] = round(seconds + timings.get(step.name + ":partial", 0.0), 1)
-        timings.pop(step.name + ":partial", None)
-        timings_file.write_text(json.dumps(timings, indent=1))
-        on_step(step.name, "done", seconds)
-    return timings
+    return run_steps(root, plan(root, cfg), only, REDOABLE, on_step, progress)
 
 
 def fetch_wheel(wheel_dir: Path, cfg: RealConfig) -> Path:

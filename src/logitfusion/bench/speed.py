@@ -47,6 +47,7 @@ from ..engine.config import EngineConfig
 from ..engine.decoding import decode, render
 from ..engine.fuser import Fuser
 from ..engine.fusion import fuse, kl
+from ..engine.members import Logits
 from ..engine.sampling import SamplingParams
 from ..engine.solvers import Dynamic
 from .shapes import PAIRS, SHAPE_PAIRS, SHAPES, TIED
@@ -194,7 +195,8 @@ def solver_cost(batch: int, vocab: int, n_experts: int, device: str, repeats: in
     gen = torch.Generator().manual_seed(0)
     z = [(3 * torch.randn(batch, vocab, generator=gen)).to(device) for _ in range(2 + n_experts)]
     solver = Dynamic()
-    return best_time(lambda: solver(z), repeats, device)
+    logits = Logits.ordered(solver.reads, z)  # [large, small, expert 1, ...]
+    return best_time(lambda: solver(logits), repeats, device)
 
 
 def cache_cost(fuser, batch: int, n_tokens: int, device: str, repeats: int) -> dict[str, tuple[float, float]]:

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ..eval.records import read_jsonl
 from . import world
+from .steps import Step, run_steps
 
 BUNDLED = Path(__file__).parent / "bundled"
 TASKS_DIR = Path(__file__).parent / "tasks"  # the zoo's lm-eval tasks (tasks/utils.py: data and scorers)
@@ -125,11 +125,9 @@ def init_model(out_dir: Path, tokenizer, size: Size, context: int, seed: int) ->
 
 # ---------------------------------------------------------------- the build
 
-@dataclass
-class Step:
-    name: str  # e.g. "experts/math"
-    run: Callable[[], object]  # None (or a skipped FinetuneResult): it was already done
-    ships: bool  # copied into the package by `install`
+def _step(name: str, fn: Callable[[], object], ships: bool) -> Step:
+    """A zoo step: `fn` returns None (or a skipped result) when it finds its output already there."""
+    return Step(name, None, lambda progress: fn(), ships)
 
 
 def _finetune(base: Path, data: Path, out: Path, *, lr: float, epochs: float, batch: int, seed: int,
@@ -198,19 +196,19 @@ def plan(root: Path, cfg: ZooConfig, ceilings: bool = True) -> list[Step]:
                    cfg.context, cfg.seed + 4)
         return True
 
-    steps += [Step("data", world_files, True), Step("init", tokenizer_and_init, False),
-              Step("init-alt", alt_init, False), Step("init-b", b_init, False)]
+    steps += [_step("data", world_files, True), _step("init", tokenizer_and_init, False),
+              _step("init-alt", alt_init, False), _step("init-b", b_init, False)]
     for name in ("large", "small", "large-alt", "large-b"):
-        steps.append(Step(f"prose/{name}", lambda n=name: _finetune(
+        steps.append(_step(f"prose/{name}", lambda n=name: _finetune(
             init / n, data / "pretraining.jsonl", root / "prose" / n, lr=cfg.pretrain_lr, epochs=cfg.pretrain_epochs,
             batch=cfg.pretrain_batch, seed=cfg.seed), False))
-        steps.append(Step(f"models/{name}", lambda n=name: _finetune(
+        steps.append(_step(f"models/{name}", lambda n=name: _finetune(
             root / "prose" / n, data / "midtraining.jsonl", models / n, lr=cfg.midtrain_lr,
             epochs=cfg.midtrain_epochs, batch=cfg.pretrain_batch, seed=cfg.seed), True))
 
     def tuned(base: str, task: str, out: str, lora: bool, ships: bool):
         src = (lambda: multitask_data(data)) if task == "multitask" else (lambda: data / task / "train.jsonl")
-        return Step(out, lambda: _finetune(models / base, src(), root / out, lora=lora, rank=cfg.lora_rank,
+        return _step(out, lambda: _finetune(models / base, src(), root / out, lora=lora, rank=cfg.lora_rank,
                                            lr=cfg.lora_lr if lora else cfg.finetune_lr, epochs=cfg.finetune_epochs,
                                            batch=cfg.finetune_batch, seed=cfg.seed), ships)
 
@@ -219,7 +217,7 @@ def plan(root: Path, cfg: ZooConfig, ceilings: bool = True) -> list[Step]:
     steps.append(tuned("small", "multitask", "experts/multitask", False, True))
     for task in world.TASKS:
         steps.append(tuned("small", task, f"experts/{task}-lora", True, True))
-    steps.append(Step("experts/merged", lambda: _merge(models / "small", [root / "experts" / t for t in world.SEEN_TASKS],
+    steps.append(_step("experts/merged", lambda: _merge(models / "small", [root / "experts" / t for t in world.SEEN_TASKS],
                                                        cfg.merge_lambda, root / "experts" / "merged"), True))
     if ceilings:
         for task in world.TASKS:
@@ -228,7 +226,7 @@ def plan(root: Path, cfg: ZooConfig, ceilings: bool = True) -> list[Step]:
             steps.append(tuned("large", task, f"ceilings/{task}-lora", True, False))
         steps.append(tuned("large", "multitask", "ceilings/multitask", False, False))
         for task in world.TASKS:  # a LoRA ceiling decodes as a large model: merge it into the weights
-            steps.append(Step(f"ceilings/{task}-lora-merged", lambda t=task: _merge(
+            steps.append(_step(f"ceilings/{task}-lora-merged", lambda t=task: _merge(
                 models / "large", [root / "ceilings" / f"{t}-lora"], 1.0, root / "ceilings" / f"{t}-lora-merged"),
                 False))
     return steps
@@ -241,22 +239,10 @@ def build(root: str | Path, cfg: ZooConfig | None = None, ceilings: bool = True,
     cfg = cfg or ZooConfig()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    timings_file = root / "timings.json"
-    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
-    for step in plan(root, cfg, ceilings):
-        if only and not any(step.name == o or step.name.startswith(o.rstrip("/") + "/") for o in only):
-            continue
-        t0 = time.perf_counter()
-        log(f"zoo: {step.name} ...")
-        result = step.run()
-        seconds = time.perf_counter() - t0
-        if result is not None and not getattr(result, "skipped", False):  # None / skipped: already done
-            # re-read: two builds of disjoint steps (--only) may share the folder
-            timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
-            timings[step.name] = round(seconds, 1)
-            timings_file.write_text(json.dumps(timings, indent=1))
-        log(f"zoo: {step.name} done in {seconds:.0f}s")
-    return timings
+
+    def said(name: str, state: str, seconds: float) -> None:
+        log(f"zoo: {name} ..." if state == "start" else f"zoo: {name} done in {seconds:.0f}s")
+    return run_steps(root, plan(root, cfg, ceilings), only, on_step=said)
 
 
 def install(root: str | Path, dest: str | Path = BUNDLED) -> int:
