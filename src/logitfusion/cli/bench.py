@@ -137,6 +137,7 @@ def bench_speed(
     device: str = typer.Option("cpu", help="device for all models"),
     dtype: str = typer.Option("float32", help="weights dtype"),
     naive: bool = typer.Option(True, "--naive/--no-naive", help="also time the naive reference loop (slow)"),
+    engine: str = typer.Option("hf", help="hf: our engine's tables; vllm: the large model in vLLM (alone, fused static and dynamic) against our HF engine fused, the first expert, at each --batch (needs vLLM: pip install 'logitfusion[vllm]')"),
 ):
     """Fused decoding speed vs the large model alone, component floor, naive loop, fast paths."""
     from ..bench.speed import given_models, main, recipe_models
@@ -148,8 +149,25 @@ def bench_speed(
         fail("--large, --small and --expert go together: give all three (--expert repeats)")
     try:  # a bad path, name or recipe is the user's to fix: say so without a traceback
         given = given_models(large, small, expert) if large else recipe_models(recipe) if recipe else None
+        if engine != "hf":
+            _bench_vllm(engine, given, models, shapes.value if shapes else None, tokens, batch, repeats, device, dtype)
+            return
         main(tokens=tokens, batch=batch, repeats=repeats, experts=experts, models=models,
              shapes=shapes.value if shapes else None, speculate=speculate, long_tokens=long_tokens, device=device,
              dtype=dtype, naive=naive, given=given)
     except user_errors() as e:
         fail(str(e))
+
+
+def _bench_vllm(engine: str, given, models, shapes, tokens: int, batch: list[int], repeats: int, device: str,
+                dtype: str) -> None:
+    """bench speed --engine vllm (bench/speed_vllm.py)."""
+    from ..bench.speed import BUNDLED_ZOO, _paths
+    from ..vllm.backend import vllm_fuser_class
+    if engine != "vllm":
+        fail(f"--engine must be hf or vllm, got {engine!r}")
+    vllm_fuser_class()  # installed and importable, or one line saying how
+    from ..bench import speed_vllm
+    paths = _paths(models or BUNDLED_ZOO, shapes, given, 1, device, dtype)
+    source = "given models" if given else shapes or f"the zoo ({models or 'bundled'})"
+    speed_vllm.main(paths, tokens=tokens, batch=batch, repeats=repeats, dtype=dtype, device=device, source=source)
