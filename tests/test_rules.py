@@ -192,3 +192,16 @@ def test_eval_reads_the_new_methods(family):
 class _Request:
     def __init__(self, context, gen_kwargs):
         self.args = (context, gen_kwargs)
+
+
+def test_the_per_expert_designs_are_what_validation_chose():
+    """bench.paper.PER_TASK (frozen before the test run) is per_task_choice over the validation cells."""
+    from pathlib import Path
+
+    from logitfusion.bench import paper
+    from logitfusion.eval.records import read_keyed
+    validation = read_keyed(Path(__file__).parents[1] / "docs" / "results" / "validation" / "paper.jsonl")
+    tasks = ["math", "truthful", "qa", "summ", "mmlu"]
+    for label, family in paper.PER_TASK_FAMILIES.items():
+        assert paper.per_task_choice(validation, tasks, family) == paper.PER_TASK[label]
+    assert all(m in paper.RULES_SINGLE for m in paper.FROZEN if not m.startswith(paper.MULTI_PREFIX))

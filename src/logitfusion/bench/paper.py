@@ -36,7 +36,64 @@ A_MAX_CHOICES = (0.5, 1.0, 1.5)
 PAPER_A_MAX = 2.0
 
 
-TABLES = ("single", "multi", "icl", "range", "arithmetic")
+TABLES = ("single", "multi", "icl", "range", "arithmetic", "rules")
+
+# Weight rules beyond the paper (issue 24, engine/rules.py), as method strings: the row label is the
+# method. Every one listed here is run on the validation split (the iterations of
+# docs/results/validation/rules.md); only the designs frozen there (FROZEN) run on test. Single-task
+# rules fuse each task's expert; the multi-task ones fuse the four seen-task experts with no label.
+RULES_SINGLE = (
+    "plausible:expert:0.1:static:1.0", "plausible:expert:0.1:dynamic",
+    "plausible:large:0.1:static:1.0", "plausible:large:0.1:dynamic",
+    "plausible:either:0.1:static:1.0", "plausible:either:0.1:dynamic",
+    "nudge:0.3", "nudge:0.3:static:1.0", "nudge:0.5:static:1.0",
+    "keep:0.1:0.1:static:1.0", "keep:0.1:0.1:dynamic", "keep:0.3:0.1:static:1.0",
+    # iteration 2
+    "plausible:expert:0.05:static:1.0", "plausible:expert:0.3:static:1.0", "plausible:expert:0.1:static:1.5",
+    "plausible:expert:0.3:static:1.5", "plausible:expert:0.1:static:2.0",
+    "keep:0.5:0.1:static:1.0", "keep:0.3:0.1:static:1.5", "keep:0.3:0.3:static:1.5",
+    # iteration 3
+    "keep:0.3:0.2:static:1.0", "keep:0.5:0.3:static:1.5", "keep:0.3:0.3:static:2.0", "keep:0.5:0.2:static:1.25",
+    "plausible:expert:0.2:static:1.25", "nudge:0.2", "nudge:0.5",
+)
+RULES_MULTI = ("static:0.25", "route:0:static:1.0", "route:0:dynamic", "route:0.5:static:1.0",
+               # iteration 2
+               "route:1:static:1.0", "route:0.5:static:1.5", "route:0.5:static:0.5",
+               "keep:0.3:0.1:static:0.25", "plausible:expert:0.1:static:0.25",
+               # iteration 3
+               "keep:0.1:0.1:static:0.25", "keep:0.5:0.1:static:0.25", "keep:0.3:0.3:static:0.25",
+               "keep:0.3:0.1:static:0.5", "keep:0.3:0.1:dynamic")
+MULTI_PREFIX = "4 experts, no label: "
+# Frozen after iteration 3 on validation (docs/results/validation/rules.md): each kind's best setting
+# on the validation average, the issue's equal-weights baseline, and two designs that choose a rule
+# per expert on validation (as the paper's search range per expert), by `per_task_choice`.
+FROZEN: tuple[str, ...] = (
+    "plausible:expert:0.3:static:1.5", "nudge:0.5:static:1.0", "keep:0.5:0.3:static:1.5",
+    MULTI_PREFIX + "static:0.25", MULTI_PREFIX + "route:0.5:static:0.5", MULTI_PREFIX + "keep:0.3:0.3:static:0.25",
+)
+PAPER_FUSED = {"fixed a=0.5": "static:0.5", "proxy-tuning (a=1)": "static:1.0", "fixed a=1.5": "static:1.5",
+               "dynamic (ours)": "dynamic"}  # the single table's fused rows: label -> method
+PER_TASK = {  # design label -> {task: the label of the rule it runs there}, from per_task_choice
+    "keep, settings per expert chosen on validation": {
+        "math": "keep:0.5:0.3:static:1.5", "truthful": "keep:0.5:0.3:static:1.5", "qa": "keep:0.5:0.2:static:1.25",
+        "summ": "keep:0.5:0.1:static:1.0", "mmlu": "keep:0.3:0.1:static:1.5"},
+    "any rule, chosen per expert on validation": {
+        "math": "keep:0.5:0.3:static:1.5", "truthful": "nudge:0.5", "qa": "keep:0.5:0.2:static:1.25",
+        "summ": "plausible:expert:0.05:static:1.0", "mmlu": "dynamic (ours)"},
+}
+PER_TASK_FAMILIES = {"keep, settings per expert chosen on validation": lambda label: label.startswith("keep:"),
+                     "any rule, chosen per expert on validation": lambda label: True}
+
+
+def per_task_choice(validation: dict[str, dict], tasks: list[str], family: Callable[[str], bool]) -> dict[str, str]:
+    """Per task, the single-task rule (RULES_SINGLE, and the single table's fused rows) of `family`
+    with the best validation score; a tie goes to the better average over the tasks."""
+    def value(label: str, t: str) -> float:
+        return (validation.get(f"rules|{label}|{t}") or validation[f"single|{label}|{t}"])["value"]
+
+    labels = [x for x in (*RULES_SINGLE, *PAPER_FUSED) if family(x)]
+    mean = {x: sum(value(x, t) for t in tasks) / len(tasks) for x in labels}
+    return {t: max(labels, key=lambda x: (value(x, t), mean[x])) for t in tasks}
 
 
 def range_label(a_max: float) -> str:
@@ -91,7 +148,7 @@ def few_shot_template(root: Path, task: str, k: int = SHOTS) -> str:
     return "".join(r["prompt"] + r["completion"] + "\n\n" for r in rows) + "{prompt}"
 
 
-def cells(root: Path, tasks: list[str] | None = None) -> list[Cell]:
+def cells(root: Path, tasks: list[str] | None = None, split: str = "test") -> list[Cell]:
     tasks = tasks or list(world.TASKS)
     out: list[Cell] = []
     for t in tasks:
@@ -124,6 +181,22 @@ def cells(root: Path, tasks: list[str] | None = None) -> list[Cell]:
     for t in tasks:
         out += [Cell("arithmetic", "merged expert (task arithmetic)", t, merged, "expert:merged"),
                 Cell("arithmetic", "merged expert + dynamic fusion", t, merged, "dynamic")]
+    return out + rule_cells(root, tasks, split)
+
+
+def rule_cells(root: Path, tasks: list[str], split: str) -> list[Cell]:
+    """The rules table: every rule on validation, the frozen ones alone on test."""
+    def wanted(label: str) -> bool:
+        return split != "test" or label in FROZEN
+
+    multi = _recipe(root, "models/large", {s: f"experts/{s}" for s in world.SEEN_TASKS})
+    out = []
+    for t in tasks:
+        single = _recipe(root, "models/large", {t: f"experts/{t}"})
+        out += [Cell("rules", m, t, single, m) for m in RULES_SINGLE if wanted(m)]
+        out += [Cell("rules", label, t, single, PAPER_FUSED.get(chosen[t], chosen[t]))
+                for label, chosen in PER_TASK.items() if split == "test" and t in chosen]
+        out += [Cell("rules", MULTI_PREFIX + m, t, multi, m) for m in RULES_MULTI if wanted(MULTI_PREFIX + m)]
     return out
 
 
@@ -131,10 +204,10 @@ def cells(root: Path, tasks: list[str] | None = None) -> list[Cell]:
 
 def run(root: str | Path, out_dir: str | Path, tasks: list[str] | None = None, limit: int | None = None,
         batch_size: int = 16, tables: list[str] | None = None, progress: Callable | None = None,
-        split: str = "test") -> list[dict]:
+        split: str = "test", labels: list[str] | None = None) -> list[dict]:
     """Evaluate every missing cell on `split` (validation while a design is being chosen, test once
     it is frozen); returns all records (old and new). Each record keeps its per-document scores
-    for the paired intervals of the report."""
+    for the paired intervals of the report. labels: run only the cells with these row labels."""
     import gc
     import logging
 
@@ -151,7 +224,8 @@ def run(root: str | Path, out_dir: str | Path, tasks: list[str] | None = None, l
     other = {r.get("split", "test") for r in records.values()} - {split}
     if other:
         raise ValueError(f"{results} holds {sorted(other)} results; write {split} results to another --out folder")
-    todo = [c for c in cells(root, tasks) if c.key not in records and (not tables or c.table in tables)]
+    todo = [c for c in cells(root, tasks, split) if c.key not in records and (not tables or c.table in tables)
+            and (not labels or c.label in labels)]
     manager = ev.task_manager([TASK_NAMES[t] for t in {c.task for c in todo}], [zoo.TASKS_DIR],
                               metadata={"data_dir": str(root / "data"), "split": split}) if todo else None
     by_recipe: dict[str, list[Cell]] = {}
@@ -308,6 +382,7 @@ def report(records_list: list[dict], root: Path, command: str = "", validation: 
                                                                  "(fused-base)/(FFT-base)"])
         lines.append("")
     lines += range_section(records, tasks, {r["key"]: r for r in validation} if validation else None)
+    lines += rules_section(records, tasks)
     lines += ["## In-context learning", "", f"The large model gets {SHOTS} training examples before the prompt; the "
               "experts keep their zero-shot prompt (per-model templates).", ""]
     lines += _table(records, "icl", [f"large, {SHOTS}-shot", "dynamic fusion (0-shot)",
@@ -421,3 +496,47 @@ def efficiency(records: dict[str, dict], root: Path, tasks: list[str]) -> list[s
         rel = f"{total[lab] / total['large base']:.2f}x" if total["large base"] else "-"
         lines.append(f"| {lab} | {total[lab]:.1f} | {rel} |")
     return lines
+
+
+# ---------------------------------------------------------------- weight rules beyond the paper (issue 24)
+
+PAPER_MULTI = "dynamic, 4 experts, no task label"
+
+
+def rules_section(records: dict[str, dict], tasks: list[str]) -> list[str]:
+    """The rules table: each rule beside the paper's rule as written (and the other single-task rows),
+    with the strict gap closed and paired intervals against the paper's rule; the no-label rules
+    beside the paper's four-expert fusion and the large base."""
+    rules = [r for r in records.values() if r.get("table") == "rules"]
+    if not rules:
+        return []
+    labels = list(dict.fromkeys(r["label"] for r in rules))
+    single = [lab for lab in labels if not lab.startswith(MULTI_PREFIX)]
+    multi = [lab for lab in labels if lab.startswith(MULTI_PREFIX)]
+    view = dict(records) | {f"single|{r['label']}|{r['world_task']}": r for r in rules}
+    view |= {f"single|{PAPER_MULTI}|{t}": r for t in tasks if (r := records.get(f"multi|{PAPER_MULTI}|{t}"))}
+    base, fft = (average(view, "single", x, tasks) for x in ("large base", "large FFT"))
+
+    def gaps(label: str, avg: float | None) -> list[str]:
+        return [_pct(gap_closed(avg, base, fft)[1])]
+
+    lines = ["## Weight rules beyond the paper (issue 24)", "",
+             "Rules of `engine/rules.py`, each a solver kind; the row label is its method string "
+             "(`plausible:BY:ALPHA:BASE`, `nudge:GAMMA[:BASE]`, `keep:BETA:ALPHA:BASE`, `route:TEMPERATURE:BASE`; "
+             "docs/method.md §9). The paper's rule as written is `dynamic (ours)`. Single task, each task's expert:", ""]
+    rows = ["large base", "small expert", "proxy-tuning (a=1)", "dynamic (ours)", *single]
+    lines += _table(view, "single", rows, tasks, gaps, ["(fused-base)/(FFT-base)"]) + [""]
+    lines += comparisons(view, tasks, [(lab, "dynamic (ours)") for lab in single]
+                         + [(lab, other) for lab in single if lab in FROZEN or lab in PER_TASK
+                            for other in ("proxy-tuning (a=1)", "large base", "small expert")]) + [""]
+    for lab in (x for x in single if x in FROZEN or x in PER_TASK):
+        below = [t for t in tasks if (view.get(f"single|{lab}|{t}", {}).get("value") or 0) < max(
+            view.get(f"single|{m}|{t}", {}).get("value") or 0 for m in ("large base", "small expert"))]
+        lines.append(f"- `{lab}` is below a member (large base or small expert) on: {', '.join(below) or 'no task'}.")
+    if multi:
+        lines += ["", "Four experts (math, truthful, qa, summ) with no task label, beside the paper's four-expert "
+                  "dynamic fusion and the large base:", ""]
+        rows = ["large base", PAPER_MULTI, *multi]
+        lines += _table(view, "single", rows, tasks) + [""]
+        lines += comparisons(view, tasks, [(lab, "large base") for lab in [PAPER_MULTI, *multi]])
+    return lines + [""]

@@ -18,6 +18,13 @@ from .real import TASK_NOTES, score
 @dataclass
 class BenchConfig:
     methods: tuple[str, ...] = ("large", "expert", "static:1.0", "static:0.5", "dynamic")
+    # The weight rules of issue 24 (engine/rules.py): every candidate on validation; on test only
+    # the designs frozen on the zoo's validation split (bench.paper.FROZEN_REAL), once.
+    rules: tuple[str, ...] = ("plausible:expert:0.1:static:1.0", "plausible:large:0.1:static:1.0",
+                              "plausible:either:0.1:static:1.0", "nudge:0.3", "nudge:0.3:static:1.0",
+                              "keep:0.1:0.1:static:1.0", "keep:0.3:0.3:static:1.5")
+    frozen_rules: tuple[str, ...] = ("keep:0.1:0.1:static:1.0", "keep:0.3:0.3:static:1.5",
+                                     "plausible:expert:0.1:static:1.0", "nudge:0.3")
     grid: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)  # fixed weights tried on the validation split
     max_new_tokens: int = 16
     batch_size: int = 8
@@ -92,6 +99,10 @@ class _TaskRun:
         best = max(bc.grid, key=lambda a: (val[a]["both"], val[a]["format"], -abs(a - 0.5)))
         for method in bc.methods:
             self.run("test", method)
+        for method in bc.rules:
+            self.run("validation", method)
+        for method in bc.frozen_rules:
+            self.run("test", method)
         same = next((m for m in bc.methods if m.startswith("static:") and float(m.split(":")[1]) == best), None)
         if same is None:
             self.run("test", f"static:{best}", label="static:val-best")
@@ -129,12 +140,15 @@ def bench_real(root: str | Path, out: str | Path, tasks: tuple[str, ...] | None 
     return records
 
 
+RULE_KINDS = ("plausible", "nudge", "keep", "route")  # engine/rules.py (issue 24)
+
+
 def goals(records: list[dict]) -> list[str]:
     """The issue's three goals, each stated with the figures it was judged on."""
     test = [r for r in records if r["split"] == "test"]
     tasks = sorted({r["task"] for r in test})
     by = {(r["task"], r["method"]): r for r in test}
-    fused = [m for m in {r["method"] for r in test} if m.startswith(("static", "dynamic"))]
+    fused = [m for m in {r["method"] for r in test} if m.startswith(("static", "dynamic", *RULE_KINDS))]
     if not tasks or not fused:
         return []
     mean = lambda m, k="both": sum(by[(t, m)][k] for t in tasks if (t, m) in by) / len(tasks)
@@ -184,10 +198,13 @@ def write_report(root: Path, out: Path, records: list[dict]) -> Path:
     for task in sorted({r["task"] for r in records}):
         lines += [f"## {task}", "", TASK_NOTES.get(task, ""), ""]
         val = [r for r in records if r["task"] == task and r["split"] == "validation"]
-        if val:
-            lines.append("Validation (choosing the fixed weight): " + ", ".join(
-                f"a={r['method'].split(':')[1]}: both {100 * r['both']:.0f}%" for r in val))
-            lines.append("")
+        grid = [r for r in val if r["method"].startswith("static:")]
+        if grid:
+            lines += ["Validation (choosing the fixed weight): " + ", ".join(
+                f"a={r['method'].split(':')[1]}: both {100 * r['both']:.0f}%" for r in grid), ""]
+        if len(grid) < len(val):
+            lines += ["Validation, the weight rules of issue 24: " + ", ".join(
+                f"{r['method']}: both {100 * r['both']:.0f}%" for r in val if r not in grid), ""]
         n = next((r["n"] for r in records if r["task"] == task and r["split"] == "test"), 0)
         lines += [f"Test split: {n} prompts (greedy).", "",
                   "| method | in format | correct | correct and in format | tokens/s (batch 8) |", "|---|---|---|---|---|"]
