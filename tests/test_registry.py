@@ -136,3 +136,19 @@ def test_the_server_documents_exactly_the_registered_kinds():
     described = FusionOptions.model_fields["solver"].description
     assert set(re.findall(r"(?:^|\| )([a-z]+)", described)) == set(registry.kinds())
 
+
+
+@pytest.mark.parametrize("method", ["static:", "dynamic:", "expert:", "delta:", "static: "])
+def test_an_empty_argument_is_never_a_default(method):
+    """`static:` used to run with weight 1: a colon with nothing after it is refused, by name."""
+    with pytest.raises(SolverError, match="ends in ':'"):
+        registry.parse_method(method, NAMES, registry.SearchConfig(delta_strength=0.5))
+
+
+def test_a_recipe_solver_section_is_its_kinds_spec():
+    """No method string in between: the section validates as the kind's own spec, and a field of
+    another kind is refused by name."""
+    assert isinstance(_recipe("static", weights=[0.5, 1.5]).solver, registry.StaticSpec)
+    with pytest.raises(RecipeError, match="solver.weights"):
+        _recipe("dynamic", weights=[1.0])
+    assert _recipe("dynamic", strategy="joint").build_solver().strategy == "joint"
