@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .compat import gguf_architectures
-from .members import Member, ModelSet, role_of
+from .members import KINDS, Member, ModelSet, role_of
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -374,6 +374,20 @@ def _logit_rows(model: nn.Module) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
+@dataclass
+class Loading:
+    """What the members of one fusion share while they load: the options, the large model's
+    tokenizer, what a small-side member needs when its vocabulary is mapped (`foreign`), and the
+    small base (its experts are fine-tunes or LoRA adapters of it)."""
+
+    opts: LoadOptions
+    tokenizer: Any
+    foreign: dict
+    large_weights: bool = True
+    expert_kinds: list[str] = field(default_factory=list)  # "model" or "adapter", per expert
+    small: Member | None = None
+
+
 def load_model_set(large: dict, small: dict | None, experts: list[dict], opts: LoadOptions,
                    delta: dict | None = None, large_weights: bool = True) -> ModelSet:
     """Load every model of a fusion. Each spec: {"path", "template"} (+ "name" for experts).
@@ -385,23 +399,41 @@ def load_model_set(large: dict, small: dict | None, experts: list[dict], opts: L
     "mapping"}) is a cross-model-control delta model for the large (user) model.
     large_weights=False loads the large model's tokenizer only (another backend, e.g. vLLM, runs
     it; the small side fuses its logits through rows.FusionRows).
+
+    The vocabularies and special tokens are agreed first (`_tokenizers`); then each member kind
+    loads by its entry in LOADERS, in the engine's order of kinds (members.KINDS).
     """
-    roles = {"large": large} | ({"small": small} if small else {})
     if opts.device_map is None:
         check_device(opts.device)
     if experts and not small:
         raise LoadError("experts need a small base model (the model they were fine-tuned from); "
                         "set `small` in the recipe or pass --small")
-    kinds = {role: model_kind(spec["path"], role) for role, spec in roles.items()}
-    for role, kind in kinds.items():
-        if kind == "adapter":
-            raise LoadError(f"{role}: {spec_path(roles[role])!r} is a PEFT adapter; the {role} model must be "
-                            "a full model directory (only experts may be adapters)")
-    expert_roles = [role_of("expert", e["name"]) for e in experts]
-    expert_kinds = [model_kind(e["path"], role) for e, role in zip(experts, expert_roles)]
+    specs = {"large": large, "small": small, "expert": experts, "delta": delta}
+    ctx = _tokenizers(large, small, experts, opts)
+    ctx.large_weights = large_weights
+    loaded = {kind: LOADERS[kind](specs[kind], ctx) if specs[kind] else None for kind in KINDS}
+    vocab_size = len(ctx.tokenizer)
+    for member in [loaded["large"], loaded["small"], *(loaded["expert"] or []), loaded["delta"]]:
+        need = (member.vocab or vocab_size) if member is not None else 0
+        if member is not None and member.model is not None and _logit_rows(member.model) < need:
+            raise LoadError(f"{member.role}: the model outputs {_logit_rows(member.model)} logits but the "
+                            f"tokenizer has {need} tokens; tokenizer and weights do not belong together")
+    return ModelSet(ctx.tokenizer, loaded["large"], loaded["small"], loaded["expert"] or [], vocab_size,
+                    loaded["delta"])
 
+
+def _tokenizers(large: dict, small: dict | None, experts: list[dict], opts: LoadOptions) -> Loading:
+    """Every member's tokenizer, and their agreement: one vocabulary and the same special tokens
+    around a prompt, or the small side mapped onto the large model's vocabulary (small.mapping)."""
+    roles = {"large": large} | ({"small": small} if small else {})
+    for role, spec in roles.items():
+        if model_kind(spec["path"], role) == "adapter":
+            raise LoadError(f"{role}: {spec_path(spec)!r} is a PEFT adapter; the {role} model must be "
+                            "a full model directory (only experts may be adapters)")
+    expert_kinds = [model_kind(e["path"], role_of("expert", e["name"])) for e in experts]  # before any load
     tokenizers = {role: load_tokenizer(spec["path"], role, opts) for role, spec in roles.items()}
-    for e, role in zip(experts, expert_roles):
+    for e in experts:
+        role = role_of("expert", e["name"])
         has_tok = any((Path(e["path"]) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
         # A GGUF always carries a tokenizer; an adapter or expert without tokenizer files inherits the small base's.
         if has_tok or gguf_file(e["path"], role) is not None:
@@ -418,39 +450,45 @@ def load_model_set(large: dict, small: dict | None, experts: list[dict], opts: L
         check_same_special_tokens(tokenizers)
     foreign = dict(tokenizer=tokenizers["small"], vocab_map=small_map,
                    vocab=len(tokenizers["small"])) if small_map is not None else {}
+    return Loading(opts, tokenizer, foreign, expert_kinds=expert_kinds)
 
-    large_model = load_causal_lm(large["path"], "large", opts) if large_weights else None
-    members = {"large": Member("large", large_model, None, large.get("template", "{prompt}"),
-                               _context_of(large_model) if large_model is not None else None)}
-    small_model = load_causal_lm(small["path"], "small", opts) if small else None
-    adapters = [(e, k) for e, k in zip(experts, expert_kinds) if k == "adapter"]
-    peft_small = _attach_adapters(small_model, adapters, opts) if adapters else None
-    if small:
-        members["small"] = Member("small", peft_small or small_model, "__base__" if peft_small else None,
-                                  small.get("template", "{prompt}"), _context_of(small_model), **foreign)
-    expert_members = []
-    for e, kind, role in zip(experts, expert_kinds, expert_roles):
+
+def _load_large(spec: dict, ctx: Loading) -> Member:
+    model = load_causal_lm(spec["path"], "large", ctx.opts) if ctx.large_weights else None
+    return Member("large", model, None, spec.get("template", "{prompt}"),
+                  _context_of(model) if model is not None else None)
+
+
+def _load_small(spec: dict, ctx: Loading) -> Member:
+    model = load_causal_lm(spec["path"], "small", ctx.opts)
+    ctx.small = Member("small", model, None, spec.get("template", "{prompt}"), _context_of(model), **ctx.foreign)
+    return ctx.small
+
+
+def _load_experts(specs: list[dict], ctx: Loading) -> list[Member]:
+    """Full experts load as models of the small base's architecture; LoRA adapters attach to the
+    small base's module (then the small member runs it with adapters off, "__base__")."""
+    kinds = ctx.expert_kinds
+    small_model = ctx.small.model
+    adapters = [(e, k) for e, k in zip(specs, kinds) if k == "adapter"]
+    if adapters:
+        ctx.small.model, ctx.small.adapter = _attach_adapters(small_model, adapters, ctx.opts), "__base__"
+    out = []
+    for e, kind in zip(specs, kinds):
+        role, template = role_of("expert", e["name"]), e.get("template", "{prompt}")
         if kind == "adapter":
-            expert_members.append(Member(role, peft_small, e["name"], e.get("template", "{prompt}"),
-                                         _context_of(small_model), **foreign))
+            out.append(Member(role, ctx.small.model, e["name"], template, _context_of(small_model), **ctx.foreign))
         else:
-            m = load_causal_lm(e["path"], role, opts)
+            m = load_causal_lm(e["path"], role, ctx.opts)
             check_expert_architecture(small_model, m, role)
-            expert_members.append(Member(role, m, None, e.get("template", "{prompt}"), _context_of(m), **foreign))
-    delta_member = _load_delta(delta, tokenizer, opts) if delta else None
-
-    vocab_size = len(tokenizer)
-    for member in [members["large"], members.get("small"), *expert_members, delta_member]:
-        need = (member.vocab or vocab_size) if member is not None else 0
-        if member is not None and member.model is not None and _logit_rows(member.model) < need:
-            raise LoadError(f"{member.role}: the model outputs {_logit_rows(member.model)} logits but the "
-                            f"tokenizer has {need} tokens; tokenizer and weights do not belong together")
-    return ModelSet(tokenizer, members["large"], members.get("small"), expert_members, vocab_size, delta_member)
+            out.append(Member(role, m, None, template, _context_of(m), **ctx.foreign))
+    return out
 
 
-def _load_delta(spec: dict, user_tok, opts: LoadOptions) -> Member:
+def _load_delta(spec: dict, ctx: Loading) -> Member:
     """The delta model of cross-model control. Its own tokenizer decides: the user's vocabulary
     (used as is), or another one, which needs `mapping` (auto or a map file)."""
+    user_tok, opts = ctx.tokenizer, ctx.opts
     if model_kind(spec["path"], "delta") == "adapter":
         raise LoadError(f"delta: {spec_path(spec)!r} is a PEFT adapter; a delta model must be a full model "
                         "directory (as `logitfusion delta train` writes)")
@@ -469,6 +507,10 @@ def _load_delta(spec: dict, user_tok, opts: LoadOptions) -> Member:
     model = load_causal_lm(spec["path"], "delta", opts)
     extra = dict(tokenizer=tok, vocab_map=vmap, vocab=len(tok)) if vmap is not None else {}
     return Member("delta", model, None, spec.get("template", "{prompt}"), _context_of(model), **extra)
+
+
+# How each member kind loads (members.KINDS declares the kinds): load_model_set is a loop over this.
+LOADERS = {"large": _load_large, "small": _load_small, "expert": _load_experts, "delta": _load_delta}
 
 
 def spec_path(spec: dict) -> str:
