@@ -523,7 +523,9 @@ def rules_section(records: dict[str, dict], tasks: list[str]) -> list[str]:
     lines = ["## Weight rules beyond the paper (issue 24)", "",
              "Rules of `engine/rules.py`, each a solver kind; the row label is its method string "
              "(`plausible:BY:ALPHA:BASE`, `nudge:GAMMA[:BASE]`, `keep:BETA:ALPHA:BASE`, `route:TEMPERATURE:BASE`; "
-             "docs/method.md §9). The paper's rule as written is `dynamic (ours)`. Single task, each task's expert:", ""]
+             "docs/method.md §9). The paper's rule as written is `dynamic (ours)`. Every rule was tried on the "
+             "validation split (docs/results/validation/rules.md); on test only the designs frozen there run "
+             "(`bench.paper.FROZEN`, `PER_TASK`), once. Single task, each task's expert:", ""]
     rows = ["large base", "small expert", "proxy-tuning (a=1)", "dynamic (ours)", *single]
     lines += _table(view, "single", rows, tasks, gaps, ["(fused-base)/(FFT-base)"]) + [""]
     lines += comparisons(view, tasks, [(lab, "dynamic (ours)") for lab in single]
@@ -532,11 +534,20 @@ def rules_section(records: dict[str, dict], tasks: list[str]) -> list[str]:
     for lab in (x for x in single if x in FROZEN or x in PER_TASK):
         below = [t for t in tasks if (view.get(f"single|{lab}|{t}", {}).get("value") or 0) < max(
             view.get(f"single|{m}|{t}", {}).get("value") or 0 for m in ("large base", "small expert"))]
-        lines.append(f"- `{lab}` is below a member (large base or small expert) on: {', '.join(below) or 'no task'}.")
+        strict = gap_closed(average(view, "single", lab, tasks), base, fft)[1]
+        lines.append(f"- `{lab}`: strict gap closed {_pct(strict)} (target >= 40%: "
+                     f"**{'yes' if strict is not None and strict >= 0.4 else 'no'}**); below a member (large base "
+                     f"or small expert) on: {', '.join(below) or 'no task'}.")
     if multi:
         lines += ["", "Four experts (math, truthful, qa, summ) with no task label, beside the paper's four-expert "
                   "dynamic fusion and the large base:", ""]
         rows = ["large base", PAPER_MULTI, *multi]
         lines += _table(view, "single", rows, tasks) + [""]
-        lines += comparisons(view, tasks, [(lab, "large base") for lab in [PAPER_MULTI, *multi]])
+        lines += comparisons(view, tasks, [(lab, "large base") for lab in [PAPER_MULTI, *multi]]) + [""]
+        large = average(view, "single", "large base", tasks)
+        for lab in (x for x in [PAPER_MULTI, *multi] if x == PAPER_MULTI or x in FROZEN):
+            avg = average(view, "single", lab, tasks)
+            if avg is not None and large is not None:
+                lines.append(f"- `{lab}`: average {_fmt(avg)} against the large base's {_fmt(large)} (target: at "
+                             f"least the large base): **{'yes' if avg >= large else 'no'}**.")
     return lines + [""]
