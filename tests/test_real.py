@@ -111,7 +111,8 @@ def test_bench_appends_records_resumes_and_reports(built, tmp_path):
     methods = [(r["split"], r["method"]) for r in recs]
     assert methods == [("validation", "static:0.5"), ("validation", "static:1.0"), ("test", "large"),
                        ("test", "expert"), ("test", "static:1.0"), ("test", "static:0.5"), ("test", "dynamic"),
-                       ("test", "static:val-best")]
+                       ("test", "static:val-best")] + [("validation", m) for m in bc.rules] + [
+                       ("test", m) for m in bc.frozen_rules]  # the weight rules of issue 24
     dyn = next(r for r in recs if r["method"] == "dynamic")
     assert dyn["weights_mean_by_step"] and all(0 <= r["both"] <= r["format"] <= 1 for r in recs)
     again = real_bench.bench_real(root, out, tasks=("arith",), bc=bc, log=logs.append)

@@ -205,3 +205,11 @@ def test_the_per_expert_designs_are_what_validation_chose():
     for label, family in paper.PER_TASK_FAMILIES.items():
         assert paper.per_task_choice(validation, tasks, family) == paper.PER_TASK[label]
     assert all(m in paper.RULES_SINGLE for m in paper.FROZEN if not m.startswith(paper.MULTI_PREFIX))
+
+
+@pytest.mark.parametrize("method", ["plausible:expert:0.2:dynamic", "keep:0.3:0.3:static:1.5", "route:0:dynamic"])
+def test_the_linear_rules_speculate_and_greedy_tokens_do_not_change(fuser, method):
+    plain = fuser.generate(["the cat", "a b"], solver=method, max_new_tokens=12)
+    spec = fuser.generate(["the cat", "a b"], solver=method, max_new_tokens=12, speculate=3, speculate_adaptive=False)
+    assert [g.token_ids for g in spec] == [g.token_ids for g in plain]
+    assert registry.parse_method(method, ["a", "b", "c"]).speculation_refusal() is None
