@@ -95,7 +95,8 @@ def test_the_server_accepts_exactly_the_registered_kinds(fuser):
             chosen = build_solver(fuser, subset)
             assert chosen.experts == chosen.models.expert_names == fuser.expert_names[:1]
         else:
-            with pytest.raises(APIError, match="fusion.experts applies to the static and dynamic and"):
+            with pytest.raises(APIError, match=r"fusion.experts applies to the solvers that weigh experts "
+                                               r"\(static, dynamic, "):
                 build_solver(fuser, subset)
     assert set(registry.expert_subset_kinds()) == {k for k in registry.kinds() if registry.get(k).fuses_experts}
     with pytest.raises(APIError, match="unknown method 'magic'"):

@@ -53,8 +53,8 @@ def build_solver(fuser: Fuser, options: FusionOptions | None) -> RequestSolver:
         if subset is not None:
             kind = registry.split_method(spec)[0] or fuser.recipe.solver.kind
             if kind not in registry.expert_subset_kinds():
-                raise SolverError(f"fusion.experts applies to the {' and '.join(registry.expert_subset_kinds())} "
-                                  f"solvers, not {kind!r}")
+                raise SolverError(f"fusion.experts applies to the solvers that weigh experts "
+                                  f"({', '.join(registry.expert_subset_kinds())}), not {kind!r}", field="fusion")
             unknown = [e for e in subset if e not in names]
             if unknown or not subset or len(set(subset)) != len(subset):
                 raise SolverError(f"fusion.experts must be distinct names among {names}; got {subset}")
