@@ -179,3 +179,50 @@ def test_cli_generate_as_a_process_starts_vllm_from_the_recipe(family, hf):
     assert res.returncode == 0, res.stderr[-3000:]
     want = "".join(f"--- {p!r}\n{g.text}\n" for p, g in zip(PROMPTS[:2], hf.generate(PROMPTS[:2], max_new_tokens=6)))
     assert res.stdout == want  # results only: vLLM's log lines went to stderr
+
+
+@pytest.mark.slow
+def test_cli_serve_on_a_vllm_recipe_is_vllms_server_with_the_fusion(family, hf, tmp_path):
+    """`logitfusion serve -r fusion=vllm.yaml`: vLLM's OpenAI server, the model named as the recipe,
+    the API key required, fused completions the HF engine's tokens, a bad method a 400."""
+    import signal
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "LOGITFUSION_API_KEY": "sesame"}
+    proc = subprocess.Popen([sys.executable, "-m", "logitfusion.cli", "serve", "-r", f"fusion={family[1]}",
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    url, key = f"http://127.0.0.1:{port}", {"Authorization": "Bearer sesame"}
+    try:
+        for _ in range(360):
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        body = {"model": "fusion", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True, "vllm_xargs": {"solver": "static:1.0"}}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 401
+        r = httpx.post(f"{url}/v1/completions", json=body, headers=key, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == hf.generate(PROMPTS[0], solver="static:1.0", max_new_tokens=6,
+                                                                  ignore_eos=True)[0].token_ids
+        bad = body | {"vllm_xargs": {"solver": "static:x"}}
+        r = httpx.post(f"{url}/v1/completions", json=bad, headers=key, timeout=60)
+        assert r.status_code == 400 and "extra_args.solver" in r.text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

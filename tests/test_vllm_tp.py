@@ -4,7 +4,7 @@ build (recipe `backend: {kind: vllm, tensor_parallel_size: 2}`): a processor tha
 digest of each step's fused logits per rank; the digests of the two ranks must be equal step by
 step, and the fused greedy tokens those of the HF engine.
 
-Needs vLLM and 2 CPUs. vLLM's automatic thread binding puts one rank per NUMA node and refuses two
+Needs vLLM and 2 CPUs (LOGITFUSION_TEST_DEVICE=cuda: 2 GPUs, the models on them, the GPU check). vLLM's automatic thread binding puts one rank per NUMA node and refuses two
 ranks on one node, so the ranks are bound by hand, one core each (VLLM_CPU_OMP_THREADS_BIND="0|1").
 One engine (about 20-40 s to start here)."""
 
@@ -24,7 +24,15 @@ from logitfusion.vllm import backend  # noqa: E402
 from logitfusion.vllm.processor import FusionLogitsProcessor  # noqa: E402
 
 CORES = sorted(os.sched_getaffinity(0))
-pytestmark = pytest.mark.skipif(len(CORES) < 2, reason="two tensor-parallel ranks need 2 CPUs")
+DEVICE = os.environ.get("LOGITFUSION_TEST_DEVICE", "cpu")  # cuda: the same check on 2 GPUs
+
+
+def _devices() -> int:
+    import torch
+    return torch.cuda.device_count() if DEVICE == "cuda" else len(CORES)
+
+
+pytestmark = pytest.mark.skipif(_devices() < 2, reason=f"two tensor-parallel ranks need 2 {DEVICE} devices")
 PROMPTS = ["Question: 3 plus 4? Answer:", "the cat sells", "a", "two dogs and three birds go to the river", "one bird"]
 DIGESTS = "LOGITFUSION_TEST_DIGESTS"
 
@@ -51,7 +59,8 @@ def family(tmp_path_factory):
     toy.build_model(root / "small", tok, hidden=48, layers=2, heads=4, seed=20)
     for i in (1, 2):
         toy.perturbed_copy(root / "small", root / f"expert{i}", scale=0.5, seed=30 + i)
-    body = "large: {path: large}\nsmall: {path: small}\nexperts: [{name: e1, path: expert1}, {name: e2, path: expert2}]\n"
+    body = ("large: {path: large}\nsmall: {path: small}\nexperts: [{name: e1, path: expert1}, {name: e2, path: expert2}]\n"
+            f"load: {{device: {DEVICE}}}\n")
     (root / "hf.yaml").write_text(body)
     (root / "tp2.yaml").write_text(body + "backend: {kind: vllm, tensor_parallel_size: 2, enforce_eager: true, "
                                           "max_model_len: 128, max_num_seqs: 4}\n")
@@ -61,7 +70,9 @@ def family(tmp_path_factory):
 
 def test_two_ranks_fuse_bit_identical_logits_and_the_engines_tokens(family, monkeypatch):
     monkeypatch.setenv(DIGESTS, str(family / "digests"))
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"{CORES[0]}|{CORES[1]}"))
+    if DEVICE == "cpu":  # one core per rank, bound by hand (vLLM's auto binding wants a NUMA node per rank)
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND",
+                                                                       f"{CORES[0]}|{CORES[1]}"))
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     hf = Fuser.from_recipe(family / "hf.yaml")
     with backend.load(family / "tp2.yaml", logits_processors=[DigestProcessor]) as vf:
