@@ -38,11 +38,7 @@ def recipe(tmp_path_factory):
     """A toy family vLLM's CPU attention can run (head size 32; the suite's large model has 24) and
     its recipe: the large model, the small base and two full experts, dynamic by default."""
     root = tmp_path_factory.mktemp("vllm_family")
-    tok = toy.build_tokenizer(root / "tokenizer")
-    toy.build_model(root / "large", tok, hidden=64, layers=2, heads=2, seed=10)
-    toy.build_model(root / "small", tok, hidden=48, layers=2, heads=4, seed=20)
-    for i in (1, 2):
-        toy.perturbed_copy(root / "small", root / f"expert{i}", scale=0.5, seed=30 + i)
+    toy.vllm_family(root)
     path = root / "fusion.yaml"
     path.write_text(f"large: {{path: {root}/large}}\nsmall: {{path: {root}/small}}\nexperts: [{{name: e1, path: "
                     f"{root}/expert1}}, {{name: e2, path: {root}/expert2}}]\nsolver: {{kind: dynamic}}\n")

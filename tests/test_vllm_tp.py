@@ -54,11 +54,7 @@ class DigestProcessor(FusionLogitsProcessor):
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_tp")
-    tok = toy.build_tokenizer(root / "tokenizer")
-    toy.build_model(root / "large", tok, hidden=64, layers=2, heads=2, seed=10)
-    toy.build_model(root / "small", tok, hidden=48, layers=2, heads=4, seed=20)
-    for i in (1, 2):
-        toy.perturbed_copy(root / "small", root / f"expert{i}", scale=0.5, seed=30 + i)
+    toy.vllm_family(root)
     body = ("large: {path: large}\nsmall: {path: small}\nexperts: [{name: e1, path: expert1}, {name: e2, path: expert2}]\n"
             f"load: {{device: {DEVICE}}}\n")
     (root / "hf.yaml").write_text(body)

@@ -95,6 +95,18 @@ def lora_adapter(base_dir: str | Path, out_dir: str | Path, rank: int = 4, seed:
     return out_dir
 
 
+def vllm_family(root: str | Path) -> Path:
+    """A large model, a small base and two full experts (root/large, small, expert1, expert2) that
+    vLLM's CPU attention can run: head size 32, where build_family's large model has 24."""
+    root = Path(root)
+    tok = build_tokenizer(root / "tokenizer")
+    build_model(root / "large", tok, hidden=64, layers=2, heads=2, seed=10)
+    build_model(root / "small", tok, hidden=48, layers=2, heads=4, seed=20)
+    for i in (1, 2):
+        perturbed_copy(root / "small", root / f"expert{i}", scale=0.5, seed=30 + i)
+    return root
+
+
 def build_family(root: str | Path, n_experts: int = 2, lora: bool = True, seed: int = 0) -> dict:
     """Tokenizer, large, small, `n_experts` full experts and (optionally) one LoRA expert.
 
