@@ -1,11 +1,18 @@
 """`logitfusion bench real` (bench/real.py builds what it runs on): large alone, expert alone,
 proxy-tuning (a = 1), fixed a = 0.5, the fixed weight chosen on the validation split, and dynamic
 fusion on each task's test prompts; format and correctness scored apart; real.jsonl appended per
-(task, split, method), real.md written from it; and the side-by-side answers of the demo."""
+(task, split, method, engine), real.md written from it; and the side-by-side answers of the demo.
+
+`engine="vllm"` runs the same bench with the large model in vLLM (logitfusion.vllm, VLLMFuser; one
+vLLM engine per task, its expert's): its records go to the same real.jsonl with `"engine": "vllm"`
+(records without the field are the HF engine's), its report to real-vllm.md. What vLLM refuses
+(`expert`, `nudge:0.3`: they read other models than the fused engine runs) is recorded as skipped
+with vLLM's reason; dynamic runs without its weight trace (vLLM's processor returns none)."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +40,21 @@ class BenchConfig:
     dtype: str = "float32"
     n_test: int | None = None  # None: the whole test split
     n_validation: int | None = None
+    engine: str = "hf"  # or "vllm": the large model in vLLM (VLLMFuser)
+    # vLLM's settings as in its CPU tests: float32 (dtype), eager, a small context, seed 0
+    max_model_len: int = 512
+
+
+ENGINES = ("hf", "vllm")
+
+
+def engine_of(rec: dict) -> str:
+    """The engine a record was measured on (records written before the field existed: hf)."""
+    return rec.get("engine", "hf")
+
+
+def report_name(engine: str) -> str:
+    return "real.md" if engine == "hf" else f"real-{engine}.md"
 
 
 def _records(path: Path) -> list[dict]:
@@ -41,15 +63,16 @@ def _records(path: Path) -> list[dict]:
 
 def _run_method(fuser, rows: list[dict], method: str, bc: BenchConfig) -> tuple[dict, list]:
     t0 = time.perf_counter()
+    trace = method.startswith("dynamic") and bc.engine == "hf"  # vLLM's processor returns no weights
     gens = fuser.generate([r["prompt"] for r in rows], solver=method, max_new_tokens=bc.max_new_tokens,
-                          stop=["\n"], batch_size=bc.batch_size, trace=method.startswith("dynamic"))
+                          stop=["\n"], batch_size=bc.batch_size, trace=trace)
     seconds = time.perf_counter() - t0
     scores = [score(g.text, r["answer"]) for g, r in zip(gens, rows)]
     n = len(rows)
     rec = {k: sum(s[k] for s in scores) / n for k in ("format", "correct", "both")}
     rec.update(n=n, seconds=round(seconds, 2), tokens=sum(len(g.token_ids) for g in gens),
                tokens_per_s=sum(len(g.token_ids) for g in gens) / seconds)
-    if method.startswith("dynamic"):
+    if trace:
         steps = max((len(g.weights) for g in gens), default=0)
         mean = []
         for t in range(steps):
@@ -71,7 +94,39 @@ class _TaskRun:
         self.splits = {"validation": rows["validation"][: bc.n_validation], "test": rows["test"][: bc.n_test]}
 
     def written(self, split: str, method: str) -> dict:
-        return next(r for r in _records(self.jsonl) if (r["task"], r["split"], r["method"]) == (self.task, split, method))
+        return next(r for r in _records(self.jsonl) if (r["task"], r["split"], r["method"]) == (self.task, split, method)
+                    and engine_of(r) == self.bc.engine)
+
+    def load(self):
+        root, bc = self.root, self.bc
+        large, small, expert = (str(root / "models" / "large"), str(root / "models" / "small"),
+                                str(root / "experts" / self.task))
+        if bc.engine == "hf":
+            from ..engine.fuser import Fuser
+            return Fuser.from_pretrained(large, small, {self.task: expert}, load={"dtype": bc.dtype})
+        from ..vllm.backend import load, quiet_vllm
+        quiet_vllm()
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache (vLLM's CPU default is larger)
+        return load({"large": {"path": large}, "small": {"path": small}, "experts": [{"name": self.task, "path": expert}],
+                     "load": {"dtype": bc.dtype},
+                     "backend": {"kind": "vllm", "enforce_eager": True, "max_model_len": bc.max_model_len,
+                                 "max_num_seqs": bc.batch_size, "dtype": bc.dtype, "options": {"seed": 0}}})
+
+    def refused(self, method: str) -> str | None:
+        """Why this engine does not run the method (None: it does)."""
+        if self.bc.engine == "hf":
+            return None
+        from ..engine.solvers import SolverError
+        try:
+            self.fuser.method(method)
+        except SolverError as e:
+            return str(e)
+        return None
+
+    def close(self) -> None:
+        if self.fuser is not None and hasattr(self.fuser, "close"):
+            self.fuser.close()
+        self.fuser = None
 
     def append(self, rec: dict) -> None:
         with self.jsonl.open("a") as f:
@@ -82,20 +137,29 @@ class _TaskRun:
         if (self.task, split, label) in self.done:
             return self.written(split, label)
         if self.fuser is None:
-            from ..engine.fuser import Fuser
-            self.fuser = Fuser.from_pretrained(str(self.root / "models" / "large"), str(self.root / "models" / "small"),
-                                               {self.task: str(self.root / "experts" / self.task)},
-                                               load={"dtype": self.bc.dtype})
+            self.fuser = self.load()
+        head = {"task": self.task, "split": split, "method": label, "solver": method, "engine": self.bc.engine}
+        why = self.refused(method)
+        if why is not None:
+            rec = {**head, "skipped": why, "time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+            self.append(rec)
+            self.log(f"bench real: {self.task} {split} {label}: skipped on {self.bc.engine}: {why}")
+            return rec
         rec, answers = _run_method(self.fuser, self.splits[split], method, self.bc)
-        rec = {"task": self.task, "split": split, "method": label, "solver": method, **rec, "answers": answers[:8],
-               "time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+        rec = {**head, **rec, "answers": answers[:8], "time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
         self.append(rec)
-        self.log(f"bench real: {self.task} {split} {label}: format {rec['format']:.2f} correct "
+        self.log(f"bench real: {self.task} {split} {label}{'' if self.bc.engine == 'hf' else ' (' + self.bc.engine + ')'}: format {rec['format']:.2f} correct "
                  f"{rec['correct']:.2f} both {rec['both']:.2f} ({rec['tokens_per_s']:.1f} tok/s)")
         return rec
 
     def all(self) -> None:
         """The validation grid, every method on test, then the weight chosen on validation."""
+        try:
+            self._all()
+        finally:
+            self.close()
+
+    def _all(self) -> None:
         bc = self.bc
         val = {a: self.run("validation", f"static:{a}") for a in bc.grid}
         best = max(bc.grid, key=lambda a: (val[a]["both"], val[a]["format"], -abs(a - 0.5)))
@@ -122,23 +186,26 @@ def bench_real(root: str | Path, out: str | Path, tasks: tuple[str, ...] | None 
     started, t_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
     root, out = Path(root), Path(out)
     bc = bc or BenchConfig()
+    if bc.engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {bc.engine!r}")
     tasks = tasks or tuple(json.loads((root / "config.json").read_text())["tasks"])
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "real.jsonl"
-    done = {(r["task"], r["split"], r["method"]) for r in _records(jsonl)}
+    mine = lambda: [r for r in _records(jsonl) if engine_of(r) == bc.engine]  # noqa: E731
+    done = {(r["task"], r["split"], r["method"]) for r in mine()}
     for task in tasks:
         _TaskRun(root, task, jsonl, done, bc, log).all()
-    records = _records(jsonl)
+    records = mine()
     if len(records) == len(done):
         log(f"bench real: nothing measured: {jsonl} already holds every (task, split, method) of this run; "
             "give another --out (or delete it) to measure again")
     runs_file = out / "real.runs.json"
     runs = json.loads(runs_file.read_text()) if runs_file.exists() else []
     if len(records) > len(done):  # a run that only found its results already written is not one
-        runs.append({"command": command or "bench_real(...)", "started": started,
+        runs.append({"command": command or "bench_real(...)", "started": started, "engine": bc.engine,
                      "seconds": round(time.perf_counter() - t_start, 1), "records": len(records) - len(done)})
         runs_file.write_text(json.dumps(runs, indent=1))
-    write_report(root, out, records)
+    write_report(root, out, records, engine=bc.engine)
     return records
 
 
@@ -156,10 +223,15 @@ def goals(records: list[dict]) -> list[str]:
     mean = lambda m, k="both": sum(by[(t, m)][k] for t in tasks if (t, m) in by) / len(tasks)
     best = max(fused, key=mean)
     lines = []
-    ok = mean(best) > max(mean("large"), mean("expert")) if ("large" in {m for _, m in by}) else False
-    lines.append(f"- best fused method on correct-and-in-format ({best}, mean {100 * mean(best):.0f}%) beats both "
-                 f"the large model alone ({100 * mean('large'):.0f}%) and the expert alone "
-                 f"({100 * mean('expert'):.0f}%): **{'yes' if ok else 'no'}**")
+    ran = {m for _, m in by}
+    alone = [m for m in ("large", "expert") if m in ran]  # an engine may not run one (vLLM: expert)
+    ok = mean(best) > max(mean(m) for m in alone) if "large" in alone else False
+    said = {"large": "the large model alone", "expert": "the expert alone"}
+    lines.append(f"- best fused method on correct-and-in-format ({best}, mean {100 * mean(best):.0f}%) beats "
+                 + ("both " if len(alone) == 2 else "")
+                 + " and ".join(f"{said[m]} ({100 * mean(m):.0f}%)" for m in alone)
+                 + ("" if "expert" in alone else " (the expert alone not run on this engine)")
+                 + f": **{'yes' if ok else 'no'}**")
     if "dynamic" in fused and "static:1.0" in fused:
         d, s = mean("dynamic"), mean("static:1.0")
         lines.append(f"- dynamic fusion ({100 * d:.0f}%) not below proxy-tuning a=1 ({100 * s:.0f}%) on the bench "
@@ -173,28 +245,17 @@ def goals(records: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(root: Path, out: Path, records: list[dict]) -> Path:
-    measure_file = root / "measure.json"
-    m = json.loads(measure_file.read_text()) if measure_file.exists() else None
+def write_report(root: Path, out: Path, records: list[dict], engine: str = "hf") -> Path:
+    """OUT/real.md (real-ENGINE.md for another engine) from one engine's records."""
+    records = [r for r in records if engine_of(r) == engine]
+    skipped = [r for r in records if "skipped" in r]
+    records = [r for r in records if "skipped" not in r]
     timings = json.loads((root / "timings.json").read_text()) if (root / "timings.json").exists() else {}
-    lines = ["# Real model bench: SmolLM2-135M-Instruct (GGUF) and a distilled small model",
-             "", "Written by `logitfusion bench real` from real.jsonl (see docs/real.md for how it was built).", ""]
-    if m:
-        lines += ["## The models", "",
-                  (f"ms / decoding step: measured once by the build's `measure` step ({m.get('measured', 'date not recorded')}), "
-                   "on that machine at that load, not by this bench; measure again with `logitfusion real build "
-                   f"--root {root} --only measure`. Tokens/s below are this bench's own."), "",
-                  "| model | layers | parameters | ppl held-out task text | ppl unseen English | ms / decoding step (batch 8, at build) |",
-                  "|---|---|---|---|---|---|"]
-        for name in ("large", "small"):
-            r = m[name]
-            lines.append(f"| {name} | {r['layers']} | {r['parameters'] / 1e6:.1f}M | {r['ppl_heldout']:.1f} | "
-                         f"{r['ppl_general']:.1f} | {r['step_ms']:.1f} |")
-        q = m["ratio"]
-        lines += ["", (f"small / large: perplexity {q['ppl_heldout']:.2f}x on held-out task text (target <= 2x), "
-                       f"{q['ppl_general']:.2f}x on unseen English (target <= 4x); cost per step {q['step_cost']:.2f}x."),
-                  (f"Distillation text: {m['tokens']['train']:,} tokens; held-out {m['tokens']['heldout']:,}; "
-                   f"unseen English {m['tokens']['general']:,}."), ""]
+    lines = ["# Real model bench: SmolLM2-135M-Instruct (GGUF) and a distilled small model"
+             + ("" if engine == "hf" else f", the large model in {engine}"),
+             "", f"Written by `logitfusion bench real{'' if engine == 'hf' else ' --engine ' + engine}` from real.jsonl "
+             f"(its records with engine {engine}; see docs/real.md for how it was built).", ""]
+    lines += _models_section(root)
     if timings:
         lines += ["Build times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
     for task in sorted({r["task"] for r in records}):
@@ -225,6 +286,10 @@ def write_report(root: Path, out: Path, records: list[dict]) -> Path:
             for i, a in enumerate(shown[0]["answers"][:3]):
                 cells = [_cell(r["answers"][i]["text"]) if i < len(r["answers"]) else "" for r in shown]
                 lines.append(f"| {question.get(a['id'], a['id'])} | {a['answer']} | " + " | ".join(cells) + " |")
+        gone = [r for r in skipped if r["task"] == task]
+        if gone:
+            lines += ["", f"Not run on {engine}: " + "; ".join(f"{r['split']} {r['method']} ({r['skipped'].split('; ')[0]})"
+                                                               for r in gone)]
         dyn = next((r for r in records if r["task"] == task and r["split"] == "test" and "weights_mean_by_step" in r), None)
         if dyn:
             lines += ["", "Dynamic weight of the expert, mean over prompts, by step: "
@@ -243,11 +308,37 @@ def write_report(root: Path, out: Path, records: list[dict]) -> Path:
                      f"{c['distil_max_steps'] or str(c['distil_epochs']) + ' epochs of'} distillation steps at lr {c['distil_lr']}, "
                      f"{sum(timings.values()) / 60:.0f} min in all on this machine)")
     for r in json.loads(runs_file.read_text()) if runs_file.exists() else []:
+        if r.get("engine", "hf") != engine:
+            continue
         lines.append(f"- `{r['command']}`: started {r['started']}, {r['seconds'] / 60:.1f} min")
     lines.append("")
-    path = out / "real.md"
+    path = out / report_name(engine)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _models_section(root: Path) -> list[str]:
+    """The report's table of the build's two models (none before the build measured them)."""
+    measure_file = root / "measure.json"
+    m = json.loads(measure_file.read_text()) if measure_file.exists() else None
+    lines: list[str] = []
+    if m:
+        lines += ["## The models", "",
+                  (f"ms / decoding step: measured once by the build's `measure` step ({m.get('measured', 'date not recorded')}), "
+                   "on that machine at that load, not by this bench; measure again with `logitfusion real build "
+                   f"--root {root} --only measure`. Tokens/s below are this bench's own."), "",
+                  "| model | layers | parameters | ppl held-out task text | ppl unseen English | ms / decoding step (batch 8, at build) |",
+                  "|---|---|---|---|---|---|"]
+        for name in ("large", "small"):
+            r = m[name]
+            lines.append(f"| {name} | {r['layers']} | {r['parameters'] / 1e6:.1f}M | {r['ppl_heldout']:.1f} | "
+                         f"{r['ppl_general']:.1f} | {r['step_ms']:.1f} |")
+        q = m["ratio"]
+        lines += ["", (f"small / large: perplexity {q['ppl_heldout']:.2f}x on held-out task text (target <= 2x), "
+                       f"{q['ppl_general']:.2f}x on unseen English (target <= 4x); cost per step {q['step_cost']:.2f}x."),
+                  (f"Distillation text: {m['tokens']['train']:,} tokens; held-out {m['tokens']['heldout']:,}; "
+                   f"unseen English {m['tokens']['general']:,}."), ""]
+    return lines
 
 
 def _cell(text: str) -> str:

@@ -131,6 +131,11 @@ def bench_real(
     validation: int | None = typer.Option(None, help="Validation prompts per task, on which the fixed weight of `static:val-best` is chosen (default: all of them)."),
     max_new_tokens: int = typer.Option(BENCH.max_new_tokens, help="Tokens each method may generate per answer (stops at a newline or end of turn)."),
     batch_size: int = typer.Option(8, help="Prompts decoded together (tokens/s is measured at this batch)."),
+    engine: str = typer.Option("hf", help="hf: our engine; vllm: the large model in vLLM (VLLMFuser: float32, eager, "
+                               "--max-model-len; one vLLM engine per task), its records in the same real.jsonl named "
+                               "by engine and its report in real-vllm.md; methods vLLM refuses are recorded as skipped "
+                               "(needs vLLM: pip install 'logitfusion[vllm]')"),
+    max_model_len: int = typer.Option(BENCH.max_model_len, help="With --engine vllm: vLLM's context (prompt + answer) in tokens."),
 ):
     """Large alone, expert alone, proxy-tuning (a=1), fixed a=0.5, the fixed weight chosen on the
     validation split, and dynamic fusion, on each task's held-out test prompts. Scores the expert's
@@ -138,22 +143,33 @@ def bench_real(
     import json
 
     from ..bench import real_bench
+    if engine not in real_bench.ENGINES:
+        fail(f"--engine must be one of {', '.join(real_bench.ENGINES)}, got {engine!r}")
+    if engine == "vllm":
+        from ..engine.models import LoadError
+        from ..vllm.backend import vllm_fuser_class
+        try:
+            vllm_fuser_class()  # installed and importable, or one line saying how
+        except LoadError as e:
+            fail(str(e))
     if not (root / "measure.json").exists():
         fail(f"{root} is not a finished build: run `logitfusion real build --root {root}` first")
-    if min(1 if limit is None else limit, 1 if validation is None else validation, max_new_tokens, batch_size) < 1:
-        fail("--limit, --validation, --max-new-tokens and --batch-size must be >= 1")
+    if min(1 if limit is None else limit, 1 if validation is None else validation, max_new_tokens, batch_size,
+           max_model_len) < 1:
+        fail("--limit, --validation, --max-new-tokens, --batch-size and --max-model-len must be >= 1")
     built = json.loads((root / "config.json").read_text())["tasks"]
     chosen = _steps(tasks)
     if chosen is not None and (not chosen or set(chosen) - set(built)):
         fail(f"--tasks {tasks!r}: name one or more of the tasks built in {root}: {', '.join(built)}")
     out = out if out is not None else root / "results"
     bc = real_bench.BenchConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, n_test=limit,
-                                n_validation=validation)
+                                n_validation=validation, engine=engine, max_model_len=max_model_len)
     command = " ".join(["logitfusion", "bench", "real", *sys.argv[3:]])
     _, seconds = timed(lambda: real_bench.bench_real(root, out, tasks=tuple(chosen) if chosen else None, bc=bc,
                                                      log=lambda s: say(s), command=command))
-    typer.echo((out / "real.md").read_text())
-    say(f"wrote {out / 'real.jsonl'} and {out / 'real.md'} ({seconds:.0f} s)")
+    report = out / real_bench.report_name(engine)
+    typer.echo(report.read_text())
+    say(f"wrote {out / 'real.jsonl'} and {report} ({seconds:.0f} s)")
 
 
 def real_demo(
