@@ -222,3 +222,26 @@ def test_cli_serve_on_a_vllm_recipe_is_vllms_server_with_the_fusion(family, hf, 
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+@pytest.mark.slow
+def test_a_delta_recipe_cross_model_control_runs_through_vllm(family, tmp_path):
+    """Cross-model control (solver delta): the processor's FusionRows runs the delta model beside the
+    large one in vLLM; `logitfusion generate` in its own process (its own engine) gives the HF
+    engine's text for the recipe's strength and for a request's own (delta:0.3)."""
+    root = family[0].parent
+    body = f"large: {{path: {root / 'large'}}}\ndelta: {{path: {root / 'expert1'}, strength: 0.7}}\nsolver: {{kind: delta}}\n"
+    (tmp_path / "hf.yaml").write_text(body)
+    (tmp_path / "vllm.yaml").write_text(body + "backend: {kind: vllm, enforce_eager: true, max_model_len: 128, "
+                                               "max_num_seqs: 4, options: {seed: 0}}\n")
+    hf = Fuser.from_recipe(tmp_path / "hf.yaml")
+    want = "".join(f"--- {p!r}\n{g.text}\n" for p, g in zip(PROMPTS[:3], hf.generate(
+        PROMPTS[:3], solver="delta:0.3", max_new_tokens=8)))
+    assert want != "".join(f"--- {p!r}\n{g.text}\n" for p, g in zip(PROMPTS[:3], hf.generate(
+        PROMPTS[:3], solver="large", max_new_tokens=8)))  # the delta changes the answers
+    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    res = subprocess.run([sys.executable, "-m", "logitfusion.cli", "generate", "-r", str(tmp_path / "vllm.yaml"),
+                          *[a for p in PROMPTS[:3] for a in ("-p", p)], "--solver", "delta:0.3", "--max-new-tokens", "8"],
+                         capture_output=True, text=True, env=env, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout == want
