@@ -111,7 +111,8 @@ class FusionRows:
             self._catch_up(keys, tokens)
         z = {"large": z_large}
         if self.runner is not None:
-            index = torch.tensor([self.order.index(k) for k in keys], device=z_large.device)
+            position = {k: i for i, k in enumerate(self.order)}
+            index = torch.tensor([position[k] for k in keys], device=z_large.device)
             z.update({role: t.to(z_large.device)[index] for role, t in self.logits.items()})
         return self._fuse(keys, z)
 
@@ -147,7 +148,8 @@ class FusionRows:
                 step[i] = new[self.order[i]][0]
                 self.rows[self.order[i]].read += 1
             logits = self.runner.step(step)
-            self.runner.hold([i for i in range(len(self.order)) if i not in set(stepping)])
+            moving = set(stepping)
+            self.runner.hold([i for i in range(len(self.order)) if i not in moving])
             mask = torch.zeros(len(self.order), dtype=torch.bool)
             mask[stepping] = True
             for role, z in logits.items():
