@@ -119,6 +119,16 @@ def test_what_vllm_cannot_do_is_refused_by_name(vf, hf, kwargs, error, message):
     assert len(vf.generate(PROMPTS[:1], max_new_tokens=2)[0].token_ids) == 2  # the engine lives on
 
 
+def test_a_foreign_solver_is_refused_even_where_a_freed_one_had_its_id(vf, hf):
+    import gc
+    for _ in range(50):  # CPython hands a freed object's address to the next one of its size
+        ours = vf.method("static:1.0")
+        del ours
+        gc.collect()
+        with pytest.raises(SolverError, match="method string"):
+            vf.generate(PROMPTS[:1], solver=hf.method("static:1.0"), max_new_tokens=1)
+
+
 # ---------------------------------------------------------------- the command line
 
 

@@ -16,6 +16,7 @@ Scripts need a main guard (vLLM spawns its engine process).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -52,7 +53,9 @@ class VLLMFuser:
         self.methods = methods(path)
         self.recipe: Recipe = self.methods.recipe
         self.models = FrontModels(llm.get_tokenizer(), [e.name for e in self.recipe.experts])
-        self._specs: dict[int, str | None] = {}  # id(Solver) -> its method string (None: the recipe's)
+        # id(Solver) -> (a weak reference to it, its method string; None: the recipe's). An id alone is
+        # reused once its solver is freed, and a foreign solver would then pass as one this fuser built.
+        self._specs: dict[int, tuple[weakref.ref, str | None]] = {}
         self.solver = self._solver(solver) if solver is not None else self._remember(self.recipe.build_solver(), None)
 
     @classmethod
@@ -149,7 +152,13 @@ class VLLMFuser:
     # -- inside
 
     def _remember(self, solver: Solver, spec: str | None) -> Solver:
-        self._specs[id(solver)] = spec
+        key = id(solver)
+
+        def forget(ref: weakref.ref) -> None:
+            if self._specs.get(key, (None,))[0] is ref:
+                del self._specs[key]
+
+        self._specs[key] = (weakref.ref(solver, forget), spec)
         return solver
 
     def _solver(self, spec: str) -> Solver:
@@ -158,12 +167,14 @@ class VLLMFuser:
 
     def _spec(self, solver: Solver | str) -> str | None:
         if isinstance(solver, str):
-            self._solver(solver)
+            _check_spec(self.path, solver)
+            self.recipe.method(solver)  # its errors, by name, before vLLM sees it
             return solver
-        if id(solver) not in self._specs:
+        held = self._specs.get(id(solver))
+        if held is None or held[0]() is not solver:
             raise SolverError("with the vLLM backend a solver must be a method string, or one this fuser built "
                               "(fuser.method(spec)): vLLM's workers build their own from its name", field="solver")
-        return self._specs[id(solver)]
+        return held[1]
 
     def _run(self, prompts: list[str], per_prompt: list[SamplingParams], spec: str | None) -> list[Generation]:
         extra = {SOLVER_ARG: spec} if spec is not None else None
