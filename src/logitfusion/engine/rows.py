@@ -6,7 +6,9 @@ so far. `FusionRows` keeps the small side (small base, experts, delta: whatever 
 solvers read besides the large model) for those rows in an `HFRunner`, batched across rows,
 catches every row up on the tokens it has not read yet, and returns the fused logits. Rows are
 keyed by the caller's ids, and may be added, removed and reordered between steps; a row added
-again with its prompt and output so far (a preempted request) is rebuilt from them.
+again with its prompt and output so far (a preempted request) is rebuilt from them. A row added
+with `trace=True` records each step's StepTrace (weights, top tokens) by output position, for
+`take_steps`.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import torch
 from torch import Tensor
 
 from .config import EngineConfig
-from .decoding import encode_prompts, members_for
+from .decoding import StepTrace, encode_prompts, members_for, step_traces
 from .errors import DecodingError
-from .members import Member, ModelSet
+from .members import Member, Members, ModelSet
 from .runner import HFRunner, Prefilled
 from .solvers import Choice, Solver
 
@@ -31,8 +33,11 @@ MIN_ROOM = 16  # token room a new row's buffers get (they grow as it decodes)
 class Row:
     prompt: list[int]  # the prompt in the large model's tokens
     solver: Solver
+    members: Members  # the models its solver reads (the runner's, or some of them)
     read: int = 0  # output tokens the small side has read
     weights: list[list[float]] = field(default_factory=list)  # per step, each expert's weight
+    trace: bool = False
+    steps: dict[int, StepTrace] = field(default_factory=dict)  # when traced: output position -> its step
 
 
 class FusionRows:
@@ -43,8 +48,8 @@ class FusionRows:
     fused = rows.apply(["req-1"], [output_ids], z_large)   # [B, V] -> [B, V]
 
     `models` needs the small side's members and the large model's tokenizer; the large member's
-    weights are never run. Every row's solver must read the same members as `solver` (the
-    runner's), e.g. static and dynamic on the same experts.
+    weights are never run. Every row's solver must read members of `solver` (the runner's) and
+    at least one besides the large model: static and dynamic on the same experts, or one expert alone.
     """
 
     def __init__(self, models: ModelSet, solver: Solver, engine: EngineConfig | None = None):
@@ -70,19 +75,24 @@ class FusionRows:
 
     # -- rows coming and going
 
-    def add(self, key: Hashable, prompt_ids: Sequence[int], solver: Solver | None = None) -> None:
+    def add(self, key: Hashable, prompt_ids: Sequence[int], solver: Solver | None = None, trace: bool = False) -> None:
         """A new row: its prompt in the large model's token ids. Its small side is prefilled now and
-        joins the others at the next `apply` (which also catches it up on any output it already has)."""
+        joins the others at the next `apply` (which also catches it up on any output it already has).
+        trace: record each step's StepTrace (take_steps)."""
         if key in self.rows:
             raise DecodingError(f"row {key!r} is already running; remove it first", field="key")
         if not prompt_ids:
             raise DecodingError(f"row {key!r} has an empty prompt", field="prompt")
         solver = solver or self.solver
-        if members_for(self.models, solver).reads != self.members.reads:
+        members = members_for(self.models, solver)
+        roles, side = {m.role for m in members}, {m.role for m in self.side}
+        # A subset of the runner's models (one expert alone): the runner computes them anyway. One
+        # that reads none of a runner's small side (the large model alone) has no use for its row.
+        if not roles <= {m.role for m in self.members} or (side and not roles & side):
             raise DecodingError(f"method {solver.name!r} reads other models than this runner's {self.solver.name!r}",
                                 field="solver")
         solver.check(len(self.models.experts))
-        self.rows[key] = Row(list(prompt_ids), solver)
+        self.rows[key] = Row(list(prompt_ids), solver, members, trace=trace)
         if self.runner is not None:
             ids = {m.role: [self._prompt_of(m, list(prompt_ids))] for m in self.side}
             self.joining.append((key, self.runner.prefill(ids, MIN_ROOM)))
@@ -99,6 +109,13 @@ class FusionRows:
         """The row's per-step expert weights so far (empty for solvers without weights)."""
         return self.rows[key].weights
 
+    def take_steps(self, key: Hashable) -> dict[int, StepTrace]:
+        """A traced row's steps recorded since the last take, by output position (the token each
+        step chose is output[position]); handed over, so a long row holds only its newest steps."""
+        row = self.rows[key]
+        steps, row.steps = row.steps, {}
+        return steps
+
     # -- the step
 
     def apply(self, keys: Sequence[Hashable], tokens: Sequence[Sequence[int]], z_large: Tensor) -> Tensor:
@@ -114,22 +131,29 @@ class FusionRows:
             position = {k: i for i, k in enumerate(self.order)}
             index = torch.tensor([position[k] for k in keys], device=z_large.device)
             z.update({role: t.to(z_large.device)[index] for role, t in self.logits.items()})
-        return self._fuse(keys, z)
+        return self._fuse(keys, z, [len(t) for t in tokens])
 
-    def _fuse(self, keys: Sequence[Hashable], z: dict[str, Tensor]) -> Tensor:
+    def _fuse(self, keys: Sequence[Hashable], z: dict[str, Tensor], positions: Sequence[int]) -> Tensor:
         """Each row's solver on its rows (rows sharing a solver are solved together)."""
         out = torch.empty_like(z["large"], dtype=torch.float32)
         by_solver: dict[int, list[int]] = {}
         for i, key in enumerate(keys):
             by_solver.setdefault(id(self.rows[key].solver), []).append(i)
         for rows in by_solver.values():
-            solver = self.rows[keys[rows[0]]].solver
+            first = self.rows[keys[rows[0]]]
             index = torch.tensor(rows, device=out.device)
-            choice: Choice = solver(self.members.logits({r: t[index] for r, t in z.items()}))
+            group = {r: t[index] for r, t in z.items()}
+            choice: Choice = first.solver(first.members.logits(group))
             out[index] = choice.logits.float()
             if choice.weights is not None:
                 for i, w in zip(rows, choice.weights.double().round(decimals=6).tolist()):
                     self.rows[keys[i]].weights.append(w)
+            if any(self.rows[keys[i]].trace for i in rows):
+                # By position, so that a step run again for the same token (a step whose token
+                # vLLM discarded) replaces the first instead of adding one.
+                for i, step in zip(rows, step_traces(first.members, group, choice)):
+                    if self.rows[keys[i]].trace:
+                        self.rows[keys[i]].steps[positions[i]] = step
         return out
 
     def _catch_up(self, keys: Sequence[Hashable], tokens: Sequence[Sequence[int]]) -> None:
