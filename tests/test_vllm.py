@@ -4,7 +4,8 @@ Skipped without vLLM (pip install 'logitfusion[vllm]'). One vLLM engine for the 
 (an engine start costs 40-70 s of CPU). Greedy tokens through vLLM must be the HF engine's
 (Fuser.generate) for the same recipe, with more requests than vLLM's batch slots, so rows join and
 leave mid-run, and with methods mixed in one batch; the row bookkeeping (moves, swaps,
-preemption) is also driven by hand with the large model's logits computed here."""
+preemption) is also driven by hand with the large model's logits computed here. Weight traces
+(extra_args.trace, written to the engine's trace folder) must hold the HF engine's weights."""
 
 import os
 from types import SimpleNamespace
@@ -25,7 +26,8 @@ from logitfusion.testing import toy  # noqa: E402
 from logitfusion.engine.fuser import Fuser  # noqa: E402
 from logitfusion.vllm.offline import fused_llm, sampling  # noqa: E402
 from logitfusion.vllm.processor import FusionLogitsProcessor  # noqa: E402
-from logitfusion.vllm.settings import CONFIG_KEY, SettingsError, methods  # noqa: E402
+from logitfusion.vllm.settings import CONFIG_KEY, TRACES_ENV, TRACES_KEY, SettingsError, methods  # noqa: E402
+from logitfusion.vllm.traces import read_trace, trace_file  # noqa: E402
 
 PROMPTS = ["Question: 3 plus 4? Answer:", "the cat sells", "a", "two dogs and three birds go to the river",
            "one bird", "Question: 5 plus 1? Answer:", "the king has ten coins and"]
@@ -51,15 +53,33 @@ def fuser(recipe):
 
 
 @pytest.fixture(scope="module")
-def llm(recipe):
+def traces(tmp_path_factory):
+    return tmp_path_factory.mktemp("traces")
+
+
+@pytest.fixture(scope="module")
+def llm(recipe, traces):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ[TRACES_ENV] = str(traces)  # the engine process inherits it: its trace folder
     engine = fused_llm(recipe, enforce_eager=True, max_model_len=128, max_num_seqs=4, seed=0)
+    os.environ.pop(TRACES_ENV)  # read at the start: later engines of the session get their own
     yield engine
     engine.llm_engine.engine_core.shutdown()  # now, not in an atexit hook after pytest closed its streams
 
 
 def _engine_tokens(fuser, method, prompt, n):
     return fuser.generate(prompt, solver=method, max_new_tokens=n, ignore_eos=True)[0].token_ids
+
+
+def _engine_run(fuser, method, prompt, n):
+    """The HF engine's (tokens, per-step weights) for one prompt, traced."""
+    g = fuser.generate(prompt, solver=method, max_new_tokens=n, ignore_eos=True, trace=True)[0]
+    return g.token_ids, g.weights
+
+
+def _close(a, b, tol=1e-5):
+    return len(a) == len(b) and all(len(x) == len(y) and all(abs(u - v) <= tol for u, v in zip(x, y))
+                                    for x, y in zip(a, b))
 
 
 # ---------------------------------------------------------------- through vllm.LLM
@@ -83,12 +103,38 @@ def test_vllm_recipe_solver_by_default(llm, fuser):
         [_engine_tokens(fuser, "dynamic", p, 6) for p in PROMPTS[:3]]
 
 
-@pytest.mark.parametrize("bad", ["bogus", "expert:e1", "static:1,2,3", 3])
+def test_vllm_expert_alone_and_traced_weights_are_the_engines(llm, fuser, traces):
+    """expert:e1 / expert:e2 / nudge (models the processor runs anyway, or some of them) give the HF
+    engine's tokens; traced requests (7 prompts through 4 slots: rows join and leave) leave a file
+    each whose weights are the HF engine's."""
+    cases = [(p, n, m) for m in ("expert:e1", "expert:e2", "nudge:0.3", "dynamic", "static:0.5,1.5")
+             for p, n in zip(PROMPTS, LENGTHS)]
+    keys = [f"t{i}" for i in range(len(cases))]
+    params = [sampling(m, temperature=0, max_tokens=n, ignore_eos=True, extra_args={"trace": k})
+              for (_, n, m), k in zip(cases, keys)]
+    outs = llm.generate([p for p, _, _ in cases], params)
+    got = [list(o.outputs[0].token_ids) for o in outs]
+    want = [_engine_run(fuser, m, p, n) for p, n, m in cases]
+    assert got == [t for t, _ in want]
+    for (_, _, m), k, g, (_, weights) in zip(cases, keys, got, want):
+        trace = read_trace(trace_file(traces, k), len(g))
+        assert _close([s.weights for s in trace if s.weights is not None], weights), (m, k)
+        assert m.startswith(("expert", "nudge")) or all(s.top["fused"][0][0] == t for s, t in zip(trace, g))
+    assert got[:7] != got[7:14]  # e1 and e2 differ: each row reads its own expert
+
+
+@pytest.mark.parametrize("bad", ["bogus", "delta:0.3", "static:1,2,3", 3])
 def test_vllm_refuses_a_bad_method_per_request(llm, bad):
     with pytest.raises((ValueError, VLLMValidationError), match="extra_args.solver"):
         llm.generate(["the cat"], sampling(temperature=0, max_tokens=2, extra_args={"solver": bad}))
     ok = llm.generate(["the cat"], sampling("static:1.0", temperature=0, max_tokens=2))  # the engine lives on
     assert len(ok[0].outputs[0].token_ids) == 2
+
+
+@pytest.mark.parametrize("bad", ["../escape", "a/b", "", 7])
+def test_vllm_refuses_a_trace_key_that_is_not_a_plain_name(llm, bad):
+    with pytest.raises((ValueError, VLLMValidationError), match="extra_args.trace"):
+        llm.generate(["the cat"], sampling("static:1.0", temperature=0, max_tokens=2, extra_args={"trace": bad}))
 
 
 # ---------------------------------------------------------------- the processor driven by hand
@@ -110,9 +156,9 @@ def _large_logits(fuser, ids):
 
 
 class _Request:
-    def __init__(self, i, method):
+    def __init__(self, i, method, trace=None):
         self.i, self.prompt = i, None
-        self.params = SimpleNamespace(extra_args={"solver": method})
+        self.params = SimpleNamespace(extra_args={"solver": method} | ({"trace": trace} if trace else {}))
         self.output: list[int] = []
 
 
@@ -165,6 +211,26 @@ def test_processor_rows_added_moved_and_preempted(recipe, fuser):
     assert [r.output for r in requests] == [_engine_tokens(fuser, m, PROMPTS[r.i], LENGTHS[r.i])
                                             for r, m in zip(requests, ["dynamic"] * 7 + ["static:1.0"] * 7)]
     assert len(proc.rows) == 0 and not proc.slots  # every row left
+
+
+def test_processor_traces_survive_preemption(recipe, fuser, tmp_path):
+    """A traced request preempted (removed, added back with its output, rebuilt) still has one step
+    per output token, the HF engine's weights; an untraced one writes nothing."""
+    config = SimpleNamespace(additional_config={CONFIG_KEY: recipe, TRACES_KEY: str(tmp_path)})
+    proc = FusionLogitsProcessor(config, torch.device("cpu"), False)
+    methods_ = ["dynamic", "static:1.0", "expert:e2", "large"]
+    requests = [_Request(i, m, f"{m.replace(':', '-').replace('.', '_')}-{i}") for m in methods_
+                for i in range(len(PROMPTS))]
+    requests.append(_Request(0, "dynamic"))  # not traced
+    assert _drive(proc, fuser, requests)
+    for r in requests[:-1]:
+        method = r.params.extra_args["solver"]
+        tokens, weights = _engine_run(fuser, method, PROMPTS[r.i], LENGTHS[r.i])
+        trace = read_trace(trace_file(tmp_path, r.params.extra_args["trace"]), len(r.output))
+        assert r.output == tokens
+        assert _close([s.weights for s in trace if s.weights is not None], weights), method
+        assert len(trace) == (0 if method == "large" else len(tokens))
+    assert len(list(tmp_path.iterdir())) == len(requests) - 1
 
 
 # ---------------------------------------------------------------- vLLM's OpenAI server
@@ -240,10 +306,10 @@ def test_processor_a_row_it_cannot_fuse_decodes_alone_and_the_rest_go_on(recipe,
     proc = FusionLogitsProcessor(SimpleNamespace(additional_config={CONFIG_KEY: recipe}), torch.device("cpu"), False)
     add = proc.rows.add
 
-    def refuse_the_first(key, prompt, solver=None):
+    def refuse_the_first(key, prompt, solver=None, **kw):
         if key == 0:
             raise DecodingError("prompt 0 is too long for small", field="prompt")
-        add(key, prompt, solver)
+        add(key, prompt, solver, **kw)
 
     monkeypatch.setattr(proc.rows, "add", refuse_the_first)
     ids = [fuser.models.tokenizer(p)["input_ids"] for p in PROMPTS[:2]]

@@ -101,7 +101,7 @@ def vllm_recipe(tmp_path):
     (["--speculate", "4"], "--speculate: not available"),
     (["--no-cache"], "--no-cache: not available"),
     (["--grid", "0:1:0.5"], "--grid/--strategy: with `backend: {kind: vllm}` set"),
-    (["--solver", "expert:e1"], "--solver: method 'expert:e1' reads other models than this engine runs"),
+    (["--solver", "delta:0.3"], "--solver: method 'delta:0.3' reads other models than this engine runs"),
     (["--solver", "bogus"], "--solver"),
 ])
 def test_cli_generate_refuses_what_vllm_cannot_do_before_loading(vllm_recipe, flags, message):
@@ -128,9 +128,9 @@ def test_cli_serve_runs_one_vllm_recipe_per_server(vllm_recipe, tmp_path):
 
 
 def test_cli_eval_checks_vllm_methods_before_loading(vllm_recipe):
-    res = CliRunner().invoke(app, ["eval", "-r", str(vllm_recipe), "--tasks", "toy_sums", "--methods", "expert:e1"])
+    res = CliRunner().invoke(app, ["eval", "-r", str(vllm_recipe), "--tasks", "toy_sums", "--methods", "delta:0.3"])
     assert res.exit_code == 2
-    assert "--methods expert:e1: method 'expert:e1' reads other models" in " ".join(res.output.split())
+    assert "--methods delta:0.3: method 'delta:0.3' reads other models" in " ".join(res.output.split())
 
 
 def test_a_recipe_object_is_written_out_for_vllms_workers(tmp_path, monkeypatch):

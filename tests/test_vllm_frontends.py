@@ -103,11 +103,45 @@ def test_batches_and_sampled_seeds(vf):
     assert [g.token_ids for g in a] == [g.token_ids for g in b]  # prompt i: seed 5 + i
 
 
+def _close(a, b, tol=1e-5):
+    return len(a) == len(b) and all(len(x) == len(y) and all(abs(u - v) <= tol for u, v in zip(x, y))
+                                    for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("method", ["dynamic", "static:1.0", "expert:e1", "large"])
+def test_traced_generations_have_the_hf_engines_weights(vf, hf, method):
+    """generate(trace=True): 7 prompts through 4 slots (rows join and leave mid-run), each
+    Generation's trace from the processor's file, its weights the HF engine's, its files gone."""
+    got = vf.generate(PROMPTS, solver=method, max_new_tokens=7, ignore_eos=True, trace=True)
+    want = hf.generate(PROMPTS, solver=method, max_new_tokens=7, ignore_eos=True, trace=True)
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    for g, w in zip(got, want):
+        assert _close(g.weights, w.weights), method
+    if method in ("dynamic", "static:1.0"):
+        assert all(len(g.weights) == 7 and len(g.weights[0]) == 2 for g in got)
+        for g, w in zip(got, want):  # the trace's other fields: the chosen token on top, J, each model's top
+            assert [s.top["fused"][0][0] for s in g.trace] == g.token_ids and set(g.trace[0].top) == set(w.trace[0].top)
+            assert _close([[s.objective or 0.0] for s in g.trace], [[s.objective or 0.0] for s in w.trace], 1e-4)
+    assert not list(vf.traces.iterdir())  # read and removed
+    chunks = list(vf.batches(PROMPTS, solver=method, max_new_tokens=3, ignore_eos=True, trace=True))
+    assert [len(g.trace) for _, gens in chunks for g in gens] == [0 if method == "large" else 3] * len(PROMPTS)
+
+
+def test_a_trace_without_its_file_or_folder_is_a_clear_error(vf, tmp_path, monkeypatch):
+    elsewhere = VLLMFuser(vf.llm, vf.path, traces=str(tmp_path))  # reads where the engine does not write
+    with pytest.raises(DecodingError, match="trace: the vLLM logits processor wrote no trace"):
+        elsewhere.generate(PROMPTS[:2], max_new_tokens=2, trace=True)
+    monkeypatch.delenv("LOGITFUSION_TRACES", raising=False)
+    blind = VLLMFuser(vf.llm, vf.path)  # an engine started without a folder, as far as it knows
+    with pytest.raises(DecodingError, match="trace: this vLLM engine was started without a trace folder"):
+        blind.generate(PROMPTS[:1], max_new_tokens=2, trace=True)
+    assert len(blind.generate(PROMPTS[:1], max_new_tokens=2)[0].token_ids) == 2
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
-    ({"trace": True}, DecodingError, "trace: weight traces are not returned"),
     ({"speculate": 4}, DecodingError, "speculate: speculative fused decoding runs in logitfusion's own engine"),
     ({"use_cache": False}, DecodingError, "use_cache"),
-    ({"solver": "expert:e1"}, SolverError, "solver: method 'expert:e1' reads other models"),
+    ({"solver": "delta:0.3"}, SolverError, "solver: method 'delta:0.3' reads other models"),
     ({"solver": "static:x"}, SolverError, "solver"),
     ({"bogus": 1}, DecodingError, "unknown generation option"),
 ])

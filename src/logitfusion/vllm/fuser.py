@@ -8,14 +8,19 @@
 `generate(prompts, params, solver, engine, **options)` takes what `Fuser.generate` takes
 (SamplingParams, a method string, EngineConfig, their fields by name) and returns `Generation`s.
 All prompts of a call go to vLLM at once (its scheduler batches them, `backend.max_num_seqs` slots);
-`batches` hands them back `engine.batch_size` at a time, for writers that save as they go. What
-vLLM does not do here is refused by name: speculation, weight traces, decoding without caches.
+`batches` hands them back `engine.batch_size` at a time, for writers that save as they go.
+`trace=True` gives each Generation its StepTrace list (the weights...), which vLLM's logits
+processor writes to the trace folder this fuser started the engine with (traces.py). What vLLM does
+not do here is refused by name: speculation, decoding without caches.
 Scripts need a main guard (vLLM spawns its engine process).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
+import uuid
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +36,8 @@ from ..engine.registry import SearchConfig
 from ..engine.sampling import DecodingError, SamplingParams
 from ..engine.solvers import Solver, SolverError
 from .offline import engine_args
-from .settings import SOLVER_ARG, SettingsError, methods, recipe_file
+from .settings import SOLVER_ARG, TRACE_ARG, TRACES_ENV, SettingsError, methods, recipe_file, trace_folder
+from .traces import read_trace, trace_file
 
 FINISH = {"length": "length", "abort": "cancelled"}  # vLLM's finish_reason -> Generation's ("stop": eos or stop)
 
@@ -48,8 +54,12 @@ class FrontModels:
 class VLLMFuser:
     """vllm.LLM on the recipe's large model with the fusion processor; decodes like Fuser."""
 
-    def __init__(self, llm: "vllm.LLM", path: str, solver: str | None = None, keep=None):
-        self.llm, self.path, self._keep = llm, path, keep  # keep: the temporary recipe file's folder
+    def __init__(self, llm: "vllm.LLM", path: str, solver: str | None = None, keep=None, traces: str | None = None):
+        self.llm, self.path, self._keep = llm, path, keep  # keep: temporary folders the engine reads
+        # The folder the engine's processor writes traces to: the one it was started with (an engine
+        # started elsewhere: its additional_config's, else LOGITFUSION_TRACES as this process has it).
+        config = getattr(llm.llm_engine.vllm_config, "additional_config", None)
+        self.traces = Path(traces) if traces else trace_folder(config)
         self.methods = methods(path)
         self.recipe: Recipe = self.methods.recipe
         self.models = FrontModels(llm.get_tokenizer(), [e.name for e in self.recipe.experts])
@@ -69,7 +79,11 @@ class VLLMFuser:
         path, keep = recipe_file(recipe)
         if solver is not None:
             _check_spec(path, solver)  # before an engine starts
-        return cls(vllm.LLM(**engine_args(path, **vllm_args)), path, solver, keep)
+        # An environment variable, not additional_config: that is part of vLLM's compile-cache hash,
+        # which a new folder per engine would change. vLLM's processes inherit it when they start.
+        traces = tempfile.TemporaryDirectory(prefix="logitfusion-vllm-traces-")
+        os.environ[TRACES_ENV] = traces.name
+        return cls(vllm.LLM(**engine_args(path, **vllm_args)), path, solver, (keep, traces), traces.name)
 
     # -- the Fuser interface
 
@@ -104,8 +118,8 @@ class VLLMFuser:
                  solver: Solver | str | None = None, engine: EngineConfig | None = None,
                  **options) -> list[Generation]:
         """Fuser.generate through vLLM: every prompt submitted at once, vLLM batching them."""
-        prompts, per_prompt, spec, _ = self.request(prompts, params, solver, engine, **options)
-        return self._run(prompts, per_prompt, spec)
+        prompts, per_prompt, spec, engine = self.request(prompts, params, solver, engine, **options)
+        return self._run(prompts, per_prompt, spec, engine.trace)
 
     def batches(self, prompts: str | Sequence[str], params=None, solver: Solver | str | None = None,
                 engine: EngineConfig | None = None, **options) -> Iterator[tuple[int, list[Generation]]]:
@@ -116,7 +130,7 @@ class VLLMFuser:
         size = max(engine.batch_size, self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
         for start in range(0, len(prompts), size):
             end = start + size
-            yield start, self._run(prompts[start:end], per_prompt[start:end], spec)
+            yield start, self._run(prompts[start:end], per_prompt[start:end], spec, engine.trace)
 
     def request(self, prompts, params=None, solver: Solver | str | None = None, engine: EngineConfig | None = None,
                 **options) -> tuple[list[str], list[SamplingParams], str | None, EngineConfig]:
@@ -128,6 +142,10 @@ class VLLMFuser:
             raise DecodingError(f"unknown generation option(s) {unknown}", field=unknown[0])
         engine = (engine or self.engine).replace(**{k: v for k, v in options.items() if k in EngineConfig.names()})
         _check_engine(engine)
+        if engine.trace and self.traces is None:
+            raise DecodingError("trace: this vLLM engine was started without a trace folder; start it with "
+                                "VLLMFuser.from_recipe (or set LOGITFUSION_TRACES before vllm.LLM starts)",
+                                field="trace")
         given = {k: v for k, v in options.items() if k in SAMPLING_FIELDS and v is not None}
         if not isinstance(params, (list, tuple)):
             per_prompt = dataclasses.replace(params or self.sampling(), **given).per_prompt(len(prompts))
@@ -176,14 +194,25 @@ class VLLMFuser:
                               "(fuser.method(spec)): vLLM's workers build their own from its name", field="solver")
         return held[1]
 
-    def _run(self, prompts: list[str], per_prompt: list[SamplingParams], spec: str | None) -> list[Generation]:
-        extra = {SOLVER_ARG: spec} if spec is not None else None
-        params = [vllm_params(p, extra) for p in per_prompt]
+    def _run(self, prompts: list[str], per_prompt: list[SamplingParams], spec: str | None,
+             trace: bool = False) -> list[Generation]:
+        extra = {SOLVER_ARG: spec} if spec is not None else {}
+        # One key per request: the name of the file the processor writes its steps to.
+        keys = [f"{uuid.uuid4().hex}-{i}" for i in range(len(prompts))] if trace else [None] * len(prompts)
+        params = [vllm_params(p, (extra | {TRACE_ARG: k} if k else extra) or None) for p, k in zip(per_prompt, keys)]
         try:
-            outs = self.llm.generate(prompts, params, use_tqdm=False)
-        except ValueError as e:  # vLLM's request checks (a prompt longer than max_model_len...)
-            raise DecodingError(f"vLLM refused the request: {e}", field="prompt") from None
-        return [generation(p, o.outputs[0], self.models.tokenizer) for p, o in zip(prompts, outs)]
+            try:
+                outs = self.llm.generate(prompts, params, use_tqdm=False)
+            except ValueError as e:  # vLLM's request checks (a prompt longer than max_model_len...)
+                raise DecodingError(f"vLLM refused the request: {e}", field="prompt") from None
+            gens = [generation(p, o.outputs[0], self.models.tokenizer) for p, o in zip(prompts, outs)]
+            for g, key in zip(gens, keys):
+                if key is not None:
+                    g.trace = read_trace(trace_file(self.traces, key), len(g.token_ids))
+        finally:  # read or not, a trace file is the caller's only once
+            for key in filter(None, keys):
+                trace_file(self.traces, key).unlink(missing_ok=True)
+        return gens
 
 
 def _check_spec(path: str, spec: str) -> None:
@@ -196,7 +225,6 @@ def _check_spec(path: str, spec: str) -> None:
 def _check_engine(engine: EngineConfig) -> None:
     for name, bad, why in (("speculate", engine.speculate > 1, "speculative fused decoding runs in logitfusion's own "
                             "engine only (vLLM refuses custom logits processors with its speculative decoding)"),
-                           ("trace", engine.trace, "weight traces are not returned by vLLM's logits processor"),
                            ("use_cache", not engine.use_cache, "vLLM always decodes with its KV cache")):
         if bad:
             raise DecodingError(f"{name}: {why}; use backend.kind hf for it", field=name)

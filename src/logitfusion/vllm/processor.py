@@ -7,6 +7,8 @@ changed (`BatchUpdate`: rows added with their prompt and a live reference to the
 removed, moved). `apply` gets every running row's logits [num_rows, vocab] and returns them
 fused, row by row with each request's method, through `engine.rows.FusionRows` (the small base and
 experts batched across rows, each row caught up on the tokens vLLM produced since the last step).
+A request with a trace key (extra_args.trace) has each step's StepTrace appended to its file in
+the engine's trace folder (traces.py), by tensor-parallel rank 0.
 
 Register it with `vllm.LLM(model=LARGE, logits_processors=[FusionLogitsProcessor],
 additional_config={"logitfusion_recipe": RECIPE})` (offline.fused_llm does) or, on vLLM's OpenAI
@@ -21,6 +23,7 @@ import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +35,8 @@ from ..engine.members import ModelSet
 from ..engine.models import load_model_set
 from ..engine.recipe import Recipe
 from ..engine.rows import FusionRows
-from .settings import SOLVER_ARG, Methods, SettingsError, methods, recipe_path
+from .settings import SOLVER_ARG, TRACE_ARG, Methods, SettingsError, methods, recipe_path, trace_folder, trace_key
+from .traces import trace_file, write_header, write_steps
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,7 @@ class Slot:
     key: int  # the row's key in FusionRows (unique per add: a preempted request comes back as new)
     output: list[int]  # vLLM's live list of the request's output ids
     fused: bool  # False: the large model alone (the logits pass through)
+    trace: Path | None = None  # the file its steps go to (None: not traced, or not by this rank)
 
 
 class FusionLogitsProcessor(LogitsProcessor):
@@ -66,10 +71,10 @@ class FusionLogitsProcessor(LogitsProcessor):
         """A request's method (extra_args.solver), checked in the front-end process against the
         recipe there (LOGITFUSION_RECIPE): a bad one fails the request (HTTP 400), not the engine."""
         args = sampling_params.extra_args or {}
-        if SOLVER_ARG not in args:
-            return  # the recipe's own solver, checked when the engine started
         try:
-            methods(recipe_path()).of_request(args)
+            trace_key(args)
+            if SOLVER_ARG in args:  # else the recipe's own solver, checked when the engine started
+                methods(recipe_path()).of_request(args)
         except SettingsError as e:
             raise ValueError(str(e)) from None
 
@@ -81,6 +86,22 @@ class FusionLogitsProcessor(LogitsProcessor):
             self.rows = FusionRows(self.models, self.methods.runner, EngineConfig(trace=False))
         self.slots: dict[int, Slot] = {}  # vLLM's row index -> its slot
         self.keys = itertools.count()
+        # Every tensor-parallel rank fuses the same rows; one writes their traces.
+        self.traces = trace_folder(getattr(vllm_config, "additional_config", None)) if _first_rank() else None
+
+    def _trace_file(self, extra_args) -> Path | None:
+        """Where the request's steps go, or None (not traced, or not on this rank)."""
+        try:
+            key = trace_key(extra_args)
+        except SettingsError as e:  # checked in the front end; a request that got here anyway is not traced
+            log.error("logitfusion: %s", e)
+            return None
+        if key is None or self.traces is None:
+            if key is not None and _first_rank():
+                log.error("logitfusion: request asks for a trace (extra_args.%s) but this engine has no trace folder "
+                          "(LOGITFUSION_TRACES)", TRACE_ARG)
+            return None
+        return trace_file(self.traces, key)
 
     def is_argmax_invariant(self) -> bool:
         return False  # fusion changes the greedy token: vLLM must call apply for greedy rows too
@@ -105,6 +126,14 @@ class FusionLogitsProcessor(LogitsProcessor):
                     self.slots[b] = moved
 
     def _slot(self, params, prompt_ids: list[int] | None, output_ids: list[int]) -> Slot:
+        trace = self._trace_file(params.extra_args)
+        slot = self._fused_slot(params, prompt_ids, output_ids, trace is not None)
+        if trace is not None:  # written again when a preempted request comes back: the last one holds
+            write_header(trace, slot.fused)
+            slot.trace = trace
+        return slot
+
+    def _fused_slot(self, params, prompt_ids: list[int] | None, output_ids: list[int], trace: bool) -> Slot:
         key = next(self.keys)
         solver = self.methods.of_request(params.extra_args) if self.rows is not None else None
         if solver is None:
@@ -114,7 +143,7 @@ class FusionLogitsProcessor(LogitsProcessor):
                         "large model alone")
             return Slot(key, output_ids, False)
         try:
-            self.rows.add(key, list(prompt_ids), solver)
+            self.rows.add(key, list(prompt_ids), solver, trace=trace)
         except (DecodingError, SolverError) as e:
             # Found only here (a prompt too long for a small model's context...): raising would stop
             # the engine and every request in it, so this one request decodes unfused, loudly.
@@ -142,4 +171,18 @@ class FusionLogitsProcessor(LogitsProcessor):
         logits[index, :vocab] = z.to(logits.dtype)
         if logits.shape[1] > vocab:
             logits[index, vocab:] = float("-inf")
+        for i in fused:  # before vLLM samples: each step is on disk before its token is handed out
+            if self.slots[i].trace is not None:
+                write_steps(self.slots[i].trace, self.rows.take_steps(self.slots[i].key))
         return logits
+
+
+def _first_rank() -> bool:
+    """Whether this worker is tensor-parallel rank 0 (a processor built outside vLLM's workers is)."""
+    try:
+        from vllm.distributed import parallel_state
+        if not parallel_state.model_parallel_is_initialized():
+            return True
+        return parallel_state.get_tensor_model_parallel_rank() == 0
+    except (ImportError, AssertionError, AttributeError):
+        return True

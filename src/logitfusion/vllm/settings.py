@@ -13,11 +13,17 @@ called in the front-end process) with no arguments of ours, so the recipe travel
 A request picks its method with `SamplingParams(extra_args={"solver": "static:1.0"})` (HTTP:
 `"vllm_xargs": {"solver": "dynamic"}`), in the project's method grammar; without it the recipe's
 solver runs. "large" decodes from the large model alone.
+
+A request records its weight trace with `extra_args={"trace": KEY}` (KEY: letters, digits, `-`,
+`_`): the processor appends each step to KEY.jsonl in the engine's trace folder
+(additional_config `logitfusion_traces`, else LOGITFUSION_TRACES; `traces.py`), where VLLMFuser,
+which starts the engine with one, reads it back. An engine without a folder records nothing.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -31,6 +37,10 @@ from ..engine.solvers import Solver
 RECIPE_ENV = "LOGITFUSION_RECIPE"
 CONFIG_KEY = "logitfusion_recipe"  # in vLLM's additional_config
 SOLVER_ARG = "solver"  # in SamplingParams.extra_args / vllm_xargs
+TRACE_ARG = "trace"  # in extra_args: the request's trace key (its file's name)
+TRACES_KEY = "logitfusion_traces"  # in vLLM's additional_config: the folder traces are written to
+TRACES_ENV = "LOGITFUSION_TRACES"  # ... or this environment variable (VLLMFuser sets it)
+TRACE_KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")  # a file name, never a path
 LARGE_ONLY = frozenset({"large"})
 PROCESSOR = "logitfusion.vllm.processor:FusionLogitsProcessor"  # vLLM's --logits-processors form
 
@@ -48,6 +58,25 @@ def recipe_path(additional_config: Mapping[str, Any] | None = None) -> str:
                             f"{{'{CONFIG_KEY}': PATH}} to vllm.LLM (server: --additional-config '{{\"{CONFIG_KEY}\": "
                             f"\"PATH\"}}'), or set {RECIPE_ENV}=PATH")
     return str(Path(found).resolve())
+
+
+def trace_key(extra_args: Mapping[str, Any] | None) -> str | None:
+    """The request's trace key (None: no trace), or SettingsError: a key names a file in the
+    engine's trace folder, so it is a plain name, never a path."""
+    key = (extra_args or {}).get(TRACE_ARG)
+    if key is None:
+        return None
+    if not isinstance(key, str) or not TRACE_KEY.fullmatch(key):
+        raise SettingsError(f"extra_args.{TRACE_ARG} must be a key of 1 to 128 letters, digits, '-' or '_' (it "
+                            f"names the trace's file), got {key!r}")
+    return key
+
+
+def trace_folder(additional_config: Mapping[str, Any] | None = None) -> Path | None:
+    """The engine's trace folder: the engine config's, else the environment's; None: no traces."""
+    config = additional_config if isinstance(additional_config, Mapping) else {}
+    found = config.get(TRACES_KEY) or os.environ.get(TRACES_ENV)
+    return Path(found) if found else None
 
 
 def recipe_file(recipe: str | Path | Recipe | dict) -> tuple[str, tempfile.TemporaryDirectory | None]:
@@ -136,9 +165,20 @@ class Methods:
         if solver.reads == LARGE_ONLY:
             return None
         runner = self.runner
-        if runner is None or solver.reads != runner.reads or solver.experts != runner.experts:
+        if runner is None or not reads_within(solver, runner):
             runs = "the large model alone" if runner is None else f"method {self.recipe.method_spec()!r}'s models"
             raise SettingsError(f"extra_args.{SOLVER_ARG}: method {spec!r} reads other models than this engine runs "
                                 f"({runs}); with the vLLM engine a request may ask for 'large' or any method that "
-                                "reads the same models (static and dynamic over all the experts)")
+                                "reads those models or some of them (static and dynamic over all the experts, "
+                                "expert:NAME)")
         return solver
+
+
+def reads_within(solver: Solver, runner: Solver) -> bool:
+    """Whether `solver` reads only models `runner` runs (kinds, and experts by index; None: all):
+    its rows then need nothing the processor's FusionRows does not compute anyway."""
+    if not solver.reads <= runner.reads:
+        return False
+    if runner.experts is None or "expert" not in solver.reads:
+        return True
+    return solver.experts is not None and set(solver.experts) <= set(runner.experts)
