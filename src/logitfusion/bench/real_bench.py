@@ -5,9 +5,10 @@ fusion on each task's test prompts; format and correctness scored apart; real.js
 
 `engine="vllm"` runs the same bench with the large model in vLLM (logitfusion.vllm, VLLMFuser; one
 vLLM engine per task, its expert's): its records go to the same real.jsonl with `"engine": "vllm"`
-(records without the field are the HF engine's), its report to real-vllm.md. What vLLM refuses
-(`expert`, `nudge:0.3`: they read other models than the fused engine runs) is recorded as skipped
-with vLLM's reason; dynamic runs without its weight trace (vLLM's processor returns none)."""
+(records without the field are the HF engine's), its report to real-vllm.md. A method the vLLM
+engine refuses (one reading models the recipe's solver does not run) is recorded as skipped with
+its reason; `expert` and `nudge:0.3` read some of them and run, and dynamic's weight trace comes
+back through the processor's trace files as with the HF engine."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def _records(path: Path) -> list[dict]:
 
 def _run_method(fuser, rows: list[dict], method: str, bc: BenchConfig) -> tuple[dict, list]:
     t0 = time.perf_counter()
-    trace = method.startswith("dynamic") and bc.engine == "hf"  # vLLM's processor returns no weights
+    trace = method.startswith("dynamic")
     gens = fuser.generate([r["prompt"] for r in rows], solver=method, max_new_tokens=bc.max_new_tokens,
                           stop=["\n"], batch_size=bc.batch_size, trace=trace)
     seconds = time.perf_counter() - t0
