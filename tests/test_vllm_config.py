@@ -96,9 +96,7 @@ def vllm_recipe(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--trace"], "--trace: not available with `backend: {kind: vllm}`"),
-    (["--plot-weights", "w.png"], "--plot-weights: not available"),
-    (["--speculate", "4"], "--speculate: not available"),
+    (["--speculate", "4"], "--speculate: not available with `backend: {kind: vllm}`"),
     (["--no-cache"], "--no-cache: not available"),
     (["--grid", "0:1:0.5"], "--grid/--strategy: with `backend: {kind: vllm}` set"),
     (["--solver", "delta:0.3"], "--solver: method 'delta:0.3' reads other models than this engine runs"),

@@ -187,6 +187,15 @@ def test_cli_generate_on_a_vllm_recipe_prints_the_hf_recipes_text(family, on_mod
              "--max-new-tokens", "5")
     read = lambda name: [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]  # noqa: E731
     assert read("vllm.jsonl") == read("hf.jsonl")
+    # --trace and --plot-weights: the weights vLLM's processor traced, the HF engine's
+    for recipe, out in ((hf_recipe, "hf-trace.jsonl"), (vllm_recipe, "vllm-trace.jsonl")):
+        _cli("generate", "-r", str(recipe), "-i", str(prompts), "-o", str(tmp_path / out), "--solver", "dynamic",
+             "--max-new-tokens", "4", "--trace", "--plot-weights", str(tmp_path / f"{out}.png"))
+        assert (tmp_path / f"{out}.png").stat().st_size > 0
+    for got, want in zip(read("vllm-trace.jsonl"), read("hf-trace.jsonl"), strict=True):
+        assert got["token_ids"] == want["token_ids"] and len(got["trace"]) == len(want["trace"]) == 4
+        for g, w in zip(got["trace"], want["trace"]):
+            assert g["weights"] == pytest.approx(w["weights"], abs=1e-5)
 
 
 def test_cli_eval_on_a_vllm_recipe_scores_as_the_hf_recipe(family, on_module_engine, tmp_path):

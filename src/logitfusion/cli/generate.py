@@ -66,8 +66,8 @@ def vllm_method(recipe, solver: Optional[str], alpha: list[float], grid: Optiona
     quiet_vllm()  # results go to stdout: vLLM's own log lines to stderr
     given = [name for name, used in refused.items() if used]
     if given:
-        raise UsageError(f"{', '.join(given)}: not available with `backend: {{kind: vllm}}` (vLLM returns no weight "
-                         "traces, always caches, and refuses speculation with logits processors); use backend.kind hf")
+        raise UsageError(f"{', '.join(given)}: not available with `backend: {{kind: vllm}}` (vLLM always caches, and "
+                         "refuses speculation with logits processors); use backend.kind hf")
     if grid or strategy:
         raise UsageError("--grid/--strategy: with `backend: {kind: vllm}` set the dynamic grid and strategy in the "
                          "recipe's solver section (vLLM's workers read the recipe)")
@@ -196,8 +196,7 @@ def generate(
         r = recipe_from_flags(recipe, large, small, expert, dtype, device, device_map, trust_remote_code, allow_pickle)
         if r.backend.kind == "vllm":
             chosen = vllm_method(r, solver, alpha, grid, strategy, {
-                "--trace": trace, "--plot-weights": plot_weights is not None, "--no-cache": no_cache,
-                "--speculate": (speculate or 0) > 1})
+                "--no-cache": no_cache, "--speculate": (speculate or 0) > 1})
         else:
             chosen = solver_from_flags(r, solver, alpha, grid, strategy)
         params, engine = check_generation(
@@ -205,8 +204,9 @@ def generate(
                     stop=stop or None), seed,
             dict(batch_size=batch_size, speculate=speculate, trace=trace or plot_weights is not None or None,
                  use_cache=False if no_cache else None))
-        if plot_weights is not None:
-            check_plot(plot_weights, chosen)
+        if plot_weights is not None:  # a vLLM recipe's method is a string: the solver it stands for
+            check_plot(plot_weights, r.build_solver() if chosen is None else r.method(chosen) if isinstance(chosen, str)
+                       else chosen)
         rows = read_prompts(input) if input else [{"id": str(i), "prompt": p} for i, p in enumerate(prompt)]
         writer = RecordWriter(output) if output else None  # fails now if it cannot be written
         todo = pending(rows, writer.done if writer else set())
