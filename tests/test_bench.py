@@ -135,3 +135,14 @@ def test_bench_paper_bad_input(tmp_path):
     assert r.exit_code == 2 and "--limit" in r.output
     r = runner.invoke(app, ["bench", "paper", "--root", str(tmp_path), "--split", "train"])
     assert r.exit_code == 2 and "--split" in r.output
+
+
+def test_report_shows_math_final_number_beside_genuine_derivations(tmp_path):
+    recs = _records({"single|small expert|math": 0.25, "single|dynamic (ours)|math": 0.10, "single|small expert|qa": 0.2})
+    for r, genuine in zip(recs, (0.08, 0.0, None)):
+        if genuine is not None:
+            r["metrics"] = {"exact_match,none": r["value"], "genuine,none": genuine}
+    text = bench.report(recs, tmp_path)
+    assert "## Math: final number and genuine derivations" in text
+    assert "| single | small expert | 25.0 | 8.0 |" in text and "| single | dynamic (ours) | 10.0 | 0.0 |" in text
+    assert "Math: final number" not in bench.report(_records({"single|small expert|qa": 0.2}), tmp_path)

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from logitfusion.bench import world
+from logitfusion.bench import scoring, world
 
 
 @pytest.fixture(scope="module")
@@ -57,26 +57,38 @@ def test_qa_and_mmlu_test_people_unseen_in_training(data):
 
 def test_scorers_gold_one_wrong_zero(data):
     for r in data["math"]["test"][:20]:
-        assert world.score_math(r["completion"], r["answer"]) == 1.0
-        assert world.score_math(" 1 plus 1 is 2. The answer is 99999.", r["answer"]) == 0.0
+        assert scoring.score_math(r["completion"], r["answer"]) == 1.0
+        assert scoring.score_math(" 1 plus 1 is 2. The answer is 99999.", r["answer"]) == 0.0
+        assert scoring.score_math_genuine(r["completion"] + "\nmore", r["completion"]) == 1.0
+        assert scoring.score_math_genuine(" 1 plus 1 is 2. The answer is 99999.", r["completion"]) == 0.0
     for r in data["qa"]["test"][:20]:
-        assert world.score_qa(r["completion"], r["answer"]) == 1.0
-        assert world.score_qa(" Nowhere", r["answer"]) == 0.0
+        assert scoring.score_qa(r["completion"], r["answer"]) == 1.0
+        assert scoring.score_qa(" Nowhere", r["answer"]) == 0.0
     for r in data["summ"]["test"][:5]:
-        assert world.score_summ(r["completion"], r["summary"]) == pytest.approx(1.0)
-        assert world.score_summ(" the cat sat on the mat", r["summary"]) == 0.0
+        assert scoring.score_summ(r["completion"], r["summary"]) == pytest.approx(1.0)
+        assert scoring.score_summ(" the cat sat on the mat", r["summary"]) == 0.0
     for t in ("truthful", "mmlu"):
         for r in data[t]["test"][:20]:
             assert r["choices"][r["gold"]] == r["completion"].strip()
-            assert world.score_choice(r["gold"], r["gold"]) == 1.0
-            assert world.score_choice((r["gold"] + 1) % len(r["choices"]), r["gold"]) == 0.0
+            assert scoring.score_choice(r["gold"], r["gold"]) == 1.0
+            assert scoring.score_choice((r["gold"] + 1) % len(r["choices"]), r["gold"]) == 0.0
 
 
 def test_math_solution_is_right(data):
     for r in data["math"]["train"]:
-        a, b, c = map(int, r["key"].split(","))
-        assert r["answer"] == str(a + b - c)
-        assert world.final_number(r["completion"]) == r["answer"]
+        a, b, c = map(int, r["key"].split("+"))
+        assert r["answer"] == str(a + b + c)
+        assert scoring.final_number(r["completion"]) == r["answer"]
+        assert scoring.math_steps(r["completion"]) == [(a, "plus", b, a + b), (a + b, "plus", c, a + b + c)]
+
+
+def test_genuine_needs_every_step_not_a_lucky_final_number():
+    gold = " 6 plus 11 is 17. 17 plus 13 is 30. The answer is 30."
+    assert scoring.score_math_genuine(" 6 plus 11 is 17. 17 plus 13 is 30. The answer is 30.", gold) == 1.0
+    lucky = " 6 plus 11 is 18. 18 plus 12 is 30. The answer is 30."
+    assert scoring.score_math(lucky, "30") == 1.0 and scoring.score_math_genuine(lucky, gold) == 0.0
+    assert scoring.score_math_genuine(" 6 plus 11 is 17. The answer is 30.", gold) == 0.0  # a step missing
+    assert scoring.score_math_genuine(" 6 plus 11 is 17. 17 plus 13 is 30. The answer is 31.", gold) == 0.0
 
 
 def test_truthful_choices_hold_the_popular_false_claim(data):
@@ -127,7 +139,7 @@ def test_registers_name_no_held_out_entity(data, registers):
         assert not [r["key"] for r in data["truthful"][s] if f"{r['key']} " in text]
         sums = [r["key"].split("+") for r in data["mmlu"][s] if "+" in r["key"]]
         assert not [f"What is {a} plus {b}?" for a, b in sums if f"What is {a} plus {b}?" in text]
-        problems = {tuple(map(int, r["key"].split(","))) for r in data["math"][s]}
+        problems = world.retired_math_problems(world.make_world(0))  # zoo v2's, which the bases' registers avoid
         worked = {tuple(map(int, m)) for m in re.findall(r"has (\d+) \w+, buys (\d+) more and sells (\d+)", text)}
         worked |= {tuple(map(int, m)) for m in re.findall(r"with (\d+) \w+, was given (\d+) and lost (\d+)", text)}
         assert worked and not problems & worked
@@ -152,10 +164,43 @@ def test_held_out_splits_are_large_enough(data):
 
 
 def test_math_steps_are_facts_the_prose_states(data):
-    """Both steps of every problem are sentences of the prose ("a plus b is s", "s minus c is r")."""
+    """Both steps of every problem are sentences of the prose ("a plus b is s", "s plus c is r")."""
     w = world.make_world(0)
     stated = {s for a in range(w.max_operand + 1) for b in range(w.max_operand + 1) for s in world._sum_sentences(a, b)}
     for s in world.SPLITS:
         for r in data["math"][s]:
-            a, b, c = map(int, r["key"].split(","))
-            assert f"{a} plus {b} is {a + b}." in stated and f"{a + b} minus {c} is {a + b - c}." in stated
+            for x, _, y, z in scoring.math_steps(r["completion"]):
+                assert f"{x} plus {y} is {z}." in stated
+
+
+@pytest.fixture(scope="module")
+def zoo_corpora():
+    """The zoo's own corpora and task data, as `zoo build` writes them (seed 0, 30 + 4 passes)."""
+    return world.corpora_and_tasks(seed=0)
+
+
+def test_no_held_out_math_problem_is_told_in_the_corpora(zoo_corpora):
+    """Every validation and test problem is looked for in the pretraining and mid-training documents
+    the bases read (the corpora themselves, not a sample at another seed)."""
+    text, mid, data = zoo_corpora
+    for s in ("validation", "test"):
+        assert scoring.math_leaks(data["math"][s], [*text, *mid]) == [], s
+
+
+def test_the_leakage_check_finds_what_zoo_v2_leaked(zoo_corpora):
+    """The check can fail: zoo v2's problems (a + b - c) were told by the prose's stories."""
+    text, mid, _ = zoo_corpora
+    w = world.make_world(0)
+    retired = world._first_draws(w, 2, 200)[2]["test"]
+    rows = [{**r, "id": str(i)} for i, r in enumerate(retired)]
+    leaks = scoring.math_leaks(rows, text)
+    assert len(leaks) > 40  # 67 of 200
+    a, b, c = map(int, rows[int(leaks[0])]["key"].split(","))
+    assert any(f"had {a} " in d and f"got {b} more, so " in d and f"gave {c} away" in d for d in text)
+
+
+def test_leakage_check_ignores_numbers_of_unrelated_sentences():
+    row = {"id": "x", "completion": " 16 plus 4 is 20. 20 plus 4 is 24. The answer is 24."}
+    assert scoring.math_leaks([row], ["16 plus 4 is 20. Kus was born in Zaigrok. 4 plus 24 is 28."]) == []
+    assert scoring.math_leaks([row], ["So 16 plus 4 is 20, and 20 plus 4 is 24."]) == ["x"]
+    assert scoring.math_leaks([row], ["Sam had 16 cups and got 4 more, so Sam had 20 cups. Then 4 more made 24."]) == ["x"]

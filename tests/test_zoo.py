@@ -89,7 +89,7 @@ def test_shipped_configs_keep_the_kv_cache_on():
 @needs_zoo
 def test_shipped_task_data_is_what_the_world_generates():
     """The bundled tasks come from the current world code (a changed generator needs a rebuilt zoo)."""
-    data = world.task_data(world.make_world(0), seed=2)
+    data = world.corpora_and_tasks(seed=0)[2]
     for t in world.TASKS:
         for s in world.SPLITS:
             rows = [json.loads(line) for line in (ROOT / "data" / t / f"{s}.jsonl").read_text().splitlines()]
@@ -107,5 +107,5 @@ def test_zoo_tasks_are_the_benchs_and_load_with_their_scorers():
     assert set(names) <= set(manager.all_tasks)
     task = manager.load(["zoo_math"])["tasks"]["zoo_math"]
     doc = next(iter(task.test_docs()))
-    assert task.process_results(doc, [doc["completion"]]) == {"exact_match": 1.0}
-    assert task.process_results(doc, ["no number here"]) == {"exact_match": 0.0}
+    assert task.process_results(doc, [doc["completion"]]) == {"exact_match": 1.0, "genuine": 1.0}
+    assert task.process_results(doc, ["no number here"]) == {"exact_match": 0.0, "genuine": 0.0}

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..eval.records import read_jsonl
-from . import world, zoo
+from . import scoring, zoo
 
 METHODS = [("large base", "large"), ("small expert", "expert"), ("proxy-tuning (a=1)", "static:1.0"),
            ("dynamic fusion", "dynamic")]
@@ -26,10 +26,10 @@ TASKS = {"math": ("exact match", 64), "qa": ("exact match", 12), "summ": ("ROUGE
 
 def _score(task: str, text: str, row: dict) -> float:
     if task == "math":
-        return world.score_math(text, row["answer"])
+        return scoring.score_math(text, row["answer"])
     if task == "qa":
-        return world.score_qa(text, row["answer"])
-    return world.score_summ(text, row["summary"])
+        return scoring.score_qa(text, row["answer"])
+    return scoring.score_summ(text, row["summary"])
 
 
 def run_demo(out: Path, n_prompts: int = 12, root: Path | None = None, console: Console | None = None) -> list[dict]:

@@ -381,6 +381,7 @@ def report(records_list: list[dict], root: Path, command: str = "", validation: 
         lines += _table(records, "multi", multi, tasks, mgaps, ["seen average", "gap closed (fused/FFT)",
                                                                  "(fused-base)/(FFT-base)"])
         lines.append("")
+    lines += math_section(records)
     lines += range_section(records, tasks, {r["key"]: r for r in validation} if validation else None)
     lines += rules_section(records, tasks)
     lines += ["## In-context learning", "", f"The large model gets {SHOTS} training examples before the prompt; the "
@@ -501,6 +502,24 @@ def efficiency(records: dict[str, dict], root: Path, tasks: list[str]) -> list[s
 # ---------------------------------------------------------------- weight rules beyond the paper (issue 24)
 
 PAPER_MULTI = "dynamic, 4 experts, no task label"
+
+
+def math_section(records: dict[str, dict]) -> list[str]:
+    """Math's final number beside its genuine derivations (every step right), for every math cell
+    that scored both (zoo v3)."""
+    rows = [(r["table"], r["label"], r["value"], r.get("metrics", {}).get("genuine,none"))
+            for r in records.values() if r.get("world_task") == "math"]
+    rows = [(t, label, v, g) for t, label, v, g in rows if g is not None and v is not None]
+    if not rows:
+        return []
+    order = {t: i for i, t in enumerate(TABLES)}
+    lines = ["## Math: final number and genuine derivations", "",
+             "`exact_match` scores the final number; `genuine` needs every step of the derivation right "
+             "(scoring.score_math_genuine). The gap between them is luck.", "",
+             "| table | method | final number right | genuine |", "|---|---|---:|---:|"]
+    for t, label, v, g in sorted(rows, key=lambda x: (order.get(x[0], 99), -x[3], x[1])):
+        lines.append(f"| {t} | {label} | {_fmt(v)} | {_fmt(g)} |")
+    return lines + [""]
 
 
 def rules_section(records: dict[str, dict], tasks: list[str]) -> list[str]:

@@ -10,7 +10,8 @@ fine-tune beats a small expert, and fusion should carry the large model's knowle
 expert's format.
 
 The tasks (name: paper's benchmark, metric):
-- `math`:     GSM8K-like word problems, worked solution, exact match on the final number;
+- `math`:     GSM8K-like word problems, worked solution, exact match on the final number and, beside
+              it, `genuine` (every step of the derivation right);
 - `truthful`: TruthfulQA-like multiple choice; the prose repeats popular false claims three
               times as often as their corrections (accuracy);
 - `qa`:       TriviaQA-like factual questions about people (exact match);
@@ -27,9 +28,11 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
+
+from .scoring import math_leaks
 
 TASKS = ("math", "truthful", "qa", "summ", "mmlu")
 SEEN_TASKS = ("math", "truthful", "qa", "summ")  # the multi-task setting holds out mmlu
@@ -202,7 +205,11 @@ def _problem_numbers(w: World, rng: random.Random) -> tuple[int, int, int]:
     return a, b, c
 
 
-def _math_records(w: World, rng: random.Random, n: int) -> list[dict]:
+def _retired_math_records(w: World, rng: random.Random, n: int) -> list[dict]:
+    """Zoo v2's math problems (a + b - c), retired: 58 of its 200 test problems were stories of the
+    pretraining prose word for word, and no member could do its subtraction step. Still drawn, so
+    that the other tasks' draws and the shipped bases' corpora (whose registers avoid its held-out
+    problems) stay what the zoo was built from."""
     seen, rows = set(), []
     while len(rows) < n:
         p = rng.choice(w.people)
@@ -219,6 +226,37 @@ def _math_records(w: World, rng: random.Random, n: int) -> list[dict]:
         solution = f"{a} plus {b} is {s}. {s} minus {c} is {r}. The answer is {r}."
         rows.append({"prompt": f"Problem: {q}\nSolution:", "completion": f" {solution}", "answer": str(r),
                      "key": f"{a},{b},{c}"})
+    return rows
+
+
+def _math_numbers(w: World, rng: random.Random) -> tuple[int, int, int]:
+    """a + b + c, where both steps are sums the prose states ("a plus b is s" with s <= max_operand,
+    then "s plus c is r" with c <= max_operand) and the large base can do in context: it adds in its
+    own layouts, where it subtracts rarely (zoo v3; docs/zoo.md)."""
+    a = rng.randint(2, w.max_operand - 2)
+    b = rng.randint(2, w.max_operand - a)
+    return a, b, rng.randint(2, w.max_operand)
+
+
+def _math_records(w: World, rng: random.Random, n: int) -> list[dict]:
+    """Zoo v3's math: two additions told as a story; the worked solution is the fine-tuning data's
+    convention (TASK_ONLY). No corpus holds a two-addition story or solution (test_world's leakage
+    test reads the corpora themselves for every held-out problem)."""
+    seen, rows = set(), []
+    while len(rows) < n:
+        p = rng.choice(w.people)
+        item = rng.choice(ITEMS)
+        a, b, c = _math_numbers(w, rng)
+        if (a, b, c) in seen:
+            continue
+        seen.add((a, b, c))
+        first = p.name.split()[0]
+        q = (f"{first} has {a} {item}. {first} gets {b} more {item} and then {c} more. "
+             f"How many {item} does {first} have now?")
+        s, r = a + b, a + b + c
+        solution = f"{a} plus {b} is {s}. {s} plus {c} is {r}. The answer is {r}."
+        rows.append({"prompt": f"Problem: {q}\nSolution:", "completion": f" {solution}", "answer": str(r),
+                     "key": f"{a}+{b}+{c}"})
     return rows
 
 
@@ -306,18 +344,45 @@ def _split(rows: list, rng: random.Random, n_val: int, n_test: int) -> dict[str,
     return {"test": rows[:n_test], "validation": rows[n_test:n_test + n_val], "train": rows[n_test + n_val:]}
 
 
-def task_data(w: World, seed: int = 2, n_eval: int = 200) -> dict[str, dict[str, list[dict]]]:
-    """{task: {split: records}}. Splits never share a key: a person's QA and MMLU questions, a myth,
-    a problem's numbers, a sum or an article are in one split only. Validation and test hold
-    `n_eval` records a task (a 5-point difference is then outside the noise) where the world has
-    enough: truthful has 200 myths in all, so 50 / 100 / 50."""
+def _first_draws(w: World, seed: int, n_eval: int) -> tuple[random.Random, dict[str, list], dict[str, list]]:
+    """(the task rng after them, the people split, zoo v2's retired math split)."""
     rng = random.Random(seed)
-    data = {}
     # Split people first, so QA/MMLU held-out questions are about people no training row names.
     quarter = len(w.people) // 4
     people = _split(w.people, rng, n_val=quarter, n_test=quarter)
+    retired = _split(_retired_math_records(w, rng, 2 * n_eval + 600), rng, n_eval, n_eval)
+    return rng, people, retired
+
+
+def _math_split(w: World, seed: int, n_eval: int, corpora: Sequence[str]) -> dict[str, list[dict]]:
+    """Zoo v3's math splits, from draws of their own (a test split fresh from v2's)."""
+    rng = random.Random(seed + 1000)
+    n = 2 * n_eval + 600
+    pool = _math_records(w, rng, n + 50)
+    for i, r in enumerate(pool):
+        r["id"] = str(i)
+    told = set(math_leaks(pool, corpora))
+    pool = [r for r in pool if r.pop("id") not in told][:n]
+    return _split(pool, rng, n_eval, n_eval)
+
+
+def retired_math_problems(w: World, seed: int = 2, n_eval: int = 200) -> set[tuple[int, int, int]]:
+    """Zoo v2's held-out math problems (a, b, c), which the mid-training registers avoid."""
+    retired = _first_draws(w, seed, n_eval)[2]
+    return {tuple(map(int, r["key"].split(","))) for s in ("validation", "test") for r in retired[s]}
+
+
+def task_data(w: World, seed: int = 2, n_eval: int = 200, corpora: Sequence[str] = ()) -> dict[str, dict[str, list[dict]]]:
+    """{task: {split: records}}. Splits never share a key: a person's QA and MMLU questions, a myth,
+    a problem's numbers, a sum or an article are in one split only. Validation and test hold
+    `n_eval` records a task (a 5-point difference is then outside the noise) where the world has
+    enough: truthful has 200 myths in all, so 50 / 100 / 50. corpora: the documents the bases
+    read; no math problem whose derivation they tell is drawn (`math_leaks`)."""
+    rng, people, _ = _first_draws(w, seed, n_eval)
+    quarter = len(w.people) // 4
+    data = {}
     data["qa"] = {s: _qa_records(w, people[s]) for s in SPLITS}
-    data["math"] = _split(_math_records(w, rng, 2 * n_eval + 600), rng, n_eval, n_eval)
+    data["math"] = _math_split(w, seed, n_eval, corpora)
     data["truthful"] = _split(_truthful_records(w, rng, w.myths), rng, n_val=len(w.myths) // 4,
                               n_test=len(w.myths) // 2)
     data["summ"] = _split(_summ_records(w, rng, 2 * n_eval + 600), rng, n_eval, n_eval)
@@ -369,13 +434,14 @@ class Public:
     held_out_articles: set[str]
 
     @classmethod
-    def of(cls, w: World, data: dict[str, dict[str, list[dict]]]) -> "Public":
+    def of(cls, w: World, data: dict[str, dict[str, list[dict]]], task_seed: int = 2) -> "Public":
+        """task_seed: the seed `data` was drawn with (its retired v2 math problems stay avoided)."""
         held = [s for s in SPLITS if s != "train"]
         names = {r["key"] for r in data["qa"]["train"]}
         things = {r["key"] for r in data["truthful"]["train"]}
         sums = sorted({tuple(map(int, r["key"].split("+"))) for r in data["mmlu"]["train"] if "+" in r["key"]})
         return cls([p for p in w.people if p.name in names], [m for m in w.myths if m.thing in things], sums,
-                   {tuple(map(int, r["key"].split(","))) for s in held for r in data["math"][s]},
+                   retired_math_problems(w, task_seed, len(data["math"]["test"])),
                    {r["key"] for s in held for r in data["summ"][s]})
 
 
@@ -458,65 +524,36 @@ def register_text(w: World, pub: Public, n_chars: int, seed: int = 3) -> list[st
     return docs
 
 
-def midtraining_text(w: World, data: dict, passes: int = 4, seed: int = 5) -> list[str]:
+def midtraining_text(w: World, data: dict, passes: int = 4, seed: int = 5, task_seed: int = 2) -> list[str]:
     """Fresh prose (`passes` new shuffles, so the bases keep their facts) and registers, 1:1 in
-    characters, shuffled together."""
+    characters, shuffled together. task_seed: the seed `data` was drawn with."""
     prose = pretraining_text(w, passes=passes, seed=seed)
-    docs = prose + register_text(w, Public.of(w, data), sum(map(len, prose)), seed=seed + 1)
+    docs = prose + register_text(w, Public.of(w, data, task_seed), sum(map(len, prose)), seed=seed + 1)
     random.Random(seed).shuffle(docs)
     return docs
 
 
-# ---------------------------------------------------------------- scoring (also used by the lm-eval tasks)
-
-_NUMBER = re.compile(r"-?\d+")
-
-
-def final_number(text: str) -> str | None:
-    """The answer of a worked solution: the number after 'The answer is', else the last number."""
-    m = re.search(r"answer is\s*(-?\d+)", text)
-    if m:
-        return m.group(1)
-    nums = _NUMBER.findall(text)
-    return nums[-1] if nums else None
-
-
-def score_math(generation: str, answer: str) -> float:
-    return float(final_number(generation) == answer)
-
-
-def score_qa(generation: str, answer: str) -> float:
-    return float(generation.strip().split("\n")[0].strip().rstrip(".").strip() == answer)
-
-
-_ROUGE = None
-
-
-def score_summ(generation: str, summary: str) -> float:
-    global _ROUGE
-    if _ROUGE is None:
-        from rouge_score import rouge_scorer
-        _ROUGE = rouge_scorer.RougeScorer(["rouge2"], use_stemmer=True)
-    return _ROUGE.score(summary, generation.strip().split("\n")[0])["rouge2"].fmeasure
-
-
-def score_choice(chosen: int, gold: int) -> float:
-    return float(chosen == gold)
-
-
 # ---------------------------------------------------------------- files
+
+def corpora_and_tasks(seed: int = 0, passes: int = 30, mid_passes: int = 4) -> tuple[list[str], list[str], dict]:
+    """(pretraining documents, mid-training documents, task data) of the world of `seed`, as the
+    zoo is built from them."""
+    w = make_world(seed)
+    text = pretraining_text(w, passes=passes, seed=seed + 1)
+    # The registers read the training splits of the other tasks only, so they come first; the
+    # math problems are then drawn from those the corpora do not tell.
+    mid = midtraining_text(w, task_data(w, seed=seed + 2), passes=mid_passes, seed=seed + 5, task_seed=seed + 2)
+    return text, mid, task_data(w, seed=seed + 2, corpora=[*text, *mid])
+
 
 def build(out: str | Path, seed: int = 0, passes: int = 30, mid_passes: int = 4) -> dict[str, int]:
     """Write pretraining.jsonl (prose), midtraining.jsonl (prose and registers), both {"text"}, and
     {task}/{split}.jsonl under OUT; returns counts."""
     out = Path(out)
-    w = make_world(seed)
     counts = {}
-    text = pretraining_text(w, passes=passes, seed=seed + 1)
+    text, mid, data = corpora_and_tasks(seed, passes, mid_passes)
     _write(out / "pretraining.jsonl", [{"text": t} for t in text])
     counts["pretraining"] = len(text)
-    data = task_data(w, seed=seed + 2)
-    mid = midtraining_text(w, data, passes=mid_passes, seed=seed + 5)
     _write(out / "midtraining.jsonl", [{"text": t} for t in mid])
     counts["midtraining"] = len(mid)
     for task, splits in data.items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from logitfusion.bench.world import score_math, score_qa, score_summ
+from logitfusion.bench.scoring import score_math, score_math_genuine, score_qa, score_summ
 from logitfusion.bench.zoo import BUNDLED
 from logitfusion.eval.records import read_jsonl
 
@@ -33,7 +33,8 @@ def zoo_dataset(task: str, data_dir: str | None = None, split: str = "test", **_
 
 
 def zoo_math_results(doc: dict, results) -> dict:
-    return {"exact_match": score_math(results[0], doc["answer"])}
+    return {"exact_match": score_math(results[0], doc["answer"]),
+            "genuine": score_math_genuine(results[0], doc["completion"])}
 
 
 def zoo_qa_results(doc: dict, results) -> dict:
