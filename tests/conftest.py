@@ -9,8 +9,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Remote code (only ever loaded by the trust_remote_code test) is copied here, not to ~/.cache.
+# Remote code (only ever loaded by the trust_remote_code test) is copied here, not to ~/.cache,
+# and removed when the session ends (a folder was left in /tmp by every test run).
 os.environ["HF_MODULES_CACHE"] = __import__("tempfile").mkdtemp(prefix="lf-hf-modules-")
+__import__("atexit").register(__import__("shutil").rmtree, os.environ["HF_MODULES_CACHE"], True)
 
 from pathlib import Path  # noqa: E402
 
