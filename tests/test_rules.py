@@ -207,6 +207,21 @@ def test_the_per_expert_designs_are_what_validation_chose():
     assert all(m in paper.RULES_SINGLE for m in paper.FROZEN if not m.startswith(paper.MULTI_PREFIX))
 
 
+def test_the_per_expert_test_cells_ran_the_chosen_rules():
+    """A record is keyed by its design's label, so a rerun skips it: after a new choice its cell must
+    be run again. Every per-expert test cell in docs/results ran the rule PER_TASK chooses now."""
+    from pathlib import Path
+
+    from logitfusion.bench import paper
+    from logitfusion.eval.records import read_keyed
+    test = read_keyed(Path(__file__).parents[1] / "docs" / "results" / "paper.jsonl")
+    cells = [r for r in test.values() if r["table"] == "rules" and r["label"] in paper.PER_TASK]
+    assert len(cells) == 5 * len(paper.PER_TASK)
+    for r in cells:
+        chosen = paper.PER_TASK[r["label"]][r["world_task"]]
+        assert r["method"] == paper.PAPER_FUSED.get(chosen, chosen), (r["label"], r["world_task"])
+
+
 @pytest.mark.parametrize("method", ["plausible:expert:0.2:dynamic", "keep:0.3:0.3:static:1.5", "route:0:dynamic"])
 def test_the_linear_rules_speculate_and_greedy_tokens_do_not_change(fuser, method):
     plain = fuser.generate(["the cat", "a b"], solver=method, max_new_tokens=12)

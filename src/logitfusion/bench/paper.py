@@ -55,6 +55,9 @@ RULES_SINGLE = (
     # iteration 3
     "keep:0.3:0.2:static:1.0", "keep:0.5:0.3:static:1.5", "keep:0.3:0.3:static:2.0", "keep:0.5:0.2:static:1.25",
     "plausible:expert:0.2:static:1.25", "nudge:0.2", "nudge:0.5",
+    # iteration 4 (zoo math v3: at copied positions the expert is right and the large model is not;
+    # alpha 0.9 keeps the expert's own top token there, validation/math_v3_positions.py)
+    "keep:0.3:0.9:static:1.0", "keep:0.5:0.9:static:1.0", "keep:0.7:0.9:static:1.0",
 )
 RULES_MULTI = ("static:0.25", "route:0:static:1.0", "route:0:dynamic", "route:0.5:static:1.0",
                # iteration 2
@@ -74,12 +77,13 @@ FROZEN: tuple[str, ...] = (
 PAPER_FUSED = {"fixed a=0.5": "static:0.5", "proxy-tuning (a=1)": "static:1.0", "fixed a=1.5": "static:1.5",
                "dynamic (ours)": "dynamic"}  # the single table's fused rows: label -> method
 PER_TASK = {  # design label -> {task: the label of the rule it runs there}, from per_task_choice
-    # (rechosen after zoo math v3's validation run: math's column also moves the ties of truthful and qa)
+    # (rechosen after zoo math v3's validation run: math's column also moves the ties of truthful and
+    # qa; and after iteration 4, which added the math candidate keep:0.7:0.9:static:1.0)
     "keep, settings per expert chosen on validation": {
-        "math": "keep:0.3:0.3:static:2.0", "truthful": "keep:0.3:0.3:static:1.5", "qa": "keep:0.3:0.2:static:1.0",
+        "math": "keep:0.7:0.9:static:1.0", "truthful": "keep:0.3:0.3:static:1.5", "qa": "keep:0.3:0.2:static:1.0",
         "summ": "keep:0.5:0.1:static:1.0", "mmlu": "keep:0.3:0.1:static:1.5"},
     "any rule, chosen per expert on validation": {
-        "math": "plausible:expert:0.3:static:1.5", "truthful": "nudge:0.5", "qa": "keep:0.3:0.2:static:1.0",
+        "math": "keep:0.7:0.9:static:1.0", "truthful": "nudge:0.5", "qa": "keep:0.3:0.2:static:1.0",
         "summ": "plausible:expert:0.05:static:1.0", "mmlu": "dynamic (ours)"},
 }
 PER_TASK_FAMILIES = {"keep, settings per expert chosen on validation": lambda label: label.startswith("keep:"),
