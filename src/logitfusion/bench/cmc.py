@@ -131,15 +131,19 @@ def train_unlearn(root: str | Path, epochs: float = 10.0, lr: float = 1e-3, log:
                                    epochs=epochs, lr=lr, max_length=64, batch_size=8, save_steps=100))
 
 
-def prepare(root: str | Path, log: Callable = print) -> dict[str, float]:
+def prepare(root: str | Path, log: Callable = print,
+            on_trained: Callable[[str, float], None] | None = None) -> dict[str, float]:
     """Everything the bench needs that the zoo build does not make (each step skips when done).
-    Returns the training seconds of the deltas trained by this call."""
+    Returns the training seconds of the deltas trained by this call; `on_trained(name, seconds)`
+    hears of each as it ends, so its time is kept even if the next one fails."""
     seconds = {}
     for name, step in (("instruct", train_instruct), ("unlearn", train_unlearn)):
         t0 = time.perf_counter()
         result = step(root, log=log)
         if not result.skipped:
             seconds[name] = round(time.perf_counter() - t0, 1)
+            if on_trained:
+                on_trained(name, seconds[name])
     return seconds
 
 
@@ -292,10 +296,10 @@ def run(root: str | Path, out_dir: str | Path, limit: int | None = 100, batch_si
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "cmc.jsonl"
     writer = RecordWriter(path, key="key")  # drops a line cut short by a crash
-    trained = prepare(root, log=log) if train else {}
-    if trained:
-        writer.write([{"key": f"training|{name}", "kind": "training", "delta": name, "seconds_train": s}
-                      for name, s in trained.items()])
+    def kept(name: str, seconds: float) -> None:
+        writer.write([{"key": f"training|{name}", "kind": "training", "delta": name, "seconds_train": seconds}])
+
+    trained = prepare(root, log=log, on_trained=kept) if train else {}
     for d in ("instruct", "unlearn"):
         if not (root / "deltas" / d / "delta.json").exists():
             raise CmcBenchError(f"{root / 'deltas' / d} is missing; run without --no-train to train it")
