@@ -49,7 +49,7 @@ $(VLLM_STAMP): pyproject.toml
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	LOGITFUSION_REQUIRE_VLLM=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -ra tests/test_vllm.py tests/test_vllm_frontends.py tests/test_vllm_tp.py
+	LOGITFUSION_REQUIRE_VLLM=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -ra tests/test_vllm.py tests/test_vllm_frontends.py tests/test_vllm_tp.py tests/test_vllm_vocab.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) demo_out .pytest_cache
