@@ -363,6 +363,8 @@ def _math_split(w: World, seed: int, n_eval: int, corpora: Sequence[str]) -> dic
         r["id"] = str(i)
     told = set(math_leaks(pool, corpora))
     pool = [r for r in pool if r.pop("id") not in told][:n]
+    if len(pool) < n:  # the splits' sizes are part of the bench's design: never shorter in silence
+        raise ValueError(f"math: only {len(pool)} of {n} problems drawn are untold by the corpora; draw more")
     return _split(pool, rng, n_eval, n_eval)
 
 
