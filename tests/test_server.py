@@ -8,7 +8,6 @@ clients have timeouts.
 
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -28,6 +27,7 @@ from logitfusion.engine.fuser import Fuser
 from logitfusion.serve import create_app
 from logitfusion.serve.serving import CHAT_FALLBACK_STOP, chat_prompt
 from logitfusion.serve.tracker import Tracker, holdback
+from logitfusion.testing.serving import server_process
 
 
 pytestmark = pytest.mark.slow  # end to end: `make test-fast` skips it
@@ -557,38 +557,16 @@ def test_full_queue_is_429(recipes, ref):
 # ---------------------------------------------------------------- the CLI command
 
 def test_cli_serve_starts_a_working_server(recipes, tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     exe = os.path.join(os.path.dirname(sys.executable), "logitfusion")
-    env = dict(os.environ, LOGITFUSION_API_KEY=KEY)
-    log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen([exe, "serve", "--recipe", str(recipes["fusion"]), "--recipe",
-                             f"second={recipes['fusion-e1']}", "--port", str(port), "--max-batch", "4",
-                             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.time() + 90
-        while True:
-            assert proc.poll() is None, open(tmp_path / "serve.log").read()
-            assert time.time() < deadline, "logitfusion serve did not come up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
+    argv = lambda port: [exe, "serve", "--recipe", str(recipes["fusion"]), "--recipe",  # noqa: E731
+                         f"second={recipes['fusion-e1']}", "--port", str(port), "--max-batch", "4",
+                         "--log-level", "warning"]
+    with server_process(argv, tmp_path / "serve.log", dict(os.environ, LOGITFUSION_API_KEY=KEY), timeout=90) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
         assert sorted(m.id for m in client.models.list()) == ["fusion", "second"]
         r = client.completions.create(model="second", prompt="the cat", max_tokens=3)
         assert r.usage.completion_tokens >= 1
-        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code == 401
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
+        assert httpx.get(f"{url}/v1/models", timeout=5).status_code == 401
 
 
 def test_joint_solver_with_many_experts_serves(family, tmp_path):

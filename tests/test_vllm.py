@@ -13,11 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-if os.environ.get("LOGITFUSION_REQUIRE_VLLM"):  # `make test-vllm` (CI): a broken install fails, never skips
-    import vllm
-else:
-    vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'logitfusion[vllm]', then "
-                                              "pip uninstall -y torchvision torchaudio torchcodec)")
+from logitfusion.testing.serving import require_vllm, server_process
+
+vllm = require_vllm()  # skips the module without vLLM (a failure under `make test-vllm`)
 
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality  # noqa: E402
@@ -236,50 +234,17 @@ def test_processor_traces_survive_preemption(recipe, fuser, tmp_path):
 # ---------------------------------------------------------------- vLLM's OpenAI server
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(recipe, tmp_path_factory):
     """`python -m logitfusion.vllm.serve RECIPE` on a free loopback port; its base URL."""
-    import signal
-    import subprocess
     import sys
-    import time
 
-    import httpx
-
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
-    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "logitfusion.vllm.serve", recipe, "--host", "127.0.0.1",
-                             "--port", str(port), "--enforce-eager", "--max-model-len", "128", "--max-num-seqs", "2"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(360):  # up to 3 minutes on a busy 2-core machine
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited ({proc.returncode}); see {log.name}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"the server did not start; see {log.name}")
+    argv = lambda port: [sys.executable, "-m", "logitfusion.vllm.serve", recipe, "--host", "127.0.0.1",  # noqa: E731
+                         "--port", str(port), "--enforce-eager", "--max-model-len", "128", "--max-num-seqs", "2"]
+    # up to 3 minutes on a busy 2-core machine
+    with server_process(argv, tmp_path_factory.mktemp("server") / "server.log",
+                        os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=180) as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # our own session: the server and its engine process
-        log.close()
 
 
 @pytest.mark.slow

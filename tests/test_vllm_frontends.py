@@ -15,11 +15,9 @@ import sys
 
 import pytest
 
-if os.environ.get("LOGITFUSION_REQUIRE_VLLM"):  # `make test-vllm` (CI): a broken install fails, never skips
-    import vllm  # noqa: F401
-else:
-    pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'logitfusion[vllm]', then "
-                                       "pip uninstall -y torchvision torchaudio torchcodec)")
+from logitfusion.testing.serving import require_vllm, server_process
+
+require_vllm()  # skips the module without vLLM (a failure under `make test-vllm`)
 
 from typer.testing import CliRunner  # noqa: E402
 
@@ -234,30 +232,13 @@ def test_cli_generate_as_a_process_starts_vllm_from_the_recipe(family, hf):
 def test_cli_serve_on_a_vllm_recipe_is_vllms_server_with_the_fusion(family, hf, tmp_path):
     """`logitfusion serve -r fusion=vllm.yaml`: vLLM's OpenAI server, the model named as the recipe,
     the API key required, fused completions the HF engine's tokens, a bad method a 400."""
-    import signal
-    import socket
-    import time
-
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "serve.log", "w")
+    argv = lambda port: [sys.executable, "-m", "logitfusion.cli", "serve", "-r", f"fusion={family[1]}",  # noqa: E731
+                         "--port", str(port)]
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "LOGITFUSION_API_KEY": "sesame"}
-    proc = subprocess.Popen([sys.executable, "-m", "logitfusion.cli", "serve", "-r", f"fusion={family[1]}",
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    url, key = f"http://127.0.0.1:{port}", {"Authorization": "Bearer sesame"}
-    try:
-        for _ in range(360):
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    key = {"Authorization": "Bearer sesame"}
+    with server_process(argv, tmp_path / "serve.log", env, timeout=180) as url:
         body = {"model": "fusion", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0, "ignore_eos": True,
                 "return_token_ids": True, "vllm_xargs": {"solver": "static:1.0"}}
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 401
@@ -268,13 +249,6 @@ def test_cli_serve_on_a_vllm_recipe_is_vllms_server_with_the_fusion(family, hf, 
         bad = body | {"vllm_xargs": {"solver": "static:x"}}
         r = httpx.post(f"{url}/v1/completions", json=bad, headers=key, timeout=60)
         assert r.status_code == 400 and "extra_args.solver" in r.text
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.mark.slow

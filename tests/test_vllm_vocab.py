@@ -9,11 +9,9 @@ import os
 
 import pytest
 
-if os.environ.get("LOGITFUSION_REQUIRE_VLLM"):  # `make test-vllm` (CI): a broken install fails, never skips
-    import vllm  # noqa: F401
-else:
-    pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'logitfusion[vllm]', then "
-                                       "pip uninstall -y torchvision torchaudio torchcodec)")
+from logitfusion.testing.serving import require_vllm
+
+require_vllm()  # skips the module without vLLM (a failure under `make test-vllm`)
 
 from logitfusion.engine.fuser import Fuser  # noqa: E402
 from logitfusion.testing import toy  # noqa: E402
@@ -25,13 +23,15 @@ PROMPTS = ["Question: 3 plus 4? Answer:", "the cat sells", "a", "two dogs and th
 
 @pytest.fixture(scope="module")
 def recipes(tmp_path_factory):
-    """The vLLM toy family's large model with a small base and an expert on a second tokenizer
-    (280 tokens against 300): (hf recipe, vllm recipe), differing only in their backend."""
+    """The vLLM toy family's large model with a small base, an expert and a delta model on a second
+    tokenizer (280 tokens against 300); the recipes of the small side: (hf recipe, vllm recipe),
+    differing only in their backend."""
     root = tmp_path_factory.mktemp("vllm_vocab")
     toy.vllm_family(root)
     tok = toy.build_tokenizer(root / "other-tokenizer", vocab_size=280)
     toy.build_model(root / "other-small", tok, hidden=48, layers=2, heads=4, seed=21)
     toy.perturbed_copy(root / "other-small", root / "other-expert", scale=0.5, seed=22)
+    toy.build_model(root / "other-delta", tok, hidden=32, layers=1, heads=2, seed=23, init_std=0.05)
     # small.mapping covers the experts (one shared tokenizer)
     body = ("large: {path: large}\nsmall: {path: other-small, mapping: auto}\n"
             "experts: [{name: e1, path: other-expert}]\nsolver: {kind: dynamic}\n")
@@ -79,11 +79,9 @@ def test_cross_vocabulary_dynamic_weights_are_the_hf_engines(vf, hf):
 
 @pytest.fixture(scope="module")
 def delta_recipes(recipes):
-    """Cross-model control across vocabularies: the large model and a delta model on the second
+    """Cross-model control across vocabularies: the large model and the delta model on the second
     tokenizer (random, so its logits matter): (hf recipe, vllm recipe)."""
     root = recipes[0].parent
-    toy.build_model(root / "other-delta", toy.build_tokenizer(root / "other-tokenizer", vocab_size=280),
-                    hidden=32, layers=1, heads=2, seed=23, init_std=0.05)
     body = "large: {path: large}\ndelta: {path: other-delta, mapping: auto, strength: 1.0}\nsolver: {kind: delta}\n"
     (root / "delta-hf.yaml").write_text(body)
     (root / "delta-vllm.yaml").write_text(body + "backend: {kind: vllm, enforce_eager: true, max_model_len: 128, "
